@@ -1,1 +1,11 @@
-//! placeholder
+//! Model files: readers for GGUF, safetensors (HF and MLX) and config.json, and the unified tensor index.
+//!
+//! This crate owns every byte layout on disk and is one of two crates allowed to open model files (the other is
+//! `store`). It answers "where are the bytes of tensor X, expert e, and how are they encoded" and nothing more: it
+//! runs no I/O policy (caching, prefetch, direct I/O) and no math beyond size arithmetic. It also holds the
+//! writers that `synth` uses, so that one module knows each format in both directions.
+
+pub mod error;
+pub mod gguf;
+
+pub use error::FormatError;

@@ -1,0 +1,1 @@
+//! GGUF v3: bounds-checked reader and streaming writer. (being written)
