@@ -1,4 +1,20 @@
-//! GGUF tensor types: ids as ggml numbers them, and their block geometry.
+//! GGUF tensor types: ids as ggml numbers them, their block geometry, and the scalar reference codecs.
+//!
+//! `dequantize` covers every type in [`GgmlType::ALL`]; `quantize` covers the types gguf-py can quantize
+//! (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, MXFP4). Both are bit-exact with gguf-py's numpy `gguf.quants`,
+//! which is itself bit-exact with ggml's `quantize_row_*_ref` / `dequantize_row_*`: the fixtures under
+//! `tests/fixtures/quant/` are produced by gguf-py and checked byte for byte. Arithmetic is done in f32 in the same
+//! order as gguf-py so results do not drift by an ulp. K-quant *encoders* are not here (they need
+//! llama-quantize's search); asking for one returns [`QuantError::NoEncoder`].
+//!
+//! The block layouts live in three submodules: `legacy` (Q4_0..Q8_0), `kquant` (Q4_K, Q5_K, Q6_K) and `mxfp4`.
+
+mod kquant;
+mod legacy;
+mod mxfp4;
+
+use crate::QuantError;
+use crate::float::{FloatType, decode_floats, encode_floats};
 
 /// A ggml tensor type. The discriminant is the id stored in GGUF tensor infos.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -85,7 +101,7 @@ impl GgmlType {
 
     /// Bytes for a row of `elems` elements, or `None` when `elems` is not a whole number of blocks.
     pub fn row_bytes(self, elems: usize) -> Option<usize> {
-        if elems % self.block_elems() != 0 {
+        if !elems.is_multiple_of(self.block_elems()) {
             return None;
         }
         (elems / self.block_elems()).checked_mul(self.block_bytes())
@@ -96,4 +112,79 @@ impl std::fmt::Display for GgmlType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// Decodes `src` (whole blocks of `ty`) into `dst`, one f32 per element.
+///
+/// Errors: `dst.len()` not a whole number of blocks ([`QuantError::PartialBlock`]), `src.len()` not a whole number
+/// of blocks ([`QuantError::ByteLength`], `expected` is the size `dst` implies), or both whole but for different
+/// block counts ([`QuantError::OutputLength`]).
+pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), QuantError> {
+    check_dequant_lengths(ty, src.len(), dst.len())?;
+    let (be, bb) = (ty.block_elems(), ty.block_bytes());
+    let each = |dst: &mut [f32], f: fn(&[u8], &mut [f32])| {
+        src.chunks_exact(bb).zip(dst.chunks_exact_mut(be)).for_each(|(b, y)| f(b, y))
+    };
+    match ty {
+        GgmlType::F32 => decode_floats(FloatType::F32, src, dst)?,
+        GgmlType::F16 => decode_floats(FloatType::F16, src, dst)?,
+        GgmlType::BF16 => decode_floats(FloatType::BF16, src, dst)?,
+        GgmlType::Q4_0 => each(dst, legacy::dequant_q4_0),
+        GgmlType::Q4_1 => each(dst, legacy::dequant_q4_1),
+        GgmlType::Q5_0 => each(dst, legacy::dequant_q5_0),
+        GgmlType::Q5_1 => each(dst, legacy::dequant_q5_1),
+        GgmlType::Q8_0 => each(dst, legacy::dequant_q8_0),
+        GgmlType::Q4K => each(dst, kquant::dequant_q4_k),
+        GgmlType::Q5K => each(dst, kquant::dequant_q5_k),
+        GgmlType::Q6K => each(dst, kquant::dequant_q6_k),
+        GgmlType::MXFP4 => each(dst, mxfp4::dequant),
+    }
+    Ok(())
+}
+
+/// Encodes `src` into whole blocks of `ty` in `dst`, bit-exact with gguf-py (and so with ggml's reference
+/// quantizers) for finite inputs.
+///
+/// Errors: no encoder for `ty` ([`QuantError::NoEncoder`]: the K-quants), `src.len()` not a whole number of blocks
+/// ([`QuantError::PartialBlock`]), `dst.len()` not the matching byte count ([`QuantError::ByteLength`]).
+pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), QuantError> {
+    if matches!(ty, GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K) {
+        return Err(QuantError::NoEncoder(ty.name()));
+    }
+    let be = ty.block_elems();
+    let expected =
+        ty.row_bytes(src.len()).ok_or(QuantError::PartialBlock { ty: ty.name(), elems: src.len(), block: be })?;
+    if dst.len() != expected {
+        return Err(QuantError::ByteLength { ty: ty.name(), expected, got: dst.len() });
+    }
+    let bb = ty.block_bytes();
+    let each = |dst: &mut [u8], f: fn(&[f32], &mut [u8])| {
+        src.chunks_exact(be).zip(dst.chunks_exact_mut(bb)).for_each(|(x, b)| f(x, b))
+    };
+    match ty {
+        GgmlType::F32 => encode_floats(FloatType::F32, src, dst)?,
+        GgmlType::F16 => encode_floats(FloatType::F16, src, dst)?,
+        GgmlType::BF16 => encode_floats(FloatType::BF16, src, dst)?,
+        GgmlType::Q4_0 => each(dst, legacy::quant_q4_0),
+        GgmlType::Q4_1 => each(dst, legacy::quant_q4_1),
+        GgmlType::Q5_0 => each(dst, legacy::quant_q5_0),
+        GgmlType::Q5_1 => each(dst, legacy::quant_q5_1),
+        GgmlType::Q8_0 => each(dst, legacy::quant_q8_0),
+        GgmlType::MXFP4 => each(dst, mxfp4::quant),
+        GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => return Err(QuantError::NoEncoder(ty.name())),
+    }
+    Ok(())
+}
+
+fn check_dequant_lengths(ty: GgmlType, src_bytes: usize, dst_elems: usize) -> Result<(), QuantError> {
+    let (be, bb) = (ty.block_elems(), ty.block_bytes());
+    let expected =
+        ty.row_bytes(dst_elems).ok_or(QuantError::PartialBlock { ty: ty.name(), elems: dst_elems, block: be })?;
+    if !src_bytes.is_multiple_of(bb) {
+        return Err(QuantError::ByteLength { ty: ty.name(), expected, got: src_bytes });
+    }
+    if src_bytes != expected {
+        return Err(QuantError::OutputLength { ty: ty.name(), expected: src_bytes / bb * be, got: dst_elems });
+    }
+    Ok(())
 }
