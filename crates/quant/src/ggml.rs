@@ -1,10 +1,11 @@
 //! GGUF tensor types: ids as ggml numbers them, their block geometry, and the scalar reference codecs.
 //!
 //! `dequantize` covers every type in [`GgmlType::ALL`]; `quantize` covers the types gguf-py can quantize
-//! (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, MXFP4). Both are bit-exact with gguf-py's numpy `gguf.quants`,
-//! which is itself bit-exact with ggml's `quantize_row_*_ref` / `dequantize_row_*`: the fixtures under
-//! `tests/fixtures/quant/` are produced by gguf-py and checked byte for byte. Arithmetic is done in f32 in the same
-//! order as gguf-py so results do not drift by an ulp. K-quant *encoders* are not here (they need
+//! (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, MXFP4). Both are bit-exact with gguf-py's numpy `gguf.quants`
+//! (which is written to match ggml's `quantize_row_*_ref`; we test against gguf-py, not against ggml's C): the
+//! fixtures under `tests/fixtures/quant/` are produced by gguf-py and checked byte for byte, including hand-picked
+//! rounding ties. Arithmetic is done in f32 in the same order as gguf-py so results do not drift by an ulp.
+//! Encoders promise this for finite inputs; NaN and infinity get a defined but unchecked code. K-quant *encoders* are not here (they need
 //! llama-quantize's search); asking for one returns [`QuantError::NoEncoder`].
 //!
 //! The block layouts live in three submodules: `legacy` (Q4_0..Q8_0), `kquant` (Q4_K, Q5_K, Q6_K) and `mxfp4`.
