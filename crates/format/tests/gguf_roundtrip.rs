@@ -191,22 +191,27 @@ fn write_tensor_from_streams_exact_byte_count() {
     // A source shorter than the tensor is refused.
     let short = d.write_tensor_from("small", &mut &small[..19]).unwrap_err().to_string();
     assert!(short.contains("tensor small") && short.contains("needs 20 bytes, found 19"), "{short}");
-    drop(d);
+    // The short copy already wrote 19 bytes, so the layout is broken: everything after is refused.
+    assert_err(d.write_tensor("small", &small), &path, "an earlier write to this file failed part-way");
+    assert_err(d.finish(), &path, "the file is incomplete");
+    streamed_file_reads_back(&path, &big, &small);
+}
 
-    // Redo it properly, then read back.
-    let mut w = GgufWriter::create(&path).unwrap();
+/// Writes the same two tensors properly from readers, then checks the bytes landed where the reader says.
+fn streamed_file_reads_back(path: &Path, big: &[u8], small: &[u8]) {
+    let mut w = GgufWriter::create(path).unwrap();
     w.add_tensor("big", &[64, 256], GgmlType::Q4K).unwrap();
     w.add_tensor("small", &[5], GgmlType::F32).unwrap();
     let mut d = w.finish_header().unwrap();
     d.write_tensor_from("big", &mut &big[..]).unwrap();
     d.write_tensor_from("small", &mut &small[..]).unwrap();
     d.finish().unwrap();
-    let f = GgufFile::open(&path).unwrap();
-    let bytes = std::fs::read(&path).unwrap();
+    let f = GgufFile::open(path).unwrap();
+    let bytes = std::fs::read(path).unwrap();
     let t = f.tensor("big").unwrap();
-    assert_eq!(&bytes[t.offset as usize..][..t.n_bytes as usize], big.as_slice());
+    assert_eq!(&bytes[t.offset as usize..][..t.n_bytes as usize], big);
     let t = f.tensor("small").unwrap();
-    assert_eq!(&bytes[t.offset as usize..][..t.n_bytes as usize], small.as_slice());
+    assert_eq!(&bytes[t.offset as usize..][..t.n_bytes as usize], small);
 }
 
 #[test]

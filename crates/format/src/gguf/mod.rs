@@ -10,6 +10,11 @@
 //! the file actually has before anything is allocated, with an error that names the file and the field; and the
 //! writer streams tensor data instead of building the file in memory.
 //!
+//! Deliberate strictness beyond gguf-py: strings (keys, values, tensor names) must be UTF-8, bools must be 0 or 1,
+//! tensors may not overlap, and tensor names follow ggml's 63-byte limit. Counts and lengths have fixed caps
+//! (see the `GGUF_MAX_*` constants) far above any real model, so a hostile header cannot make us allocate
+//! gigabytes inside a multi-GB file whose remaining bytes would otherwise "fit" the claim.
+//!
 //! Block geometry (elements and bytes per block) comes from [`moestream_quant::GgmlType`]; this module only does
 //! the size arithmetic on top of it. Layout facts follow ggml's `gguf.cpp` and gguf-py (`gguf_reader.py`,
 //! `gguf_writer.py`, `constants.py`), which `tests/python/test_gguf_writer.py` checks us against.
@@ -19,6 +24,7 @@ mod value;
 mod write;
 
 pub use moestream_quant::GgmlType;
+pub use read::{GGUF_MAX_ARRAY_DEPTH, GGUF_MAX_ARRAY_LEN, GGUF_MAX_KV, GGUF_MAX_STRING_LEN, GGUF_MAX_TENSORS};
 pub use value::{GgufArray, GgufValue, GgufValueType};
 pub use write::{GgufDataWriter, GgufWriter};
 

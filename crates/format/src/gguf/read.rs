@@ -221,7 +221,9 @@ impl GgufFile {
         match version {
             2 | 3 => {}
             1 => {
-                return Err(h.invalid("GGUF version 1 is not supported (it has 32-bit lengths); expected 2 or 3".into()));
+                return Err(
+                    h.invalid("GGUF version 1 is not supported (it has 32-bit lengths); expected 2 or 3".into())
+                );
             }
             v if matches!(v.swap_bytes(), 2 | 3) => {
                 return Err(h.invalid(format!(
@@ -258,6 +260,8 @@ impl GgufFile {
             metadata.push((key, value));
         }
 
+        // ggml requires a u32 here and gguf-py takes any integer; the value is what decides the layout, so we
+        // accept any width (our writer always emits u32).
         let alignment = match metadata.iter().find(|(k, _)| k == GGUF_KEY_ALIGNMENT) {
             None => GGUF_DEFAULT_ALIGNMENT,
             Some((_, v)) => match v.as_integer() {

@@ -44,6 +44,8 @@ pub struct GgufDataWriter {
     next: usize,
     pos: u64,
     alignment: u64,
+    /// Set once a write fails part-way: the file's layout is then unknown, so every later call is refused.
+    failed: bool,
 }
 
 impl GgufWriter {
@@ -136,6 +138,8 @@ impl GgufWriter {
         }
         let header_len = h.len() as u64;
         let data_offset = align_up(header_len, self.alignment).ok_or_else(|| self.invalid("header too long".into()))?;
+        // Checked once here so the per-tensor absolute offsets below cannot overflow.
+        data_offset.checked_add(rel).ok_or_else(|| self.invalid("file size overflows u64".into()))?;
         self.out.write_all(&h).map_err(io)?;
         write_zeros(&mut self.out, data_offset - header_len).map_err(io)?;
         let tensors = self
@@ -151,6 +155,7 @@ impl GgufWriter {
             next: 0,
             pos: data_offset,
             alignment: self.alignment,
+            failed: false,
         })
     }
 }
@@ -163,6 +168,12 @@ impl GgufDataWriter {
 
     /// The tensor that must be written next, checked against `name`.
     fn expect_next(&self, name: &str) -> Result<usize, FormatError> {
+        if self.failed {
+            return Err(FormatError::invalid(
+                &self.path,
+                format!("tensor `{name}`: an earlier write to this file failed part-way; start the file again"),
+            ));
+        }
         match self.tensors.get(self.next) {
             Some(t) if t.name == name => Ok(self.next),
             Some(t) => Err(FormatError::invalid(
@@ -194,6 +205,7 @@ impl GgufDataWriter {
         if bytes.len() as u64 != self.tensors[i].n_bytes {
             return Err(self.size_mismatch(i, bytes.len() as u64));
         }
+        self.failed = true; // cleared below once the bytes and padding are all out
         self.out.write_all(bytes).map_err(|e| FormatError::io(&self.path, e))?;
         self.end_tensor(i)
     }
@@ -203,6 +215,7 @@ impl GgufDataWriter {
     pub fn write_tensor_from(&mut self, name: &str, src: &mut impl Read) -> Result<(), FormatError> {
         let i = self.expect_next(name)?;
         let want = self.tensors[i].n_bytes;
+        self.failed = true; // cleared by end_tensor once the bytes and padding are all out
         let got = std::io::copy(&mut src.take(want), &mut self.out).map_err(|e| FormatError::io(&self.path, e))?;
         if got != want {
             return Err(self.size_mismatch(i, got));
@@ -218,11 +231,15 @@ impl GgufDataWriter {
         write_zeros(&mut self.out, next - end).map_err(|e| FormatError::io(&self.path, e))?;
         self.pos = next;
         self.next += 1;
+        self.failed = false;
         Ok(())
     }
 
     /// Flushes and closes the file after checking that every tensor was written. Returns the file length.
     pub fn finish(mut self) -> Result<u64, FormatError> {
+        if self.failed {
+            return Err(FormatError::invalid(&self.path, "an earlier write failed part-way; the file is incomplete"));
+        }
         if self.next != self.tensors.len() {
             let missing: Vec<&str> = self.tensors[self.next..].iter().map(|t| t.name.as_str()).collect();
             return Err(FormatError::invalid(
