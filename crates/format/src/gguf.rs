@@ -1,1 +1,0 @@
-//! GGUF v3: bounds-checked reader and streaming writer. (being written)
