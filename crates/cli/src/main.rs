@@ -1,1 +1,128 @@
-fn main() {}
+//! `moestream`: the command-line front end. Each subcommand parses flags, calls a library crate and prints; the
+//! logic lives in the crates (`format`, `synth`, …), so that tests and the server reach the same code.
+
+mod inspect;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "moestream", version, about = "Run Mixture-of-Experts LLMs bigger than memory")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a deterministic random-weight model of a real shape.
+    Synth {
+        /// tiny-qwen3-moe | qwen3-30b-a3b
+        #[arg(long)]
+        preset: String,
+        /// hf-bf16 | hf-f32 | mlx-q4 | mlx-q8 | gguf-q4_0 | gguf-q8_0 | gguf-f16
+        #[arg(long)]
+        format: String,
+        /// Output directory (HF/MLX) or .gguf file.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Keep the preset's width but use this many layers.
+        #[arg(long)]
+        layers: Option<usize>,
+        /// HF expert layout: per-expert (published Qwen3 checkpoints) or fused (transformers 5 gate_up_proj).
+        #[arg(long, default_value = "per-expert")]
+        expert_layout: String,
+        /// Largest safetensors shard, in MiB.
+        #[arg(long, default_value_t = 4096)]
+        shard_mib: u64,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Describe a model: architecture, sizes, quant types, resident vs expert bytes.
+    Inspect {
+        model: PathBuf,
+        #[arg(long)]
+        json: bool,
+        /// Also list every tensor.
+        #[arg(long)]
+        tensors: bool,
+    },
+    /// Dequantize one tensor (or one expert of a stack) to raw little-endian f32, for checks against other tools.
+    Dequant {
+        model: PathBuf,
+        /// Canonical (GGUF-style) tensor name, e.g. blk.0.ffn_gate_exps.weight.
+        tensor: String,
+        #[arg(long)]
+        expert: Option<usize>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Synth { preset, format, out, seed, layers, expert_layout, shard_mib, quiet } => {
+            let preset = moestream_synth::Preset::from_name(&preset).with_context(|| {
+                let names: Vec<_> = moestream_synth::Preset::ALL.iter().map(|p| p.name()).collect();
+                format!("unknown preset `{preset}` (known: {})", names.join(", "))
+            })?;
+            let format = moestream_synth::SynthFormat::from_name(&format).with_context(|| {
+                let names: Vec<_> = moestream_synth::SynthFormat::ALL.iter().map(|f| f.name()).collect();
+                format!("unknown format `{format}` (known: {})", names.join(", "))
+            })?;
+            let expert_layout = match expert_layout.as_str() {
+                "per-expert" => moestream_synth::ExpertLayout::PerExpert,
+                "fused" => moestream_synth::ExpertLayout::Fused,
+                other => bail!("unknown expert layout `{other}` (known: per-expert, fused)"),
+            };
+            if shard_mib == 0 {
+                bail!("--shard-mib must be positive");
+            }
+            let mut opts = moestream_synth::SynthOptions::new(preset, format, out);
+            opts.seed = seed;
+            opts.layers = layers;
+            opts.expert_layout = expert_layout;
+            opts.shard_bytes = shard_mib << 20;
+            opts.progress = !quiet;
+            let t0 = std::time::Instant::now();
+            let s = moestream_synth::synth(&opts).with_context(|| format!("synth {}", opts.out.display()))?;
+            let secs = t0.elapsed().as_secs_f64();
+            eprintln!(
+                "wrote {} ({} {}, {} layers, {} tensors, {:.2} GB in {} file(s), {:.1}s, {:.0} MB/s); weights are random",
+                s.path.display(),
+                preset.name(),
+                format.name(),
+                s.config.num_layers,
+                s.tensors,
+                s.bytes as f64 / 1e9,
+                s.files.len(),
+                secs,
+                s.bytes as f64 / 1e6 / secs.max(1e-9)
+            );
+        }
+        Command::Inspect { model, json, tensors } => inspect::run(&model, json, tensors)?,
+        Command::Dequant { model, tensor, expert, out } => {
+            let index = moestream_format::TensorIndex::open(&model)?;
+            let vals = match expert {
+                Some(e) => index.load_expert_f32(&tensor, e)?,
+                None => index.load_f32(&tensor)?,
+            };
+            let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+            std::fs::write(&out, bytes).with_context(|| format!("writing {}", out.display()))?;
+        }
+    }
+    Ok(())
+}

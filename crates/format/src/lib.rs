@@ -2,10 +2,18 @@
 //!
 //! This crate owns every byte layout on disk and is one of two crates allowed to open model files (the other is
 //! `store`). It answers "where are the bytes of tensor X, expert e, and how are they encoded" and nothing more: it
-//! runs no I/O policy (caching, prefetch, direct I/O) and no math beyond size arithmetic. It also holds the
-//! writers that `synth` uses, so that one module knows each format in both directions.
+//! runs no I/O policy (caching, prefetch, direct I/O) and no math beyond size arithmetic and calling the reference
+//! decoders of `moestream-quant` for whole-tensor loads. It also holds the writers that `synth` uses, so that one
+//! module knows each format in both directions.
 
+pub mod config;
 pub mod error;
 pub mod gguf;
+mod gguf_index;
+pub mod index;
+pub mod mlx;
+pub mod safetensors;
 
+pub use config::{Architecture, ModelConfig};
 pub use error::FormatError;
+pub use index::{Encoding, ExpertRanges, FileRange, ModelFormat, TensorEntry, TensorIndex};

@@ -1,1 +1,256 @@
-//! placeholder
+//! Deterministic random-weight models of real shapes, in every file family we read.
+//!
+//! `synth` exists so that tests and benchmarks never download: a preset gives the config (tiny, or the real
+//! widths of Qwen3-30B-A3B, optionally with fewer layers), [`plan`] lists the tensors, and a writer per format
+//! streams them to disk one tensor (or one expert) at a time, so a 17 GB model is written with memory bounded by
+//! its largest tensor. Values depend only on (seed, tensor name, expert), never on the format, so `hf-f32` and
+//! `gguf-q8_0` of one seed hold the same underlying weights, which tests exploit.
+//!
+//! The byte layouts themselves belong to `moestream-format` (writers) and `moestream-quant` (encoders).
+
+mod encode;
+pub mod plan;
+pub mod rng;
+pub mod tokenizer;
+mod write_gguf;
+mod write_st;
+
+use std::path::{Path, PathBuf};
+
+use moestream_format::FormatError;
+use moestream_format::config::ModelConfig;
+use serde_json::json;
+
+pub use plan::{PlannedTensor, Preset, plan};
+pub use tokenizer::SynthVocab;
+
+/// Output file families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SynthFormat {
+    HfBf16,
+    HfF32,
+    MlxQ4,
+    MlxQ8,
+    GgufQ4_0,
+    GgufQ8_0,
+    GgufF16,
+}
+
+impl SynthFormat {
+    pub const ALL: [SynthFormat; 7] = [
+        SynthFormat::HfBf16,
+        SynthFormat::HfF32,
+        SynthFormat::MlxQ4,
+        SynthFormat::MlxQ8,
+        SynthFormat::GgufQ4_0,
+        SynthFormat::GgufQ8_0,
+        SynthFormat::GgufF16,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SynthFormat::HfBf16 => "hf-bf16",
+            SynthFormat::HfF32 => "hf-f32",
+            SynthFormat::MlxQ4 => "mlx-q4",
+            SynthFormat::MlxQ8 => "mlx-q8",
+            SynthFormat::GgufQ4_0 => "gguf-q4_0",
+            SynthFormat::GgufQ8_0 => "gguf-q8_0",
+            SynthFormat::GgufF16 => "gguf-f16",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<SynthFormat> {
+        SynthFormat::ALL.into_iter().find(|f| f.name() == s)
+    }
+
+    pub fn is_gguf(self) -> bool {
+        matches!(self, SynthFormat::GgufQ4_0 | SynthFormat::GgufQ8_0 | SynthFormat::GgufF16)
+    }
+}
+
+/// How HF checkpoints store experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExpertLayout {
+    /// `mlp.experts.{e}.{gate,up,down}_proj.weight`, as published Qwen3 checkpoints.
+    #[default]
+    PerExpert,
+    /// `mlp.experts.gate_up_proj` `[E, 2I, H]` (gate first) and `mlp.experts.down_proj` `[E, H, I]`, as
+    /// transformers 5 saves.
+    Fused,
+}
+
+#[derive(Debug, Clone)]
+pub struct SynthOptions {
+    pub preset: Preset,
+    pub format: SynthFormat,
+    /// A directory for HF/MLX, a `.gguf` file path for GGUF.
+    pub out: PathBuf,
+    pub seed: u64,
+    pub layers: Option<usize>,
+    pub expert_layout: ExpertLayout,
+    /// Largest safetensors shard before a new one starts.
+    pub shard_bytes: u64,
+    pub progress: bool,
+}
+
+impl SynthOptions {
+    pub fn new(preset: Preset, format: SynthFormat, out: impl Into<PathBuf>) -> Self {
+        SynthOptions {
+            preset,
+            format,
+            out: out.into(),
+            seed: 0,
+            layers: None,
+            expert_layout: ExpertLayout::PerExpert,
+            shard_bytes: 4 << 30,
+            progress: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SynthError {
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SynthError + '_ {
+    move |source| SynthError::Io { path: path.to_path_buf(), source }
+}
+
+/// What was written.
+#[derive(Debug, Clone)]
+pub struct SynthSummary {
+    pub path: PathBuf,
+    pub config: ModelConfig,
+    pub files: Vec<PathBuf>,
+    pub bytes: u64,
+    pub tensors: usize,
+}
+
+/// The config a preset resolves to (with `layers` applied).
+pub fn preset_config(preset: Preset, layers: Option<usize>) -> ModelConfig {
+    preset.config(layers, &SynthVocab::new(preset.vocab_size()))
+}
+
+/// Write a synthetic model.
+pub fn synth(opts: &SynthOptions) -> Result<SynthSummary, SynthError> {
+    if opts.layers == Some(0) {
+        return Err(SynthError::Invalid("--layers must be at least 1".into()));
+    }
+    let vocab = SynthVocab::new(opts.preset.vocab_size());
+    let config = opts.preset.config(opts.layers, &vocab);
+    config.validate(&opts.out)?;
+    let tensors = plan(&config);
+    let total: u64 = tensors.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
+    let bar = progress_bar(opts.progress, total);
+    let files = if opts.format.is_gguf() {
+        if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        write_gguf::write(opts, &config, &vocab, &tensors, &bar)?;
+        vec![opts.out.clone()]
+    } else {
+        std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+        write_side_files(&opts.out, &config, &vocab, opts.format)?;
+        write_st::write(opts, &config, &tensors, &bar)?
+    };
+    bar.finish_and_clear();
+    let bytes = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+    Ok(SynthSummary { path: opts.out.clone(), config, files, bytes, tensors: tensors.len() })
+}
+
+fn progress_bar(show: bool, total_elems: u64) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total_elems);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {wide_bar} {percent}% of {human_len} weights, eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// config.json, tokenizer files and generation_config.json for HF/MLX directories.
+fn write_side_files(dir: &Path, c: &ModelConfig, vocab: &SynthVocab, format: SynthFormat) -> Result<(), SynthError> {
+    let dtype = match format {
+        SynthFormat::HfF32 => "float32",
+        _ => "bfloat16",
+    };
+    let mut cfg = json!({
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": c.architecture.model_type(),
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "moe_intermediate_size": c.moe_intermediate_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+        "num_experts": c.num_experts,
+        "num_experts_per_tok": c.num_experts_per_tok,
+        "norm_topk_prob": c.norm_topk_prob,
+        "decoder_sparse_step": c.decoder_sparse_step,
+        "mlp_only_layers": c.mlp_only_layers,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "max_position_embeddings": c.max_position_embeddings,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": c.eos_token_ids.first(),
+        "hidden_act": "silu",
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "router_aux_loss_coef": 0.001,
+        "output_router_logits": false,
+        "use_cache": true,
+        "use_sliding_window": false,
+        "sliding_window": null,
+        "max_window_layers": c.num_layers,
+        "rope_scaling": null,
+        "torch_dtype": dtype,
+        "moestream_synthetic": "random weights: this model's output is meaningless",
+    });
+    if let Some(bits) = write_st::mlx_bits(format) {
+        let q = json!({
+            "group_size": write_st::MLX_GROUP,
+            "bits": bits,
+            // The router stays at 8 bits, as mlx-lm's Qwen3-MoE quant predicate keeps it; this also exercises
+            // the per-module override path of readers.
+            "mode": "affine",
+        });
+        let mut q = q.as_object().cloned().unwrap_or_default();
+        for i in 0..c.num_layers {
+            if c.layer_is_moe(i) {
+                q.insert(
+                    format!("model.layers.{i}.mlp.gate"),
+                    json!({"group_size": write_st::MLX_GROUP, "bits": write_st::MLX_ROUTER_BITS}),
+                );
+            }
+        }
+        cfg["quantization"] = serde_json::Value::Object(q.clone());
+        cfg["quantization_config"] = serde_json::Value::Object(q);
+    }
+    let write_json = |name: &str, v: &serde_json::Value| -> Result<(), SynthError> {
+        let p = dir.join(name);
+        let text = serde_json::to_string_pretty(v).map_err(|e| SynthError::Invalid(e.to_string()))?;
+        std::fs::write(&p, text).map_err(io_err(&p))
+    };
+    write_json("config.json", &cfg)?;
+    write_json("tokenizer.json", &vocab.tokenizer_json())?;
+    write_json("tokenizer_config.json", &vocab.tokenizer_config_json())?;
+    write_json(
+        "generation_config.json",
+        &json!({"bos_token_id": c.bos_token_id, "eos_token_id": [vocab.im_end, vocab.endoftext],
+                "do_sample": false, "temperature": 1.0}),
+    )?;
+    Ok(())
+}

@@ -1,0 +1,197 @@
+//! What a synthetic model contains: presets → config, config → the list of canonical tensors with their logical
+//! shapes and how to fill them.
+
+use moestream_format::config::{Architecture, LayerAttention, ModelConfig};
+
+use crate::rng::SplitMix64;
+
+/// How a tensor's values are drawn.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fill {
+    /// RMSNorm weights: near 1, so activations keep their scale.
+    Norm,
+    /// A linear layer: variance 1/fan_in, so activations neither explode nor vanish through depth.
+    Linear {
+        fan_in: usize,
+    },
+    /// Router: wider than a plain linear so that softmax over experts is not flat and top-k varies by token.
+    Router {
+        fan_in: usize,
+    },
+    Embedding,
+}
+
+#[derive(Debug, Clone)]
+pub struct PlannedTensor {
+    /// Canonical (GGUF-style) name.
+    pub name: String,
+    /// Logical shape, outermost first; stacked experts have the expert count first.
+    pub shape: Vec<usize>,
+    pub fill: Fill,
+}
+
+impl PlannedTensor {
+    pub fn is_expert_stack(&self) -> bool {
+        self.name.contains("_exps.")
+    }
+    /// (rows, cols) of one matrix (one expert's for a stack).
+    pub fn matrix_dims(&self) -> (usize, usize) {
+        match self.shape.as_slice() {
+            [c] => (1, *c),
+            [r, c] => (*r, *c),
+            [_, r, c] => (*r, *c),
+            _ => (0, 0),
+        }
+    }
+    pub fn experts(&self) -> usize {
+        if self.is_expert_stack() { self.shape[0] } else { 1 }
+    }
+
+    /// The values of expert `e` (0 for plain tensors), row-major `[rows, cols]`.
+    pub fn generate(&self, seed: u64, e: usize, out: &mut [f32]) {
+        let mut rng = SplitMix64::for_tensor(seed, &self.name, e);
+        // Uniform on [-a, a) has variance a²/3.
+        match self.fill {
+            Fill::Norm => {
+                rng.fill_uniform(out, 0.1);
+                out.iter_mut().for_each(|x| *x += 1.0);
+            }
+            Fill::Linear { fan_in } => rng.fill_uniform(out, (3.0 / fan_in as f32).sqrt()),
+            Fill::Router { fan_in } => rng.fill_uniform(out, 4.0 * (3.0 / fan_in as f32).sqrt()),
+            Fill::Embedding => rng.fill_uniform(out, 1.0),
+        }
+    }
+}
+
+/// Named model shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// 2 layers, hidden 256, 8 experts top-2: a few MB, for tests.
+    TinyQwen3Moe,
+    /// Qwen3-30B-A3B's real shapes: 48 layers, hidden 2048, 128 experts top-8, moe_intermediate 768.
+    Qwen3_30bA3b,
+}
+
+impl Preset {
+    pub const ALL: [Preset; 2] = [Preset::TinyQwen3Moe, Preset::Qwen3_30bA3b];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::TinyQwen3Moe => "tiny-qwen3-moe",
+            Preset::Qwen3_30bA3b => "qwen3-30b-a3b",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Preset> {
+        Preset::ALL.into_iter().find(|p| p.name() == s)
+    }
+
+    /// The config of this preset, optionally cut to `layers` layers (keeping the real width).
+    pub fn config(self, layers: Option<usize>, vocab: &crate::tokenizer::SynthVocab) -> ModelConfig {
+        let mut c = match self {
+            Preset::TinyQwen3Moe => ModelConfig {
+                architecture: Architecture::Qwen3Moe,
+                hidden_size: 256,
+                num_layers: 2,
+                num_heads: 4,
+                num_kv_heads: 2,
+                head_dim: 64,
+                vocab_size: TINY_VOCAB,
+                intermediate_size: 512,
+                moe_intermediate_size: 256,
+                num_experts: 8,
+                num_experts_per_tok: 2,
+                norm_topk_prob: true,
+                decoder_sparse_step: 1,
+                mlp_only_layers: Vec::new(),
+                shared_expert_intermediate_size: 0,
+                rms_norm_eps: 1e-6,
+                rope_theta: 1_000_000.0,
+                partial_rotary_factor: 1.0,
+                max_position_embeddings: 4096,
+                tie_word_embeddings: false,
+                layer_types: Vec::new(),
+                linear: None,
+                bos_token_id: None,
+                eos_token_ids: Vec::new(),
+            },
+            Preset::Qwen3_30bA3b => ModelConfig {
+                architecture: Architecture::Qwen3Moe,
+                hidden_size: 2048,
+                num_layers: 48,
+                num_heads: 32,
+                num_kv_heads: 4,
+                head_dim: 128,
+                vocab_size: 151_936,
+                intermediate_size: 6144,
+                moe_intermediate_size: 768,
+                num_experts: 128,
+                num_experts_per_tok: 8,
+                norm_topk_prob: true,
+                decoder_sparse_step: 1,
+                mlp_only_layers: Vec::new(),
+                shared_expert_intermediate_size: 0,
+                rms_norm_eps: 1e-6,
+                rope_theta: 1_000_000.0,
+                partial_rotary_factor: 1.0,
+                max_position_embeddings: 40960,
+                tie_word_embeddings: false,
+                layer_types: Vec::new(),
+                linear: None,
+                bos_token_id: None,
+                eos_token_ids: Vec::new(),
+            },
+        };
+        if let Some(l) = layers {
+            c.num_layers = l;
+        }
+        c.layer_types = vec![LayerAttention::FullAttention; c.num_layers];
+        c.bos_token_id = Some(vocab.endoftext);
+        c.eos_token_ids = vec![vocab.im_end];
+        c
+    }
+
+    pub fn vocab_size(self) -> usize {
+        match self {
+            Preset::TinyQwen3Moe => TINY_VOCAB,
+            Preset::Qwen3_30bA3b => 151_936,
+        }
+    }
+}
+
+const TINY_VOCAB: usize = 1024;
+
+/// Every tensor of a Qwen3-MoE model, in canonical names, in a fixed order (trunk first, then layer by layer).
+pub fn plan(c: &ModelConfig) -> Vec<PlannedTensor> {
+    let (h, d, v) = (c.hidden_size, c.head_dim, c.vocab_size);
+    let t = |name: String, shape: Vec<usize>, fill| PlannedTensor { name, shape, fill };
+    let mut out = vec![t("token_embd.weight".into(), vec![v, h], Fill::Embedding)];
+    for i in 0..c.num_layers {
+        let b = |n: &str| format!("blk.{i}.{n}.weight");
+        out.push(t(b("attn_norm"), vec![h], Fill::Norm));
+        out.push(t(b("attn_q"), vec![c.num_heads * d, h], Fill::Linear { fan_in: h }));
+        out.push(t(b("attn_k"), vec![c.num_kv_heads * d, h], Fill::Linear { fan_in: h }));
+        out.push(t(b("attn_v"), vec![c.num_kv_heads * d, h], Fill::Linear { fan_in: h }));
+        out.push(t(b("attn_output"), vec![h, c.num_heads * d], Fill::Linear { fan_in: c.num_heads * d }));
+        out.push(t(b("attn_q_norm"), vec![d], Fill::Norm));
+        out.push(t(b("attn_k_norm"), vec![d], Fill::Norm));
+        out.push(t(b("ffn_norm"), vec![h], Fill::Norm));
+        if c.layer_is_moe(i) {
+            let (e, im) = (c.num_experts, c.moe_intermediate_size);
+            out.push(t(b("ffn_gate_inp"), vec![e, h], Fill::Router { fan_in: h }));
+            out.push(t(b("ffn_gate_exps"), vec![e, im, h], Fill::Linear { fan_in: h }));
+            out.push(t(b("ffn_up_exps"), vec![e, im, h], Fill::Linear { fan_in: h }));
+            out.push(t(b("ffn_down_exps"), vec![e, h, im], Fill::Linear { fan_in: im }));
+        } else {
+            let im = c.intermediate_size;
+            out.push(t(b("ffn_gate"), vec![im, h], Fill::Linear { fan_in: h }));
+            out.push(t(b("ffn_up"), vec![im, h], Fill::Linear { fan_in: h }));
+            out.push(t(b("ffn_down"), vec![h, im], Fill::Linear { fan_in: im }));
+        }
+    }
+    out.push(t("output_norm.weight".into(), vec![h], Fill::Norm));
+    if !c.tie_word_embeddings {
+        out.push(t("output.weight".into(), vec![v, h], Fill::Linear { fan_in: h }));
+    }
+    out
+}
