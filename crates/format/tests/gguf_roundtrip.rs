@@ -281,10 +281,10 @@ fn data_writer_checks_order_size_and_completeness() {
 fn large_tokenizer_arrays_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vocab.gguf");
-    let n = 151_936;
+    let n: i32 = 151_936;
     let tokens: Vec<String> = (0..n).map(|i| format!("Ġtok{i}")).collect();
     let merges: Vec<String> = (0..n).map(|i| format!("Ġ t{i}")).collect();
-    let types: Vec<i32> = (0..n).map(|i| (i % 4) as i32).collect();
+    let types: Vec<i32> = (0..n).map(|i| i % 4).collect();
     let mut w = GgufWriter::create(&path).unwrap();
     w.add_kv("tokenizer.ggml.tokens", GgufValue::Array(GgufArray::String(tokens.clone()))).unwrap();
     w.add_kv("tokenizer.ggml.merges", GgufValue::Array(GgufArray::String(merges.clone()))).unwrap();
