@@ -275,3 +275,29 @@ fn data_writer_checks_order_size_and_completeness() {
     assert_err(d.write_tensor("only", &[0; 8]), &path, "all 1 tensors are already written");
     d.finish().unwrap();
 }
+
+/// Qwen-sized tokenizer arrays (151k tokens, 151k merges, token types) round trip, through the typed vectors.
+#[test]
+fn large_tokenizer_arrays_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vocab.gguf");
+    let n: i32 = 151_936;
+    let tokens: Vec<String> = (0..n).map(|i| format!("Ġtok{i}")).collect();
+    let merges: Vec<String> = (0..n).map(|i| format!("Ġ t{i}")).collect();
+    let types: Vec<i32> = (0..n).map(|i| i % 4).collect();
+    let mut w = GgufWriter::create(&path).unwrap();
+    w.add_kv("tokenizer.ggml.tokens", GgufValue::Array(GgufArray::String(tokens.clone()))).unwrap();
+    w.add_kv("tokenizer.ggml.merges", GgufValue::Array(GgufArray::String(merges.clone()))).unwrap();
+    w.add_kv("tokenizer.ggml.token_type", GgufValue::Array(GgufArray::I32(types.clone()))).unwrap();
+    w.finish_header().unwrap().finish().unwrap();
+    let t0 = std::time::Instant::now();
+    let f = GgufFile::open(&path).unwrap();
+    let took = t0.elapsed();
+    assert_eq!(f.get_str_array("tokenizer.ggml.tokens").unwrap(), tokens.as_slice());
+    assert_eq!(f.get_str_array("tokenizer.ggml.merges").unwrap(), merges.as_slice());
+    assert_eq!(
+        f.get_i64_array("tokenizer.ggml.token_type").unwrap(),
+        types.iter().map(|&t| t as i64).collect::<Vec<_>>()
+    );
+    eprintln!("opened a {n}-token vocabulary header in {took:?}");
+}
