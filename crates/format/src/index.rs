@@ -14,7 +14,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use moestream_quant::{FloatType, GgmlType, MlxAffine};
+pub use moestream_quant::Encoding;
+use moestream_quant::{FloatType, MlxAffine};
 
 use crate::FormatError;
 use crate::config::{Architecture, ModelConfig};
@@ -29,29 +30,6 @@ pub struct FileRange {
     pub file: FileId,
     pub offset: u64,
     pub len: u64,
-}
-
-/// How a tensor's elements are stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encoding {
-    Float(FloatType),
-    /// A GGUF block type (never F32/F16/BF16: those are `Float`).
-    Ggml(GgmlType),
-    /// MLX affine groups: packed u32 words plus per-group scales and biases of `scale_type`.
-    MlxAffine {
-        params: MlxAffine,
-        scale_type: FloatType,
-    },
-}
-
-impl Encoding {
-    pub fn name(&self) -> String {
-        match self {
-            Encoding::Float(f) => f.name().to_string(),
-            Encoding::Ggml(t) => t.name().to_string(),
-            Encoding::MlxAffine { params, .. } => format!("MLX_Q{}_G{}", params.bits, params.group_size),
-        }
-    }
 }
 
 /// Which file family a model came from.
