@@ -57,9 +57,10 @@ class Moestream:
             raise AssertionError(f"moestream {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stderr}")
         return r
 
-    def synth(self, fmt: str, layout: str = "per-expert", seed: int = 0, fresh: bool = False) -> Path:
-        """Synthesize (once per (format, layout, seed), unless fresh) and return the path."""
-        key = (fmt, layout, seed)
+    def synth(self, fmt: str, layout: str = "per-expert", seed: int = 0, fresh: bool = False,
+              extra: tuple = ()) -> Path:
+        """Synthesize (once per (format, layout, seed, extra), unless fresh) and return the path."""
+        key = (fmt, layout, seed, tuple(map(str, extra)))
         if not fresh and key in self._synth:
             return self._synth[key]
         self._n += 1
@@ -68,6 +69,7 @@ class Moestream:
         args = ["synth", "--preset", PRESET, "--format", fmt, "--out", out, "--seed", seed, "--quiet"]
         if fmt.startswith("hf"):
             args += ["--expert-layout", layout]
+        args += list(extra)
         self.run(*args)
         if not fresh:
             self._synth[key] = out
