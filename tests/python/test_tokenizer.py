@@ -1,0 +1,98 @@
+"""synth's tokenizer.json through HF `tokenizers`, and the GGUF tokenizer arrays against it."""
+
+import json
+
+import pytest
+from gguf import GGUFReader
+from tokenizers import Tokenizer
+
+SAMPLES = [
+    "Hello, world! The result is ok.",
+    "日本語のテキストと中文",
+    "emoji 🦀🚀 and ZWJ 👩‍💻",
+    "tabs\tand   runs   of    spaces\n\n\nnewlines  \r\n end ",
+    "",
+]
+CHAT = "<|im_start|>user\nhi<|im_end|>"
+
+
+@pytest.fixture(scope="module")
+def hf_dir(ms):
+    return ms.synth("hf-bf16")
+
+
+@pytest.fixture(scope="module")
+def tok(hf_dir):
+    return Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def tok_json(hf_dir):
+    return json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_roundtrip(tok, text):
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert tok.decode(ids, skip_special_tokens=False) == text
+    if text:
+        assert ids and all(0 <= i < tok.get_vocab_size() for i in ids)
+
+
+def test_byte_level_covers_unseen_text(tok):
+    # CJK/emoji are not in the tiny merge table: they must fall back to byte tokens, never to an unknown token.
+    text = "中🦀"
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert len(ids) >= len(text.encode("utf-8")) // 2
+    assert tok.decode(ids) == text
+
+
+def test_special_tokens_are_single_ids(tok, hf_dir):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    start, end = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
+    assert start is not None and end is not None
+    assert end == cfg["eos_token_id"]
+    assert tok.token_to_id("<|endoftext|>") == cfg["bos_token_id"]
+    enc = tok.encode(CHAT, add_special_tokens=False)
+    assert enc.ids[0] == start and enc.ids[-1] == end
+    assert enc.ids.count(start) == 1 and enc.ids.count(end) == 1
+    middle = tok.decode(enc.ids[1:-1], skip_special_tokens=False)
+    assert middle == "user\nhi"
+    assert tok.decode(enc.ids, skip_special_tokens=False) == CHAT
+    assert tok.decode(enc.ids, skip_special_tokens=True) == "user\nhi"
+
+
+def test_tokenizer_config_agrees(tok, hf_dir):
+    tc = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    for sid, t in tc["added_tokens_decoder"].items():
+        assert tok.token_to_id(t["content"]) == int(sid), t
+
+
+@pytest.mark.parametrize("fmt", ["gguf-q4_0", "gguf-q8_0", "gguf-f16"])
+def test_gguf_vocab_matches_tokenizer_json(ms, tok_json, fmt):
+    r = GGUFReader(ms.synth(fmt))
+    tokens = r.get_field("tokenizer.ggml.tokens").contents()
+    types = r.get_field("tokenizer.ggml.token_type").contents()
+    merges = r.get_field("tokenizer.ggml.merges").contents()
+    assert r.get_field("tokenizer.ggml.pre").contents() == "qwen2"
+
+    by_id = {i: s for s, i in tok_json["model"]["vocab"].items()}
+    added = {t["id"]: t for t in tok_json["added_tokens"]}
+    assert not set(by_id) & set(added), "added tokens overlap the BPE vocab"
+    by_id.update({i: t["content"] for i, t in added.items()})
+    real = len(by_id)
+    assert sorted(by_id) == list(range(real)), "tokenizer.json ids are not contiguous from 0"
+    assert real < len(tokens)
+    assert tokens[:real] == [by_id[i] for i in range(real)]
+    for i in range(real, len(tokens)):
+        assert tokens[i] == f"[PAD{i}]" and types[i] == 5, (i, tokens[i], types[i])  # 5 = UNUSED
+    for i in range(real):
+        if i in added:
+            assert types[i] in (3, 4), (i, types[i])  # CONTROL or USER_DEFINED
+        else:
+            assert types[i] == 1, (i, types[i])  # NORMAL
+
+    json_merges = [m if isinstance(m, str) else " ".join(m) for m in tok_json["model"]["merges"]]
+    assert merges == json_merges
+
+    assert r.get_field("tokenizer.ggml.eos_token_id").contents() == tokens.index("<|im_end|>")
