@@ -365,3 +365,24 @@ fn parameter_counts_of_dense_layers_use_intermediate_size() {
     assert_eq!(pm.total - px.total, e * h + e * 3 * h * im - 3 * h * dense);
     assert_eq!(pm.active - px.active, e * h + k * 3 * h * im - 3 * h * dense);
 }
+
+#[test]
+fn decoder_sparse_step_zero_is_rejected() {
+    // transformers computes `(i + 1) % decoder_sparse_step` and fails on 0; `layer_is_moe` instead answers false
+    // for every layer, so this 128-expert config reads as a dense model (the misreading the module exists to
+    // prevent), because `intermediate_size` happens to be present.
+    let mut v = fixture_json("qwen3-30b-a3b.json");
+    v["decoder_sparse_step"] = json!(0);
+    let path = Path::new("/models/q/config.json");
+    match ModelConfig::from_json_str(&v.to_string(), path) {
+        Ok(c) => panic!(
+            "accepted; MoE layers: {} of {}",
+            (0..c.num_layers).filter(|&i| c.layer_is_moe(i)).count(),
+            c.num_layers
+        ),
+        Err(e) => {
+            let e = e.to_string();
+            assert!(e.contains("/models/q/config.json") && e.contains("decoder_sparse_step"), "{e}");
+        }
+    }
+}

@@ -299,3 +299,28 @@ fn writer_refuses_misuse() {
     let err = w.write("c", &[0]).expect_err("past the end").to_string();
     assert_has(&err, &[&p, "write of `c` after the last tensor"]);
 }
+
+#[test]
+fn shape_and_byte_size_mismatch_names_the_tensor() {
+    // Same damage as `shape_and_byte_size_disagree`, on a tensor with a findable name: the error should say which
+    // tensor and what sizes (FormatError::SizeMismatch exists for this), not only "invalid shape, data type, or
+    // offset for tensor" from the safetensors crate.
+    let h = json!({
+        "model.layers.0.mlp.gate.weight": {"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 24]},
+        "b": {"dtype": "BF16", "shape": [4], "data_offsets": [24, 32]},
+    });
+    let err = open_err("size-named.safetensors", &raw(&h.to_string(), &data32()));
+    assert_has(&err, &["model.layers.0.mlp.gate.weight", "[2, 4]", "32", "24"]);
+}
+
+#[test]
+fn trailing_bytes_after_the_last_tensor() {
+    // The safetensors format requires the data section to end exactly at the last tensor's end; the crate's own
+    // `SafeTensors::deserialize` refuses this file ("incomplete metadata, file not fully covered"). A header that
+    // describes less data than the file holds is a sign of a wrong header or a mis-joined file.
+    let mut bytes = raw(&header().to_string(), &data32());
+    bytes.extend([0u8; 16]);
+    assert!(safetensors::SafeTensors::deserialize(&bytes).is_err(), "the reference reader refuses it");
+    let err = open_err("trailing.safetensors", &bytes);
+    assert_has(&err, &["32", "48"]);
+}
