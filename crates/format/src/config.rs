@@ -277,6 +277,10 @@ impl ModelConfig {
                 return bad(format!("`{name}` must be positive"));
             }
         }
+        if self.decoder_sparse_step == 0 {
+            // transformers divides by it; reading 0 as "no MoE layers" would load a MoE as dense.
+            return bad("`decoder_sparse_step` must be at least 1".into());
+        }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",

@@ -115,12 +115,40 @@ impl SafetensorsFile {
                 continue;
             }
             let dtype = info.get("dtype").and_then(Value::as_str).unwrap_or("<missing>");
-            if !matches!(dtype, "F32" | "F16" | "BF16" | "U32" | "U8") {
-                return Err(FormatError::UnknownDtype {
-                    path: path.to_path_buf(),
-                    tensor: name.clone(),
-                    dtype: dtype.into(),
-                });
+            let size = match dtype {
+                "F32" | "U32" => 4u64,
+                "F16" | "BF16" => 2,
+                "U8" => 1,
+                _ => {
+                    return Err(FormatError::UnknownDtype {
+                        path: path.to_path_buf(),
+                        tensor: name.clone(),
+                        dtype: dtype.into(),
+                    });
+                }
+            };
+            // The crate checks this too, but its error names neither the tensor nor the sizes.
+            let shape: Option<Vec<u64>> =
+                info.get("shape").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_u64).collect());
+            let offs: Option<Vec<u64>> = info
+                .get("data_offsets")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_u64).collect());
+            if let (Some(shape), Some(offs)) = (shape, offs) {
+                let expected = shape.iter().try_fold(size, |acc, &d| acc.checked_mul(d));
+                if let (Some(expected), [s, e]) = (expected, offs.as_slice()) {
+                    let got = e.saturating_sub(*s);
+                    if expected != got {
+                        return Err(FormatError::SizeMismatch {
+                            path: path.to_path_buf(),
+                            tensor: name.clone(),
+                            shape,
+                            dtype: dtype.into(),
+                            expected,
+                            got,
+                        });
+                    }
+                }
             }
         }
         let meta: safetensors::tensor::Metadata = serde_json::from_str(text)
@@ -135,6 +163,17 @@ impl SafetensorsFile {
                 end: data_end,
                 file_len,
             });
+        }
+        if data_end < file_len {
+            // The format has no trailing section; extra bytes mean a wrong header or a mis-joined file.
+            return Err(FormatError::invalid(
+                path,
+                format!(
+                    "header describes {} bytes of tensor data but the file holds {} after the header",
+                    data_end - data_start,
+                    file_len - data_start
+                ),
+            ));
         }
         let infos = meta.tensors();
         let mut tensors = Vec::with_capacity(infos.len());
