@@ -118,6 +118,65 @@ pub(crate) fn f16_bytes(x: f32) -> [u8; 2] {
     half::f16::from_f32(x).to_bits().to_le_bytes()
 }
 
+/// `x.round()` (half away from zero) without a libm call, exact for |x| < 2^23 (and NaN → NaN). Baseline x86-64
+/// has no rounding instruction, so `f32::round` is a function call per element in the encoders' inner loops.
+#[inline]
+pub(crate) fn round_half_away_small(x: f32) -> f32 {
+    if !(x.abs() < 8_388_608.0) {
+        return x.round();
+    }
+    let t = (x as i32) as f32; // truncation toward zero
+    let frac = x - t; // exact: x and t share sign and exponent range
+    let r = if frac >= 0.5 {
+        t + 1.0
+    } else if frac <= -0.5 {
+        t - 1.0
+    } else {
+        t
+    };
+    r.copysign(x) // keeps -0.0 for small negatives, as `round` does
+}
+
+/// `x.round_ties_even()` without a libm call, exact for |x| < 2^23 (NaN and larger values take the slow path).
+#[inline]
+pub(crate) fn round_half_even_small(x: f32) -> f32 {
+    if !(x.abs() < 8_388_608.0) {
+        return x.round_ties_even();
+    }
+    let ti = x as i32;
+    let t = ti as f32;
+    let frac = x - t;
+    let odd = ti & 1 != 0;
+    let r = if frac > 0.5 || (frac == 0.5 && odd) {
+        t + 1.0
+    } else if frac < -0.5 || (frac == -0.5 && odd) {
+        t - 1.0
+    } else {
+        t
+    };
+    r.copysign(x)
+}
+
+#[cfg(test)]
+mod fast_round_tests {
+    #[test]
+    fn fast_rounding_matches_std() {
+        let mut vals = vec![0.0f32, -0.0, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 0.49999997, -0.49999997, 126.5, -127.5];
+        let mut s = 0x1234_5678u32;
+        for _ in 0..200_000 {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            vals.push(f32::from_bits(s) % 300.0);
+            vals.push((s % 2000) as f32 / 4.0 - 250.0);
+        }
+        for v in vals.into_iter().filter(|v| v.is_finite()) {
+            assert_eq!(super::round_half_away_small(v).to_bits(), v.round().to_bits(), "{v}");
+            assert_eq!(super::round_half_even_small(v).to_bits(), v.round_ties_even().to_bits(), "{v}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,7 +33,9 @@ impl Encoding {
         match self {
             Encoding::Float(f) => cols.checked_mul(f.size()),
             Encoding::Ggml(t) => t.row_bytes(cols),
-            Encoding::MlxAffine { params, .. } => cols.is_multiple_of(params.group_size).then(|| params.packed_bytes(cols)),
+            Encoding::MlxAffine { params, .. } => {
+                cols.is_multiple_of(params.group_size).then(|| params.packed_bytes(cols))
+            }
         }
     }
 

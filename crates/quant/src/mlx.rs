@@ -94,7 +94,7 @@ pub fn quantize(
         let w = &src[g * p.group_size..(g + 1) * p.group_size];
         let (scale, bias) = group_scale_bias(w, n_bins);
         for (k, &x) in w.iter().enumerate() {
-            let q = ((x - bias) / scale).round_ties_even().clamp(0.0, n_bins) as u8;
+            let q = crate::float::round_half_even_small((x - bias) / scale).clamp(0.0, n_bins) as u8;
             let bit = (g * p.group_size + k) * bits;
             packed_out[bit / 8] |= q << (bit % 8);
         }
