@@ -76,18 +76,27 @@ log "llama.cpp version: $version"
 echo "$version" > "$CACHE/VERSION"
 
 # --- configure -------------------------------------------------------------
-BUILD="$CACHE/build"
-if [ ! -f "$BUILD/CMakeCache.txt" ]; then
-    log "configuring"
-    cmake -S "$SRC" -B "$BUILD" \
-        -DCMAKE_BUILD_TYPE=Release \
-        -DBUILD_SHARED_LIBS=OFF \
-        -DGGML_NATIVE=ON \
-        -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_OPENMP=OFF \
-        -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_HTTPLIB=OFF \
-        -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_TOOLS=ON
+# GGML_NATIVE=ON compiles with -march=native. On hosts whose CPU advertises AMX
+# but whose kernel/VM does not enable the AMX tile state (e.g. firecracker VMs),
+# ggml's AMX matmul for quantized types dies with SIGILL (`tilezero`), so AMX is
+# disabled explicitly (GCC honours explicit -mno-* over -march). Set
+# LLAMACPP_ALLOW_AMX=1 to keep it.
+EXTRA_FLAGS=""
+if [ "${LLAMACPP_ALLOW_AMX:-0}" != 1 ]; then
+    EXTRA_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 fi
+BUILD="$CACHE/build"
+# Always (re)configure: cheap when nothing changed, and picks up flag changes.
+log "configuring"
+cmake -S "$SRC" -B "$BUILD" \
+    -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_C_FLAGS="$EXTRA_FLAGS" -DCMAKE_CXX_FLAGS="$EXTRA_FLAGS" \
+    -DBUILD_SHARED_LIBS=OFF \
+    -DGGML_NATIVE=ON \
+    -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_OPENMP=OFF \
+    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_HTTPLIB=OFF \
+    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_TOOLS=ON >/dev/null
 
 # --- build only the targets we need ---------------------------------------
 want=(llama-quantize llama-cli llama-simple llama-completion llama-bench llama-eval-callback llama-gguf)
