@@ -1,0 +1,482 @@
+//! Matrix-vector products over quantized weight rows: `gemv`, `gemm` (prefill) and the gathered MoE matmuls.
+//!
+//! This module owns the *shape* side: validating [`WeightView`]s, splitting rows into pool tasks, SwiGLU and the
+//! weighted expert sum. The only arithmetic kernel is a per-row dot product (`RowRef · x`), chosen once per
+//! process by runtime CPU detection ([`Dispatch::best`]) from:
+//! - `scalar`: the reference (decode with `moestream_quant`, then dot in f32), used for every encoding;
+//! - `x86::avx2` / `x86::avx512`: SIMD kernels for the encodings real checkpoints use.
+//!
+//! It must not allocate on the per-call path, own weight memory, or know which model or expert a view belongs to.
+//! Every output element is written by exactly one task with a fixed summation order, so results are bit-identical
+//! for any thread count.
+
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::sync::OnceLock;
+
+use moestream_quant::{Encoding, QuantError};
+
+use crate::pool::ThreadPool;
+
+/// A row-major weight matrix `[rows, cols]` borrowed from someone else's memory (a slot, an mmap, a resident
+/// tensor).
+#[derive(Debug, Clone, Copy)]
+pub struct WeightView<'a> {
+    pub encoding: Encoding,
+    pub rows: usize,
+    pub cols: usize,
+    /// `rows × encoding.row_bytes(cols)` bytes.
+    pub data: &'a [u8],
+    /// MLX only: `rows × cols / group_size` values of `scale_type`. Empty otherwise.
+    pub scales: &'a [u8],
+    /// MLX only: same shape as `scales`. Empty otherwise.
+    pub biases: &'a [u8],
+}
+
+/// Why a matmul call was refused. Nothing is computed when one of these is returned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MatmulError {
+    #[error("{}: {cols} columns is not a whole number of blocks or groups", .encoding.name())]
+    Cols { encoding: Encoding, cols: usize },
+    #[error("{}: {source}", .encoding.name())]
+    Params { encoding: Encoding, source: QuantError },
+    #[error("{} [{rows}, {cols}]: {what} holds {got} bytes, expected {expected}", .encoding.name())]
+    Bytes { encoding: Encoding, what: &'static str, rows: usize, cols: usize, expected: usize, got: usize },
+    #[error("{} [{rows}, {cols}]: byte size overflows usize", .encoding.name())]
+    TooLarge { encoding: Encoding, rows: usize, cols: usize },
+    #[error("{what}: expected {expected} values, got {got}")]
+    Len { what: &'static str, expected: usize, got: usize },
+    #[error("{what} slot {slot} is [{rows}, {cols}], expected [{expected_rows}, {expected_cols}]")]
+    SlotShape { what: &'static str, slot: usize, rows: usize, cols: usize, expected_rows: usize, expected_cols: usize },
+    #[error("gate_up slot has {rows} rows; a fused [2I, H] view needs an even count")]
+    OddGateUp { rows: usize },
+}
+
+impl WeightView<'_> {
+    /// Checks that the encoding's parameters are valid, `cols` fits its blocks or groups, and `data`, `scales`
+    /// and `biases` hold exactly the bytes a `[rows, cols]` matrix needs. Never panics.
+    pub fn validate(&self) -> Result<(), MatmulError> {
+        let (encoding, rows, cols) = (self.encoding, self.rows, self.cols);
+        let bytes = |what, expected: usize, got: usize| {
+            if expected == got { Ok(()) } else { Err(MatmulError::Bytes { encoding, what, rows, cols, expected, got }) }
+        };
+        let too_large = MatmulError::TooLarge { encoding, rows, cols };
+        if let Encoding::MlxAffine { params, .. } = encoding {
+            params.validate().map_err(|source| MatmulError::Params { encoding, source })?;
+        }
+        let row_bytes = encoding.row_bytes(cols).ok_or(MatmulError::Cols { encoding, cols })?;
+        bytes("data", rows.checked_mul(row_bytes).ok_or(too_large.clone())?, self.data.len())?;
+        let side = side_row_bytes(encoding, cols);
+        let side = rows.checked_mul(side).ok_or(too_large)?;
+        bytes("scales", side, self.scales.len())?;
+        bytes("biases", side, self.biases.len())
+    }
+
+    /// Row `r` of a validated view.
+    #[inline]
+    fn row(&self, r: usize) -> RowRef<'_> {
+        let rb = self.encoding.row_bytes(self.cols).unwrap_or(0);
+        let sb = side_row_bytes(self.encoding, self.cols);
+        RowRef {
+            encoding: self.encoding,
+            data: &self.data[r * rb..(r + 1) * rb],
+            scales: &self.scales[r * sb..(r + 1) * sb],
+            biases: &self.biases[r * sb..(r + 1) * sb],
+        }
+    }
+}
+
+/// Bytes of scales (or of biases) per row: MLX only.
+fn side_row_bytes(encoding: Encoding, cols: usize) -> usize {
+    match encoding {
+        Encoding::MlxAffine { params, scale_type } if params.group_size > 0 => {
+            cols / params.group_size * scale_type.size()
+        }
+        _ => 0,
+    }
+}
+
+/// One row of a validated [`WeightView`]: what a kernel sees. `x` (passed beside it) has the row's column count.
+pub(crate) struct RowRef<'a> {
+    pub(crate) encoding: Encoding,
+    pub(crate) data: &'a [u8],
+    pub(crate) scales: &'a [u8],
+    pub(crate) biases: &'a [u8],
+}
+
+/// A row dot kernel. Safety contract: the row comes from a validated view, `x.len()` is its column count, and the
+/// CPU supports the kernel's instruction set.
+type RowDot = unsafe fn(&RowRef<'_>, &[f32]) -> f32;
+
+/// The instruction sets a kernel table can be built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// Portable reference, always available.
+    Scalar,
+    /// AVX2 + FMA + F16C, 8 f32 lanes.
+    Avx2,
+    /// AVX-512 F/BW/VL (plus the AVX2 set), 16 f32 lanes.
+    Avx512,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// Whether this CPU can run the kernels (runtime detection).
+    pub fn is_supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => x86::has_avx2(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => x86::has_avx512(),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+}
+
+/// A kernel table for one [`Isa`]. Cheap to copy; every matmul entry point is a method, and the free functions
+/// use [`Dispatch::best`].
+#[derive(Clone, Copy)]
+pub struct Dispatch {
+    isa: Isa,
+    row_dot: RowDot,
+}
+
+impl std::fmt::Debug for Dispatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatch").field("isa", &self.isa).finish()
+    }
+}
+
+impl Dispatch {
+    /// The table for `isa`, or `None` when this CPU does not support it.
+    pub fn new(isa: Isa) -> Option<Dispatch> {
+        if !isa.is_supported() {
+            return None;
+        }
+        let row_dot: RowDot = match isa {
+            Isa::Scalar => scalar_row_dot,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => x86::avx2::row_dot,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => x86::avx512::row_dot,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => return None,
+        };
+        Some(Dispatch { isa, row_dot })
+    }
+
+    /// Every table this CPU supports, reference first.
+    pub fn supported() -> impl Iterator<Item = Dispatch> {
+        Isa::ALL.into_iter().filter_map(Dispatch::new)
+    }
+
+    /// The fastest supported table, detected once per process.
+    pub fn best() -> Dispatch {
+        static BEST: OnceLock<Dispatch> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            [Isa::Avx512, Isa::Avx2]
+                .into_iter()
+                .find_map(Dispatch::new)
+                .unwrap_or(Dispatch { isa: Isa::Scalar, row_dot: scalar_row_dot })
+        })
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    #[inline]
+    fn dot(&self, row: &RowRef<'_>, x: &[f32]) -> f32 {
+        // SAFETY: callers pass rows of views they validated and `x` of the view's `cols`; `Dispatch::new` only
+        // builds tables whose ISA the CPU supports.
+        unsafe { (self.row_dot)(row, x) }
+    }
+
+    /// `y[r] = Σ_c W[r,c]·x[c]`.
+    pub fn gemv(&self, pool: &ThreadPool, w: &WeightView, x: &[f32], y: &mut [f32]) -> Result<(), MatmulError> {
+        w.validate()?;
+        check_len("x", w.cols, x.len())?;
+        check_len("y", w.rows, y.len())?;
+        let per = rows_per_task(w.rows, row_cost(w), pool.n_threads());
+        let out = OutPtr(y.as_mut_ptr());
+        pool.run(w.rows.div_ceil(per), &|t| {
+            for r in t * per..((t + 1) * per).min(w.rows) {
+                // SAFETY: r < rows = y.len(), and each r belongs to exactly one task.
+                unsafe { out.write(r, self.dot(&w.row(r), x)) };
+            }
+        });
+        Ok(())
+    }
+
+    /// `y[t, r] = Σ_c W[r,c]·x[t,c]` for `n` tokens (`x` is `n × cols`, `y` is `n × rows`, both row-major).
+    /// Each task walks its rows once and applies every row to all `n` tokens while it is in L1, so weights are
+    /// read from memory once per call, not `n` times.
+    pub fn gemm(
+        &self,
+        pool: &ThreadPool,
+        w: &WeightView,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+    ) -> Result<(), MatmulError> {
+        w.validate()?;
+        check_len("x", n.saturating_mul(w.cols), x.len())?;
+        check_len("y", n.saturating_mul(w.rows), y.len())?;
+        if n == 0 {
+            return Ok(());
+        }
+        let per = rows_per_task(w.rows, row_cost(w), pool.n_threads());
+        let out = OutPtr(y.as_mut_ptr());
+        pool.run(w.rows.div_ceil(per), &|t| {
+            for r in t * per..((t + 1) * per).min(w.rows) {
+                let row = w.row(r);
+                for (tok, xt) in x.chunks_exact(w.cols.max(1)).take(n).enumerate() {
+                    let xt = &xt[..w.cols];
+                    // SAFETY: tok·rows + r < n·rows = y.len(); column r belongs to exactly one task.
+                    unsafe { out.write(tok * w.rows + r, self.dot(&row, xt)) };
+                }
+            }
+        });
+        if w.cols == 0 {
+            y.fill(0.0);
+        }
+        Ok(())
+    }
+
+    /// Fused SwiGLU over k expert slots, each a `[2I, H]` view (rows `0..I` gate, `I..2I` up):
+    /// `out[j·I + i] = silu(gate_j[i]·x) · (up_j[i]·x)`. One pool run covers all k experts.
+    pub fn gathered_gate_up(
+        &self,
+        pool: &ThreadPool,
+        slots: &[WeightView],
+        x: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), MatmulError> {
+        let Some(first) = slots.first() else {
+            return check_len("out", 0, out.len());
+        };
+        if !first.rows.is_multiple_of(2) {
+            return Err(MatmulError::OddGateUp { rows: first.rows });
+        }
+        check_slots("gate_up", slots, first.rows, first.cols)?;
+        let inter = first.rows / 2;
+        check_len("x", first.cols, x.len())?;
+        check_len("out", slots.len() * inter, out.len())?;
+        self.swiglu_tasks(pool, slots.len(), inter, 2 * row_cost(first), out, &|j, i| {
+            let w = &slots[j];
+            (self.dot(&w.row(i), x), self.dot(&w.row(inter + i), x))
+        });
+        Ok(())
+    }
+
+    /// The unfused form of [`Dispatch::gathered_gate_up`]: separate `[I, H]` gate and up views per expert.
+    pub fn gathered_gate_up_split(
+        &self,
+        pool: &ThreadPool,
+        gate: &[WeightView],
+        up: &[WeightView],
+        x: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), MatmulError> {
+        check_len("up slots", gate.len(), up.len())?;
+        let Some(first) = gate.first() else {
+            return check_len("out", 0, out.len());
+        };
+        check_slots("gate", gate, first.rows, first.cols)?;
+        check_slots("up", up, first.rows, first.cols)?;
+        let inter = first.rows;
+        check_len("x", first.cols, x.len())?;
+        check_len("out", gate.len() * inter, out.len())?;
+        self.swiglu_tasks(pool, gate.len(), inter, 2 * row_cost(first), out, &|j, i| {
+            (self.dot(&gate[j].row(i), x), self.dot(&up[j].row(i), x))
+        });
+        Ok(())
+    }
+
+    /// Splits k experts × `inter` rows into tasks and writes `silu(g)·u` for each `(g, u) = rows(j, i)`.
+    fn swiglu_tasks(
+        &self,
+        pool: &ThreadPool,
+        k: usize,
+        inter: usize,
+        cost: usize,
+        out: &mut [f32],
+        rows: &(dyn Fn(usize, usize) -> (f32, f32) + Sync),
+    ) {
+        if inter == 0 {
+            return;
+        }
+        let per = rows_per_task(k * inter, cost, pool.n_threads()).min(inter);
+        let chunks = inter.div_ceil(per);
+        let dst = OutPtr(out.as_mut_ptr());
+        pool.run(k * chunks, &|t| {
+            let (j, c) = (t / chunks, t % chunks);
+            for i in c * per..((c + 1) * per).min(inter) {
+                let (g, u) = rows(j, i);
+                // SAFETY: j < k and i < inter, so j·inter + i < out.len(); each (j, i) is in one task.
+                unsafe { dst.write(j * inter + i, silu(g) * u) };
+            }
+        });
+    }
+
+    /// `out = Σ_j weights[j] · (down_j · h_j)` over k `[H, I]` slots, `h` being `k × I`. Each output row sums
+    /// the experts in index order inside one task, so the result does not depend on the thread count.
+    pub fn gathered_down(
+        &self,
+        pool: &ThreadPool,
+        slots: &[WeightView],
+        h: &[f32],
+        weights: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), MatmulError> {
+        check_len("weights", slots.len(), weights.len())?;
+        let Some(first) = slots.first() else {
+            check_len("h", 0, h.len())?;
+            out.fill(0.0);
+            return Ok(());
+        };
+        check_slots("down", slots, first.rows, first.cols)?;
+        let (hidden, inter) = (first.rows, first.cols);
+        check_len("h", slots.len() * inter, h.len())?;
+        check_len("out", hidden, out.len())?;
+        let per = rows_per_task(hidden, slots.len() * row_cost(first), pool.n_threads());
+        let dst = OutPtr(out.as_mut_ptr());
+        pool.run(hidden.div_ceil(per), &|t| {
+            for r in t * per..((t + 1) * per).min(hidden) {
+                let mut acc = 0f32;
+                for (j, (w, &wt)) in slots.iter().zip(weights).enumerate() {
+                    acc += wt * self.dot(&w.row(r), &h[j * inter..(j + 1) * inter]);
+                }
+                // SAFETY: r < hidden = out.len(), and each r belongs to exactly one task.
+                unsafe { dst.write(r, acc) };
+            }
+        });
+        Ok(())
+    }
+}
+
+/// The reference kernel as a [`RowDot`] (it is safe; the pointer type is not).
+pub(crate) unsafe fn scalar_row_dot(row: &RowRef<'_>, x: &[f32]) -> f32 {
+    scalar::row_dot(row, x)
+}
+
+/// `gemv` with the best kernels for this CPU. See [`Dispatch::gemv`].
+pub fn gemv(pool: &ThreadPool, w: &WeightView, x: &[f32], y: &mut [f32]) -> Result<(), MatmulError> {
+    Dispatch::best().gemv(pool, w, x, y)
+}
+
+/// `gemm` with the best kernels for this CPU. See [`Dispatch::gemm`].
+pub fn gemm(pool: &ThreadPool, w: &WeightView, x: &[f32], n: usize, y: &mut [f32]) -> Result<(), MatmulError> {
+    Dispatch::best().gemm(pool, w, x, n, y)
+}
+
+/// Fused gate+up with SwiGLU over k slots. See [`Dispatch::gathered_gate_up`].
+pub fn gathered_gate_up(
+    pool: &ThreadPool,
+    slots: &[WeightView],
+    x: &[f32],
+    out: &mut [f32],
+) -> Result<(), MatmulError> {
+    Dispatch::best().gathered_gate_up(pool, slots, x, out)
+}
+
+/// Unfused gate and up. See [`Dispatch::gathered_gate_up_split`].
+pub fn gathered_gate_up_split(
+    pool: &ThreadPool,
+    gate: &[WeightView],
+    up: &[WeightView],
+    x: &[f32],
+    out: &mut [f32],
+) -> Result<(), MatmulError> {
+    Dispatch::best().gathered_gate_up_split(pool, gate, up, x, out)
+}
+
+/// Weighted sum of k down projections. See [`Dispatch::gathered_down`].
+pub fn gathered_down(
+    pool: &ThreadPool,
+    slots: &[WeightView],
+    h: &[f32],
+    weights: &[f32],
+    out: &mut [f32],
+) -> Result<(), MatmulError> {
+    Dispatch::best().gathered_down(pool, slots, h, weights, out)
+}
+
+/// `g·sigmoid(g)`, as in transformers' `nn.SiLU` (in f32).
+#[inline]
+fn silu(g: f32) -> f32 {
+    g / (1.0 + (-g).exp())
+}
+
+fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), MatmulError> {
+    if expected == got { Ok(()) } else { Err(MatmulError::Len { what, expected, got }) }
+}
+
+/// Validates every slot and checks they all share one shape.
+fn check_slots(what: &'static str, slots: &[WeightView], rows: usize, cols: usize) -> Result<(), MatmulError> {
+    for (slot, w) in slots.iter().enumerate() {
+        if (w.rows, w.cols) != (rows, cols) {
+            return Err(MatmulError::SlotShape {
+                what,
+                slot,
+                rows: w.rows,
+                cols: w.cols,
+                expected_rows: rows,
+                expected_cols: cols,
+            });
+        }
+        w.validate()?;
+    }
+    Ok(())
+}
+
+/// Weight bytes one row costs to stream (codes plus MLX scales and biases).
+fn row_cost(w: &WeightView) -> usize {
+    w.encoding.row_bytes(w.cols).unwrap_or(0) + 2 * side_row_bytes(w.encoding, w.cols)
+}
+
+/// A task should stream at most this many weight bytes, so tasks balance across threads even when one thread is
+/// descheduled (cores are shared), ...
+const TASK_BYTES: usize = 32 << 10;
+/// ... and at least this many, so the claim (one atomic add) stays negligible next to the work.
+const MIN_TASK_BYTES: usize = 4 << 10;
+
+/// Rows per task: about four tasks per thread, within the byte bounds above.
+fn rows_per_task(rows: usize, row_bytes: usize, threads: usize) -> usize {
+    let row_bytes = row_bytes.max(1);
+    let max_rows = (TASK_BYTES / row_bytes).max(1);
+    let min_rows = (MIN_TASK_BYTES / row_bytes).clamp(1, max_rows);
+    rows.div_ceil(4 * threads.max(1)).clamp(min_rows, max_rows)
+}
+
+/// The output buffer shared by the tasks of one run; each task writes disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+// SAFETY: tasks write disjoint indices (each caller documents why) of a buffer that outlives the pool run.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above; no element is read or written by two tasks.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// # Safety
+    /// `i` is in bounds of the buffer and no other task touches element `i` during the run.
+    #[inline]
+    unsafe fn write(self, i: usize, v: f32) {
+        // SAFETY: guaranteed by the caller.
+        unsafe { *self.0.add(i) = v };
+    }
+}

@@ -1,0 +1,497 @@
+//! x86-64 row dot kernels: AVX2 (8 lanes) and AVX-512 (16 lanes), exact f32 accumulation.
+//!
+//! Owns nothing but arithmetic on one validated row; shapes, threads and the choice of table live in `matmul`.
+//! Layout knowledge is duplicated from `moestream_quant` on purpose (a kernel must unpack in registers), and every
+//! kernel is tested against that crate's reference decode in `tests/matmul.rs`.
+//!
+//! The kernels are written once, in `kernels!`, over a handful of per-ISA primitives (`dot16_i8`: widen 16
+//! signed codes to f32 and multiply-accumulate with 16 activations; `sum16`; float loads). Unpacking nibbles and
+//! bit planes into 16- or 32-byte code vectors uses AVX2/SSE integer ops that both ISAs have. Per block the
+//! codes are dotted with `x` first and the block scale applied once (`d·Σq·x`), and per-group offsets are folded
+//! as `offset·Σx`, which is what makes the f32 path cheap enough to stay memory-bound.
+//!
+//! Encodings without a kernel here (Q4_1, Q5_0, Q5_1, Q5_K, MXFP4, MLX 2-bit) fall back to the scalar reference.
+
+pub(super) fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+}
+
+pub(super) fn has_avx512() -> bool {
+    has_avx2()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+}
+
+/// Unpacks the 12-byte Q4_K scale field into 8 (scale, min) pairs (copy of `quant`'s `scale_min_k4`).
+#[inline(always)]
+fn scale_min_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let mut sc = [0u8; 8];
+    let mut mn = [0u8; 8];
+    for i in 0..4 {
+        sc[i] = s[i] & 0x3f;
+        mn[i] = s[i + 4] & 0x3f;
+        sc[i + 4] = (s[i + 8] & 0x0f) | ((s[i] >> 2) & 0x30);
+        mn[i + 4] = (s[i + 8] >> 4) | ((s[i + 4] >> 2) & 0x30);
+    }
+    (sc, mn)
+}
+
+macro_rules! kernels {
+    ($feat:literal) => {
+        use moestream_quant::{Encoding, FloatType, GgmlType};
+
+        use super::super::{RowRef, scalar};
+        use super::scale_min_k4;
+
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn f16(bits: u16) -> f32 {
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+        }
+
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn f16_at(p: *const u8) -> f32 {
+            // SAFETY: the caller guarantees two readable bytes.
+            f16(unsafe { p.cast::<u16>().read_unaligned() })
+        }
+
+        /// Value `i` of a little-endian float array (MLX scales and biases).
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn float_at(ft: FloatType, b: &[u8], i: usize) -> f32 {
+            match ft {
+                FloatType::F32 => f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]),
+                FloatType::F16 => f16(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])),
+                FloatType::BF16 => f32::from_bits(u32::from(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])) << 16),
+            }
+        }
+
+        /// Entry point stored in the dispatch table.
+        ///
+        /// # Safety
+        /// `row` comes from a validated view, `x.len()` is its column count, and the CPU has `$feat`.
+        #[target_feature(enable = $feat)]
+        pub(crate) unsafe fn row_dot(row: &RowRef<'_>, x: &[f32]) -> f32 {
+            // SAFETY: validation guarantees each kernel's byte count for `x.len()` columns.
+            unsafe {
+                match scalar::float_type(row.encoding) {
+                    Some(FloatType::F32) => return dot_f32(row.data, x),
+                    Some(FloatType::F16) => return dot_f16(row.data, x),
+                    Some(FloatType::BF16) => return dot_bf16(row.data, x),
+                    None => {}
+                }
+                match row.encoding {
+                    Encoding::Ggml(GgmlType::Q8_0) => dot_q8_0(row.data, x),
+                    Encoding::Ggml(GgmlType::Q4_0) => dot_q4_0(row.data, x),
+                    Encoding::Ggml(GgmlType::Q4K) => dot_q4_k(row.data, x),
+                    Encoding::Ggml(GgmlType::Q6K) => dot_q6_k(row.data, x),
+                    Encoding::MlxAffine { params, scale_type } if params.bits == 4 => {
+                        dot_mlx4(row, params.group_size, scale_type, x)
+                    }
+                    Encoding::MlxAffine { params, scale_type } if params.bits == 8 => {
+                        dot_mlx8(row, params.group_size, scale_type, x)
+                    }
+                    _ => scalar::row_dot(row, x),
+                }
+            }
+        }
+
+        macro_rules! float_kernel {
+            ($name:ident, $size:literal, $load:ident, $one:expr) => {
+                /// # Safety
+                /// `w` holds `x.len()` values of this float type.
+                #[target_feature(enable = $feat)]
+                unsafe fn $name(w: &[u8], x: &[f32]) -> f32 {
+                    // SAFETY: every load below reads within `w` (`$size` bytes per column) and `x`.
+                    unsafe {
+                        let n = x.len();
+                        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+                        let (mut a0, mut a1) = (zero(), zero());
+                        let mut c = 0;
+                        // Two accumulators hide the FMA latency.
+                        while c + 2 * LANES <= n {
+                            a0 = fma($load(wp.add($size * c)), load_f32(xp.add(c)), a0);
+                            a1 = fma($load(wp.add($size * (c + LANES))), load_f32(xp.add(c + LANES)), a1);
+                            c += 2 * LANES;
+                        }
+                        if c + LANES <= n {
+                            a0 = fma($load(wp.add($size * c)), load_f32(xp.add(c)), a0);
+                            c += LANES;
+                        }
+                        let mut s = hsum(add(a0, a1));
+                        let one: fn(&[u8]) -> f32 = $one;
+                        while c < n {
+                            s += one(&w[$size * c..$size * (c + 1)]) * x[c];
+                            c += 1;
+                        }
+                        s
+                    }
+                }
+            };
+        }
+
+        float_kernel!(dot_f32, 4, load_f32_bytes, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        float_kernel!(dot_f16, 2, load_f16, |b| half_to_f32(u16::from_le_bytes([b[0], b[1]])));
+        float_kernel!(dot_bf16, 2, load_bf16, |b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16));
+
+        /// Scalar f16 for the tail of a row: rare (at most LANES-1 columns), so no feature-gated call needed.
+        fn half_to_f32(bits: u16) -> f32 {
+            let sign = if bits & 0x8000 != 0 { -1.0f32 } else { 1.0 };
+            let exp = i32::from((bits >> 10) & 0x1f);
+            let man = f32::from(bits & 0x3ff);
+            match exp {
+                0 => sign * man * (2.0f32).powi(-24),
+                31 => {
+                    if man == 0.0 {
+                        sign * f32::INFINITY
+                    } else {
+                        f32::NAN
+                    }
+                }
+                _ => sign * (1.0 + man / 1024.0) * (2.0f32).powi(exp - 15),
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn load_f32_bytes(p: *const u8) -> V {
+            // SAFETY: the caller guarantees LANES·4 readable bytes.
+            unsafe { load_f32(p.cast()) }
+        }
+
+        /// Q8_0: 34-byte blocks, f16 d then 32 signed codes.
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_q8_0(w: &[u8], x: &[f32]) -> f32 {
+            // SAFETY: `w` holds x.len()/32 blocks of 34 bytes.
+            unsafe {
+                let (mut wp, mut xp) = (w.as_ptr(), x.as_ptr());
+                let (mut a0, mut a1) = (zero(), zero());
+                for b in 0..x.len() / 32 {
+                    let d = f16_at(wp);
+                    let q0 = _mm_loadu_si128(wp.add(2).cast());
+                    let q1 = _mm_loadu_si128(wp.add(18).cast());
+                    let t = dot16_i8(q1, xp.add(16), dot16_i8(q0, xp, zero()));
+                    if b % 2 == 0 {
+                        a0 = fma(splat(d), t, a0);
+                    } else {
+                        a1 = fma(splat(d), t, a1);
+                    }
+                    wp = wp.add(34);
+                    xp = xp.add(32);
+                }
+                hsum(add(a0, a1))
+            }
+        }
+
+        /// Q4_0: 18-byte blocks, f16 d then 16 bytes: low nibbles are elements 0..16, high 16..32, offset 8.
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_q4_0(w: &[u8], x: &[f32]) -> f32 {
+            // SAFETY: `w` holds x.len()/32 blocks of 18 bytes.
+            unsafe {
+                let (mut wp, mut xp) = (w.as_ptr(), x.as_ptr());
+                let (m4, e8) = (_mm_set1_epi8(0x0f), _mm_set1_epi8(8));
+                let (mut a0, mut a1) = (zero(), zero());
+                for b in 0..x.len() / 32 {
+                    let d = f16_at(wp);
+                    let qs = _mm_loadu_si128(wp.add(2).cast());
+                    let lo = _mm_sub_epi8(_mm_and_si128(qs, m4), e8);
+                    let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(qs), m4), e8);
+                    let t = dot16_i8(hi, xp.add(16), dot16_i8(lo, xp, zero()));
+                    if b % 2 == 0 {
+                        a0 = fma(splat(d), t, a0);
+                    } else {
+                        a1 = fma(splat(d), t, a1);
+                    }
+                    wp = wp.add(18);
+                    xp = xp.add(32);
+                }
+                hsum(add(a0, a1))
+            }
+        }
+
+        /// Q4_K: 144-byte super-blocks of 256: d, dmin, 12 scale bytes, then 4 chunks of 32 bytes; chunk c holds
+        /// sub-block 2c in its low nibbles and 2c+1 in its high nibbles. `w = (d·sc)·q − dmin·m`.
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_q4_k(w: &[u8], x: &[f32]) -> f32 {
+            // SAFETY: `w` holds x.len()/256 blocks of 144 bytes.
+            unsafe {
+                let m4 = _mm256_set1_epi8(0x0f);
+                let (mut acc, mut mins) = (zero(), zero());
+                for (blk, xb) in w.chunks_exact(144).zip(x.chunks_exact(256)) {
+                    let d = f16_at(blk.as_ptr());
+                    let dmin = f16_at(blk.as_ptr().add(2));
+                    let (sc, mn) = scale_min_k4(&blk[4..16]);
+                    let qs = blk.as_ptr().add(16);
+                    for c in 0..4 {
+                        let q = _mm256_loadu_si256(qs.add(32 * c).cast());
+                        let lo = _mm256_and_si256(q, m4);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+                        let x0 = xb.as_ptr().add(64 * c);
+                        let x1 = x0.add(32);
+                        let tl = dot16_u8(_mm256_castsi256_si128(lo), x0, zero());
+                        let tl = dot16_u8(_mm256_extracti128_si256::<1>(lo), x0.add(16), tl);
+                        let th = dot16_u8(_mm256_castsi256_si128(hi), x1, zero());
+                        let th = dot16_u8(_mm256_extracti128_si256::<1>(hi), x1.add(16), th);
+                        acc = fma(splat(d * f32::from(sc[2 * c])), tl, acc);
+                        acc = fma(splat(d * f32::from(sc[2 * c + 1])), th, acc);
+                        let sl = sum16(x0.add(16), sum16(x0, zero()));
+                        let sh = sum16(x1.add(16), sum16(x1, zero()));
+                        mins = fma(splat(dmin * f32::from(mn[2 * c])), sl, mins);
+                        mins = fma(splat(dmin * f32::from(mn[2 * c + 1])), sh, mins);
+                    }
+                }
+                hsum(acc) - hsum(mins)
+            }
+        }
+
+        /// Q6_K: 210-byte super-blocks: ql[128], qh[64], i8 scales[16], f16 d last. In half h, the 32 elements
+        /// of quarter k take low nibbles from ql[64h..] (k = 0, 2) or ql[64h+32..] (k = 1, 3), low for k < 2 and
+        /// high for k ≥ 2, and bits 2k..2k+2 of qh[32h..32h+32]; one scale per 16 elements.
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_q6_k(w: &[u8], x: &[f32]) -> f32 {
+            // SAFETY: `w` holds x.len()/256 blocks of 210 bytes.
+            unsafe {
+                let (m4, m3, e32) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3), _mm256_set1_epi8(32));
+                let (mut a0, mut a1) = (zero(), zero());
+                for (blk, xb) in w.chunks_exact(210).zip(x.chunks_exact(256)) {
+                    let bp = blk.as_ptr();
+                    let d = f16_at(bp.add(208));
+                    let sc = &blk[192..208];
+                    for h in 0..2 {
+                        let a = _mm256_loadu_si256(bp.add(64 * h).cast());
+                        let b = _mm256_loadu_si256(bp.add(64 * h + 32).cast());
+                        let qh = _mm256_loadu_si256(bp.add(128 + 32 * h).cast());
+                        let high = |v: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(v, m3));
+                        let quarters = [
+                            _mm256_or_si256(_mm256_and_si256(a, m4), high(qh)),
+                            _mm256_or_si256(_mm256_and_si256(b, m4), high(_mm256_srli_epi16::<2>(qh))),
+                            _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16::<4>(a), m4),
+                                high(_mm256_srli_epi16::<4>(qh)),
+                            ),
+                            _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16::<4>(b), m4),
+                                high(_mm256_srli_epi16::<6>(qh)),
+                            ),
+                        ];
+                        for (k, q) in quarters.into_iter().enumerate() {
+                            let q = _mm256_sub_epi8(q, e32);
+                            let xp = xb.as_ptr().add(128 * h + 32 * k);
+                            let s = 8 * h + 2 * k;
+                            let t0 = dot16_i8(_mm256_castsi256_si128(q), xp, zero());
+                            let t1 = dot16_i8(_mm256_extracti128_si256::<1>(q), xp.add(16), zero());
+                            a0 = fma(splat(d * f32::from(sc[s] as i8)), t0, a0);
+                            a1 = fma(splat(d * f32::from(sc[s + 1] as i8)), t1, a1);
+                        }
+                    }
+                }
+                hsum(add(a0, a1))
+            }
+        }
+
+        /// MLX 4-bit: byte i holds element 2i (low nibble) and 2i+1 (high nibble); per group
+        /// `scale·Σq·x + bias·Σx`.
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_mlx4(row: &RowRef<'_>, gs: usize, st: FloatType, x: &[f32]) -> f32 {
+            // SAFETY: `row.data` holds x.len()/2 bytes; scales and biases one value per group.
+            unsafe {
+                let m4 = _mm_set1_epi8(0x0f);
+                let mut acc = zero();
+                let (mut wp, mut xp) = (row.data.as_ptr(), x.as_ptr());
+                for g in 0..x.len() / gs {
+                    let (mut tq, mut tx) = (zero(), zero());
+                    for _ in 0..gs / 32 {
+                        let v = _mm_loadu_si128(wp.cast());
+                        let lo = _mm_and_si128(v, m4);
+                        let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), m4);
+                        tq = dot16_u8(_mm_unpacklo_epi8(lo, hi), xp, tq);
+                        tq = dot16_u8(_mm_unpackhi_epi8(lo, hi), xp.add(16), tq);
+                        tx = sum16(xp.add(16), sum16(xp, tx));
+                        wp = wp.add(16);
+                        xp = xp.add(32);
+                    }
+                    acc = fma(splat(float_at(st, row.scales, g)), tq, acc);
+                    acc = fma(splat(float_at(st, row.biases, g)), tx, acc);
+                }
+                hsum(acc)
+            }
+        }
+
+        /// MLX 8-bit: one byte per element in order; per group `scale·Σq·x + bias·Σx`.
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_mlx8(row: &RowRef<'_>, gs: usize, st: FloatType, x: &[f32]) -> f32 {
+            // SAFETY: `row.data` holds x.len() bytes; scales and biases one value per group.
+            unsafe {
+                let mut acc = zero();
+                let (mut wp, mut xp) = (row.data.as_ptr(), x.as_ptr());
+                for g in 0..x.len() / gs {
+                    let (mut tq, mut tx) = (zero(), zero());
+                    for _ in 0..gs / 16 {
+                        tq = dot16_u8(_mm_loadu_si128(wp.cast()), xp, tq);
+                        tx = sum16(xp, tx);
+                        wp = wp.add(16);
+                        xp = xp.add(16);
+                    }
+                    acc = fma(splat(float_at(st, row.scales, g)), tq, acc);
+                    acc = fma(splat(float_at(st, row.biases, g)), tx, acc);
+                }
+                hsum(acc)
+            }
+        }
+    };
+}
+
+/// 8-lane kernels: AVX2 + FMA + F16C (Haswell and later).
+pub(super) mod avx2 {
+    use core::arch::x86_64::*;
+
+    type V = __m256;
+    const LANES: usize = 8;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn zero() -> V {
+        _mm256_setzero_ps()
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn splat(a: f32) -> V {
+        _mm256_set1_ps(a)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn fma(a: V, b: V, c: V) -> V {
+        _mm256_fmadd_ps(a, b, c)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn add(a: V, b: V) -> V {
+        _mm256_add_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(v: V) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_f32(p: *const f32) -> V {
+        // SAFETY: the caller guarantees 8 readable floats.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_f16(p: *const u8) -> V {
+        // SAFETY: the caller guarantees 16 readable bytes.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_bf16(p: *const u8) -> V {
+        // SAFETY: the caller guarantees 16 readable bytes.
+        unsafe { _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())))) }
+    }
+    /// `acc + Σ c[i]·x[i]` lane-wise for 16 signed codes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot16_i8(c: __m128i, x: *const f32, acc: V) -> V {
+        let a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
+        let b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(c)));
+        // SAFETY: the caller guarantees 16 readable floats at x.
+        unsafe { fma(b, load_f32(x.add(8)), fma(a, load_f32(x), acc)) }
+    }
+    /// `acc + Σ c[i]·x[i]` lane-wise for 16 unsigned codes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot16_u8(c: __m128i, x: *const f32, acc: V) -> V {
+        let a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
+        let b = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(c)));
+        // SAFETY: the caller guarantees 16 readable floats at x.
+        unsafe { fma(b, load_f32(x.add(8)), fma(a, load_f32(x), acc)) }
+    }
+    /// `acc + x[0..16]` lane-wise.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn sum16(x: *const f32, acc: V) -> V {
+        // SAFETY: the caller guarantees 16 readable floats at x.
+        unsafe { add(acc, add(load_f32(x), load_f32(x.add(8)))) }
+    }
+
+    kernels!("avx2,fma,f16c");
+}
+
+/// 16-lane kernels: AVX-512 F/BW/VL on top of the AVX2 set (Skylake-SP, Zen 4 and later).
+pub(super) mod avx512 {
+    use core::arch::x86_64::*;
+
+    type V = __m512;
+    const LANES: usize = 16;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    fn zero() -> V {
+        _mm512_setzero_ps()
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    fn splat(a: f32) -> V {
+        _mm512_set1_ps(a)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    fn fma(a: V, b: V, c: V) -> V {
+        _mm512_fmadd_ps(a, b, c)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    fn add(a: V, b: V) -> V {
+        _mm512_add_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    fn hsum(v: V) -> f32 {
+        _mm512_reduce_add_ps(v)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn load_f32(p: *const f32) -> V {
+        // SAFETY: the caller guarantees 16 readable floats.
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn load_f16(p: *const u8) -> V {
+        // SAFETY: the caller guarantees 32 readable bytes.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn load_bf16(p: *const u8) -> V {
+        // SAFETY: the caller guarantees 32 readable bytes.
+        unsafe { _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())))) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn dot16_i8(c: __m128i, x: *const f32, acc: V) -> V {
+        // SAFETY: the caller guarantees 16 readable floats at x.
+        unsafe { fma(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)), load_f32(x), acc) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn dot16_u8(c: __m128i, x: *const f32, acc: V) -> V {
+        // SAFETY: the caller guarantees 16 readable floats at x.
+        unsafe { fma(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c)), load_f32(x), acc) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn sum16(x: *const f32, acc: V) -> V {
+        // SAFETY: the caller guarantees 16 readable floats at x.
+        unsafe { add(acc, load_f32(x)) }
+    }
+
+    kernels!("avx512f,avx512bw,avx512vl,avx2,fma,f16c");
+}
