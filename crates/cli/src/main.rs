@@ -52,6 +52,29 @@ enum Command {
         #[arg(long)]
         tensors: bool,
     },
+    /// Print the logits of every position of a token sequence as JSON: {"tokens": [...], "logits": [[...], ...]}.
+    Logits {
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated token ids.
+        #[arg(long, value_delimiter = ',', required = true)]
+        tokens: Vec<u32>,
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
+    /// Generate from a prompt (token ids; text prompts arrive with the tokenizer) and report tok/s.
+    Run {
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated prompt token ids.
+        #[arg(long, value_delimiter = ',', required = true)]
+        tokens: Vec<u32>,
+        /// Tokens to generate.
+        #[arg(short = 'n', long, default_value_t = 32)]
+        n: usize,
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
     /// Dequantize one tensor (or one expert of a stack) to raw little-endian f32, for checks against other tools.
     Dequant {
         model: PathBuf,
@@ -62,6 +85,39 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(clap::Args, Clone)]
+struct EngineArgs {
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Lossy: route each token to N experts instead of the model's top-k.
+    #[arg(long, env = "SWIFTLM_TOP_K")]
+    top_k: Option<usize>,
+    /// Context capacity of the session (KV cache positions).
+    #[arg(long, default_value_t = 4096)]
+    ctx: usize,
+}
+
+impl EngineArgs {
+    fn load(&self, model: &std::path::Path) -> Result<moestream_models::Qwen3Moe> {
+        let index = moestream_format::TensorIndex::open(model)?;
+        let mut opts = moestream_models::ModelOptions::default();
+        if let Some(t) = self.threads {
+            opts.threads = t;
+        }
+        opts.top_k = self.top_k;
+        let m =
+            moestream_models::Qwen3Moe::load(&index, &opts).with_context(|| format!("loading {}", model.display()))?;
+        if let Some(k) = self.top_k.filter(|&k| k != m.config.num_experts_per_tok) {
+            eprintln!(
+                "warning: --top-k {k} overrides the model's top-{}: outputs are approximate (lossy)",
+                m.config.num_experts_per_tok
+            );
+        }
+        Ok(m)
+    }
 }
 
 fn main() {
@@ -114,6 +170,43 @@ fn run() -> Result<()> {
             );
         }
         Command::Inspect { model, json, tensors } => inspect::run(&model, json, tensors)?,
+        Command::Logits { model, tokens, engine } => {
+            let m = engine.load(&model)?;
+            let mut sess = m.new_session(engine.ctx.max(tokens.len()));
+            let mut out = Vec::new();
+            m.forward(&mut sess, &tokens, true, &mut out)?;
+            let v = m.config.vocab_size;
+            let rows: Vec<&[f32]> = out.chunks(v).collect();
+            println!("{}", serde_json::json!({"tokens": tokens, "logits": rows}));
+        }
+        Command::Run { model, tokens, n, engine } => {
+            use std::io::Write;
+            let m = engine.load(&model)?;
+            let mut sess = m.new_session(engine.ctx.max(tokens.len() + n));
+            let mut logits = Vec::with_capacity(m.config.vocab_size);
+            let t0 = std::time::Instant::now();
+            m.forward(&mut sess, &tokens, false, &mut logits)?;
+            let prefill = t0.elapsed().as_secs_f64();
+            let t1 = std::time::Instant::now();
+            let mut out = std::io::stdout().lock();
+            for i in 0..n {
+                let next = argmax(&logits);
+                write!(out, "{next}{}", if i + 1 < n { "," } else { "\n" })?;
+                out.flush()?;
+                if i + 1 < n {
+                    m.forward(&mut sess, &[next], false, &mut logits)?;
+                }
+            }
+            let decode = t1.elapsed().as_secs_f64();
+            eprintln!(
+                "prefill {} tokens: {:.2} tok/s; decode {} tokens: {:.2} tok/s{}",
+                tokens.len(),
+                tokens.len() as f64 / prefill.max(1e-9),
+                n,
+                (n.saturating_sub(1)) as f64 / decode.max(1e-9),
+                if engine.top_k.is_some() { " (lossy --top-k)" } else { "" }
+            );
+        }
         Command::Dequant { model, tensor, expert, out } => {
             let index = moestream_format::TensorIndex::open(&model)?;
             let vals = match expert {
@@ -125,4 +218,15 @@ fn run() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Greedy choice: the first index of the largest logit.
+fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
 }

@@ -6,6 +6,7 @@
 //! the per-call paths do not allocate.
 
 pub mod matmul;
+pub mod ops;
 pub mod pool;
 
 pub use matmul::{

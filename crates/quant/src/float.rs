@@ -122,7 +122,7 @@ pub(crate) fn f16_bytes(x: f32) -> [u8; 2] {
 /// has no rounding instruction, so `f32::round` is a function call per element in the encoders' inner loops.
 #[inline]
 pub(crate) fn round_half_away_small(x: f32) -> f32 {
-    if !(x.abs() < 8_388_608.0) {
+    if x.is_nan() || x.abs() >= 8_388_608.0 {
         return x.round();
     }
     let t = (x as i32) as f32; // truncation toward zero
@@ -140,7 +140,7 @@ pub(crate) fn round_half_away_small(x: f32) -> f32 {
 /// `x.round_ties_even()` without a libm call, exact for |x| < 2^23 (NaN and larger values take the slow path).
 #[inline]
 pub(crate) fn round_half_even_small(x: f32) -> f32 {
-    if !(x.abs() < 8_388_608.0) {
+    if x.is_nan() || x.abs() >= 8_388_608.0 {
         return x.round_ties_even();
     }
     let ti = x as i32;

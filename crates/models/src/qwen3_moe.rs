@@ -1,0 +1,476 @@
+//! Qwen3-MoE (`qwen3_moe`): pre-norm decoder with GQA, per-head q/k RMSNorm before NeoX RoPE, and a softmax
+//! top-k router over SwiGLU experts (dense-MLP layers where `mlp_only_layers` / `decoder_sparse_step` say so).
+//!
+//! Decode (one token) runs each MoE layer as two gathered passes over the token's k expert slots: gate+up fused
+//! with SwiGLU, then down with the router weights. Prefill groups the chunk's tokens by expert (as ggml's
+//! `mul_mat_id`) and runs one GEMM per expert, so each expert's bytes are walked once per chunk.
+
+use moestream_cpu::ops::{
+    attend_head, rmsnorm, rmsnorm_heads_inplace, rope_inv_freq, rope_neox, silu, softmax_inplace, top_k,
+};
+use moestream_cpu::{Dispatch, ThreadPool, WeightView};
+use moestream_format::{Architecture, Encoding, ModelConfig, TensorIndex};
+use moestream_store::{ExpertStore, OwnedWeight, ResidentWeights};
+
+use crate::ModelError;
+
+#[derive(Debug, Clone)]
+pub struct ModelOptions {
+    pub threads: usize,
+    /// Largest number of prompt tokens processed as one batch.
+    pub prefill_chunk: usize,
+    /// Lossy: route to this many experts instead of the config's top-k.
+    pub top_k: Option<usize>,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions {
+            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            prefill_chunk: 256,
+            top_k: None,
+        }
+    }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    q_norm: Vec<f32>,
+    k_norm: Vec<f32>,
+    moe: bool,
+}
+
+pub struct Qwen3Moe {
+    pub config: ModelConfig,
+    resident: ResidentWeights,
+    experts: ExpertStore,
+    pool: ThreadPool,
+    dispatch: Dispatch,
+    layers: Vec<Layer>,
+    output_norm: Vec<f32>,
+    inv_freq: Vec<f32>,
+    top_k: usize,
+    chunk: usize,
+}
+
+/// One conversation's state: KV cache and scratch, sized at creation.
+pub struct Session {
+    pub pos: usize,
+    capacity: usize,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    s: Scratch,
+}
+
+struct Scratch {
+    x: Vec<f32>,
+    hn: Vec<f32>,
+    q: Vec<f32>,
+    kk: Vec<f32>,
+    vv: Vec<f32>,
+    attn: Vec<f32>,
+    o: Vec<f32>,
+    router: Vec<f32>,
+    topk_idx: Vec<u32>,
+    topk_w: Vec<f32>,
+    moe_out: Vec<f32>,
+    gu: Vec<f32>,
+    act: Vec<f32>,
+    xin: Vec<f32>,
+    dn: Vec<f32>,
+    order: Vec<u32>,
+    offsets: Vec<u32>,
+    scores: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+fn view(w: &OwnedWeight) -> WeightView<'_> {
+    WeightView {
+        encoding: w.encoding,
+        rows: w.rows,
+        cols: w.cols,
+        data: w.data.as_slice(),
+        scales: w.scales.as_slice(),
+        biases: w.biases.as_slice(),
+    }
+}
+
+/// Decode row `r` of a resident matrix to f32 (embedding lookup).
+fn dequant_row(w: &OwnedWeight, r: usize, out: &mut [f32]) -> Result<(), ModelError> {
+    let bad = |e: moestream_quant::QuantError| ModelError::Unsupported(format!("embedding row {r}: {e}"));
+    let rb = w.encoding.row_bytes(w.cols).ok_or_else(|| ModelError::Unsupported("embedding row size".into()))?;
+    let row = &w.data.as_slice()[r * rb..(r + 1) * rb];
+    match w.encoding {
+        Encoding::Float(ft) => moestream_quant::decode_floats(ft, row, out).map_err(bad),
+        Encoding::Ggml(t) => moestream_quant::ggml::dequantize(t, row, out).map_err(bad),
+        Encoding::MlxAffine { params, scale_type } => {
+            let g = w.cols / params.group_size;
+            let sb = g * scale_type.size();
+            let mut sc = [0f32; 512];
+            let mut bi = [0f32; 512];
+            if g > sc.len() {
+                return Err(ModelError::Unsupported(format!("{g} groups per embedding row")));
+            }
+            moestream_quant::decode_floats(scale_type, &w.scales.as_slice()[r * sb..(r + 1) * sb], &mut sc[..g])
+                .map_err(bad)?;
+            moestream_quant::decode_floats(scale_type, &w.biases.as_slice()[r * sb..(r + 1) * sb], &mut bi[..g])
+                .map_err(bad)?;
+            moestream_quant::mlx::dequantize(params, row, &sc[..g], &bi[..g], w.cols, out).map_err(bad)
+        }
+    }
+}
+
+impl Qwen3Moe {
+    /// Load the trunk and every expert (all resident).
+    pub fn load(index: &TensorIndex, opts: &ModelOptions) -> Result<Self, ModelError> {
+        let c = index.config.clone();
+        if c.architecture != Architecture::Qwen3Moe {
+            return Err(ModelError::Unsupported(format!(
+                "{}: architecture {} is not supported yet (Qwen3-MoE only)",
+                index.root.display(),
+                c.architecture.model_type()
+            )));
+        }
+        let resident = ResidentWeights::load(index)?;
+        let experts = ExpertStore::load_all(index)?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let v = |n: &str| resident.vector(&format!("blk.{l}.{n}.weight")).map(<[f32]>::to_vec);
+            layers.push(Layer {
+                attn_norm: v("attn_norm")?,
+                ffn_norm: v("ffn_norm")?,
+                q_norm: v("attn_q_norm")?,
+                k_norm: v("attn_k_norm")?,
+                moe: c.layer_is_moe(l),
+            });
+        }
+        let output_norm = resident.vector("output_norm.weight")?.to_vec();
+        let top_k = opts.top_k.unwrap_or(c.num_experts_per_tok);
+        if top_k == 0 || top_k > c.num_experts {
+            return Err(ModelError::Unsupported(format!("--top-k {top_k} outside 1..={}", c.num_experts)));
+        }
+        let rot = ((c.head_dim as f64 * c.partial_rotary_factor) as usize) & !1;
+        Ok(Qwen3Moe {
+            inv_freq: rope_inv_freq(c.rope_theta, rot),
+            config: c,
+            resident,
+            experts,
+            pool: ThreadPool::new(opts.threads.max(1)),
+            dispatch: Dispatch::best(),
+            layers,
+            output_norm,
+            top_k,
+            chunk: opts.prefill_chunk.max(1),
+        })
+    }
+
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident.bytes()
+    }
+
+    pub fn expert_bytes(&self) -> u64 {
+        self.experts.bytes()
+    }
+
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
+
+    pub fn new_session(&self, capacity: usize) -> Session {
+        let c = &self.config;
+        let t = self.chunk;
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let (qd, kvd) = (c.num_heads * d, c.num_kv_heads * d);
+        let inter = c.moe_intermediate_size.max(c.intermediate_size);
+        let k = self.top_k;
+        Session {
+            pos: 0,
+            capacity,
+            k: vec![0.0; c.num_layers * capacity * kvd],
+            v: vec![0.0; c.num_layers * capacity * kvd],
+            s: Scratch {
+                x: vec![0.0; t * h],
+                hn: vec![0.0; t * h],
+                q: vec![0.0; t * qd],
+                kk: vec![0.0; t * kvd],
+                vv: vec![0.0; t * kvd],
+                attn: vec![0.0; t * qd],
+                o: vec![0.0; t * h],
+                router: vec![0.0; t * c.num_experts],
+                topk_idx: vec![0; t * k],
+                topk_w: vec![0.0; t * k],
+                moe_out: vec![0.0; t * h],
+                gu: vec![0.0; t * 2 * inter],
+                act: vec![0.0; t * inter],
+                xin: vec![0.0; t * h],
+                dn: vec![0.0; t * h],
+                order: vec![0; t * k],
+                offsets: vec![0; c.num_experts + 1],
+                scores: vec![0.0; c.num_heads * capacity],
+                logits: vec![0.0; t * c.vocab_size],
+            },
+        }
+    }
+
+    /// Run `tokens` at positions `sess.pos..`, appending to the KV cache. Writes the logits of every position to
+    /// `out` (`tokens.len() × vocab`) when `all_logits`, else only the last position's (`vocab`).
+    pub fn forward(
+        &self,
+        sess: &mut Session,
+        tokens: &[u32],
+        all_logits: bool,
+        out: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        let v = self.config.vocab_size;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= v) {
+            return Err(ModelError::BadToken { token: bad, vocab: v });
+        }
+        if sess.pos + tokens.len() > sess.capacity {
+            return Err(ModelError::ContextFull { needed: sess.pos + tokens.len(), capacity: sess.capacity });
+        }
+        out.clear();
+        let chunks = tokens.len().div_ceil(self.chunk);
+        for (ci, chunk) in tokens.chunks(self.chunk).enumerate() {
+            let last = ci + 1 == chunks;
+            self.forward_chunk(sess, chunk, all_logits || last, all_logits)?;
+            let n = chunk.len();
+            if all_logits {
+                out.extend_from_slice(&sess.s.logits[..n * v]);
+            } else if last {
+                out.extend_from_slice(&sess.s.logits[..v]);
+            }
+        }
+        Ok(())
+    }
+
+    fn forward_chunk(&self, sess: &mut Session, tokens: &[u32], logits: bool, all: bool) -> Result<(), ModelError> {
+        let c = &self.config;
+        let n = tokens.len();
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let (nh, nkv) = (c.num_heads, c.num_kv_heads);
+        let (qd, kvd) = (nh * d, nkv * d);
+        let eps = c.rms_norm_eps as f32;
+        let pos0 = sess.pos;
+        let cap = sess.capacity;
+        let embd = self.resident.get("token_embd.weight")?;
+        for (t, &tok) in tokens.iter().enumerate() {
+            dequant_row(embd, tok as usize, &mut sess.s.x[t * h..(t + 1) * h])?;
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            let w = |n: &str| self.resident.get(&format!("blk.{l}.{n}.weight"));
+            let s = &mut sess.s;
+            for t in 0..n {
+                rmsnorm(&s.x[t * h..(t + 1) * h], &layer.attn_norm, eps, &mut s.hn[t * h..(t + 1) * h]);
+            }
+            self.matmul(&view(w("attn_q")?), &s.hn[..n * h], n, &mut s.q[..n * qd])?;
+            self.matmul(&view(w("attn_k")?), &s.hn[..n * h], n, &mut s.kk[..n * kvd])?;
+            self.matmul(&view(w("attn_v")?), &s.hn[..n * h], n, &mut s.vv[..n * kvd])?;
+            let kbase = l * cap * kvd;
+            for t in 0..n {
+                let q = &mut s.q[t * qd..(t + 1) * qd];
+                rmsnorm_heads_inplace(q, &layer.q_norm, eps);
+                rope_neox(q, d, &self.inv_freq, pos0 + t);
+                let k = &mut s.kk[t * kvd..(t + 1) * kvd];
+                rmsnorm_heads_inplace(k, &layer.k_norm, eps);
+                rope_neox(k, d, &self.inv_freq, pos0 + t);
+                let at = kbase + (pos0 + t) * kvd;
+                sess.k[at..at + kvd].copy_from_slice(k);
+                sess.v[at..at + kvd].copy_from_slice(&s.vv[t * kvd..(t + 1) * kvd]);
+            }
+            {
+                let scale = 1.0 / (d as f32).sqrt();
+                let kc = &sess.k[kbase..kbase + cap * kvd];
+                let vc = &sess.v[kbase..kbase + cap * kvd];
+                let q = &s.q;
+                // One task per head, each walking the chunk's tokens in order, so each task owns one scores row.
+                let scores = SharedMut::new(&mut s.scores);
+                let attn = SharedMut::new(&mut s.attn);
+                self.pool.run(nh, &|hd| {
+                    // SAFETY: head `hd` owns scores row `hd` and the `hd` column block of every attn row; no
+                    // other task writes them.
+                    let sc = unsafe { scores.slice(hd * cap, cap) };
+                    for t in 0..n {
+                        let o = unsafe { attn.slice(t * qd + hd * d, d) };
+                        attend_head(&q[t * qd..(t + 1) * qd], kc, vc, pos0 + t + 1, hd, nh, nkv, d, scale, sc, o);
+                    }
+                });
+            }
+            self.matmul(&view(w("attn_output")?), &s.attn[..n * qd], n, &mut s.o[..n * h])?;
+            for (x, o) in s.x[..n * h].iter_mut().zip(&s.o[..n * h]) {
+                *x += o;
+            }
+            for t in 0..n {
+                rmsnorm(&s.x[t * h..(t + 1) * h], &layer.ffn_norm, eps, &mut s.hn[t * h..(t + 1) * h]);
+            }
+            if layer.moe {
+                self.moe(l, &mut sess.s, n)?;
+            } else {
+                self.dense_mlp(l, &mut sess.s, n)?;
+            }
+            let s = &mut sess.s;
+            for (x, o) in s.x[..n * h].iter_mut().zip(&s.moe_out[..n * h]) {
+                *x += o;
+            }
+        }
+        sess.pos += n;
+        if logits {
+            let s = &mut sess.s;
+            let first = if all { 0 } else { n - 1 };
+            let rows = n - first;
+            for t in first..n {
+                let (src, dst) = (t * h, (t - first) * h);
+                rmsnorm(&s.x[src..src + h], &self.output_norm, eps, &mut s.hn[dst..dst + h]);
+            }
+            let head = match self.resident.get("output.weight") {
+                Ok(w) => w,
+                Err(_) => self.resident.get("token_embd.weight")?,
+            };
+            let v = c.vocab_size;
+            self.matmul(&view(head), &s.hn[..rows * h], rows, &mut s.logits[..rows * v])?;
+        }
+        Ok(())
+    }
+
+    fn matmul(&self, w: &WeightView, x: &[f32], n: usize, y: &mut [f32]) -> Result<(), ModelError> {
+        if n == 1 {
+            self.dispatch.gemv(&self.pool, w, x, y)?;
+        } else {
+            self.dispatch.gemm(&self.pool, w, x, n, y)?;
+        }
+        Ok(())
+    }
+
+    fn dense_mlp(&self, l: usize, s: &mut Scratch, n: usize) -> Result<(), ModelError> {
+        let c = &self.config;
+        let (h, im) = (c.hidden_size, c.intermediate_size);
+        let w = |p: &str| self.resident.get(&format!("blk.{l}.{p}.weight"));
+        self.matmul(&view(w("ffn_gate")?), &s.hn[..n * h], n, &mut s.gu[..n * im])?;
+        self.matmul(&view(w("ffn_up")?), &s.hn[..n * h], n, &mut s.act[..n * im])?;
+        for (a, g) in s.act[..n * im].iter_mut().zip(&s.gu[..n * im]) {
+            *a *= silu(*g);
+        }
+        self.matmul(&view(w("ffn_down")?), &s.act[..n * im], n, &mut s.moe_out[..n * h])
+    }
+
+    fn moe(&self, l: usize, s: &mut Scratch, n: usize) -> Result<(), ModelError> {
+        let c = &self.config;
+        let (h, e, im, k) = (c.hidden_size, c.num_experts, c.moe_intermediate_size, self.top_k);
+        let router = self.resident.get(&format!("blk.{l}.ffn_gate_inp.weight"))?;
+        self.matmul(&view(router), &s.hn[..n * h], n, &mut s.router[..n * e])?;
+        for t in 0..n {
+            let r = &mut s.router[t * e..(t + 1) * e];
+            softmax_inplace(r);
+            let (idx, wts) = (&mut s.topk_idx[t * k..(t + 1) * k], &mut s.topk_w[t * k..(t + 1) * k]);
+            top_k(r, k, idx, wts);
+            if c.norm_topk_prob {
+                let sum: f32 = wts.iter().sum();
+                wts.iter_mut().for_each(|w| *w /= sum);
+            }
+        }
+        let layer =
+            self.experts.layer(l).ok_or_else(|| ModelError::Unsupported(format!("layer {l} has no experts")))?;
+        let gu_view = |slot: usize| {
+            let (d, sc, bi) = layer.gate_up.slot(slot);
+            WeightView { encoding: layer.gate_up.encoding, rows: 2 * im, cols: h, data: d, scales: sc, biases: bi }
+        };
+        let dn_view = |slot: usize| {
+            let (d, sc, bi) = layer.down.slot(slot);
+            WeightView { encoding: layer.down.encoding, rows: h, cols: im, data: d, scales: sc, biases: bi }
+        };
+        if n == 1 {
+            // Decode: every expert is resident, so expert id == slot id (the store will map them once it streams).
+            let mut views_gu = [gu_view(0); 32];
+            let mut views_dn = [dn_view(0); 32];
+            if k > views_gu.len() {
+                return Err(ModelError::Unsupported(format!("top-k {k} above 32")));
+            }
+            for j in 0..k {
+                let slot = s.topk_idx[j] as usize;
+                views_gu[j] = gu_view(slot);
+                views_dn[j] = dn_view(slot);
+            }
+            self.dispatch.gathered_gate_up(&self.pool, &views_gu[..k], &s.hn[..h], &mut s.act[..k * im])?;
+            self.dispatch.gathered_down(
+                &self.pool,
+                &views_dn[..k],
+                &s.act[..k * im],
+                &s.topk_w[..k],
+                &mut s.moe_out[..h],
+            )?;
+            return Ok(());
+        }
+        // Prefill: counting sort of (token, choice) pairs by expert, then one GEMM pair per used expert.
+        let offs = &mut s.offsets;
+        offs.fill(0);
+        for &x in &s.topk_idx[..n * k] {
+            offs[x as usize + 1] += 1;
+        }
+        for i in 0..e {
+            offs[i + 1] += offs[i];
+        }
+        let mut fill = [0u32; 1024];
+        if e > fill.len() {
+            return Err(ModelError::Unsupported(format!("{e} experts above 1024")));
+        }
+        fill[..e].copy_from_slice(&offs[..e]);
+        for (pair, &x) in s.topk_idx[..n * k].iter().enumerate() {
+            s.order[fill[x as usize] as usize] = pair as u32;
+            fill[x as usize] += 1;
+        }
+        s.moe_out[..n * h].fill(0.0);
+        for ex in 0..e {
+            let (a, b) = (offs[ex] as usize, offs[ex + 1] as usize);
+            let cnt = b - a;
+            if cnt == 0 {
+                continue;
+            }
+            for (r, &pair) in s.order[a..b].iter().enumerate() {
+                let t = pair as usize / k;
+                s.xin[r * h..(r + 1) * h].copy_from_slice(&s.hn[t * h..(t + 1) * h]);
+            }
+            self.matmul(&gu_view(ex), &s.xin[..cnt * h], cnt, &mut s.gu[..cnt * 2 * im])?;
+            for r in 0..cnt {
+                let row = &s.gu[r * 2 * im..(r + 1) * 2 * im];
+                for i in 0..im {
+                    s.act[r * im + i] = silu(row[i]) * row[im + i];
+                }
+            }
+            self.matmul(&dn_view(ex), &s.act[..cnt * im], cnt, &mut s.dn[..cnt * h])?;
+            for (r, &pair) in s.order[a..b].iter().enumerate() {
+                let t = pair as usize / k;
+                let wt = s.topk_w[pair as usize];
+                for (o, &v) in s.moe_out[t * h..(t + 1) * h].iter_mut().zip(&s.dn[r * h..(r + 1) * h]) {
+                    *o += wt * v;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A mutable slice shared across pool tasks that each write disjoint ranges.
+struct SharedMut<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _p: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: tasks only obtain disjoint sub-slices (the callers' SAFETY notes say why), so sharing the pointer across
+// the pool's threads cannot create overlapping mutable access.
+unsafe impl Sync for SharedMut<'_> {}
+
+impl<'a> SharedMut<'a> {
+    fn new(s: &'a mut [f32]) -> Self {
+        SharedMut { ptr: s.as_mut_ptr(), len: s.len(), _p: std::marker::PhantomData }
+    }
+
+    /// # Safety
+    /// No two live slices from this value may overlap.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, at: usize, len: usize) -> &mut [f32] {
+        assert!(at + len <= self.len, "SharedMut range {at}+{len} past {}", self.len);
+        // SAFETY: in bounds (checked above); disjointness is the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), len) }
+    }
+}

@@ -1,0 +1,31 @@
+//! Weight memory: the resident trunk and the expert slot cache.
+//!
+//! `store` owns every byte of weight memory the engine computes from, and is (with `format`) the only crate that
+//! opens model files. Models ask it for views; they never allocate weights themselves. Experts live in one
+//! stacked buffer per projection per MoE layer, `[slots, rows, row_bytes]`, with gate and up fused into one
+//! `[slots, 2·I, H]` buffer so the gathered kernel walks gate and up of an expert as one matrix.
+//!
+//! This version keeps every expert resident (slot `e` holds expert `e`); streaming into fewer slots than experts
+//! is the next step and keeps this interface.
+
+mod aligned;
+mod resident;
+
+pub use aligned::AlignedBuf;
+pub use resident::{ExpertLayer, ExpertStore, OwnedWeight, ResidentWeights, SlotBuffer};
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Format(#[from] moestream_format::FormatError),
+    #[error("{path}: reading {len} bytes at offset {offset}: {source}")]
+    Read { path: PathBuf, offset: u64, len: u64, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("tensor {tensor}: {msg}")]
+    Layout { tensor: String, msg: String },
+    #[error("cannot allocate {bytes} bytes of weight memory")]
+    Alloc { bytes: usize },
+}

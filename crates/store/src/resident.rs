@@ -1,0 +1,249 @@
+//! Resident weights (the dense trunk) and the per-layer expert slot buffers.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use moestream_format::{Encoding, FileRange, TensorEntry, TensorIndex};
+
+use crate::{AlignedBuf, StoreError};
+
+/// Positioned reads from the index's files, with one open handle per file.
+pub(crate) struct Files {
+    handles: Vec<File>,
+    paths: Vec<std::path::PathBuf>,
+}
+
+impl Files {
+    pub(crate) fn open(index: &TensorIndex) -> Result<Self, StoreError> {
+        let handles = index
+            .files
+            .iter()
+            .map(|p| File::open(p).map_err(|source| StoreError::Open { path: p.clone(), source }))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Files { handles, paths: index.files.clone() })
+    }
+
+    pub(crate) fn read(&self, r: FileRange, dst: &mut [u8]) -> Result<(), StoreError> {
+        let f = &self.handles[r.file as usize];
+        f.read_exact_at(dst, r.offset).map_err(|source| StoreError::Read {
+            path: self.paths[r.file as usize].clone(),
+            offset: r.offset,
+            len: r.len,
+            source,
+        })
+    }
+}
+
+/// One resident matrix (or vector, as one row) in its stored encoding.
+pub struct OwnedWeight {
+    pub encoding: Encoding,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: AlignedBuf,
+    /// MLX only (empty otherwise): `rows × cols/group` values of the scale type.
+    pub scales: AlignedBuf,
+    pub biases: AlignedBuf,
+}
+
+fn read_all(files: &Files, ranges: &[FileRange]) -> Result<AlignedBuf, StoreError> {
+    let total: u64 = ranges.iter().map(|r| r.len).sum();
+    let mut buf = AlignedBuf::zeroed(total as usize)?;
+    let mut at = 0usize;
+    for r in ranges {
+        files.read(*r, &mut buf.as_mut_slice()[at..at + r.len as usize])?;
+        at += r.len as usize;
+    }
+    Ok(buf)
+}
+
+impl OwnedWeight {
+    fn load(files: &Files, t: &TensorEntry) -> Result<Self, StoreError> {
+        let (rows, cols) = t.matrix_dims();
+        let rows = rows * t.data.len().max(1);
+        Ok(OwnedWeight {
+            encoding: t.encoding,
+            rows,
+            cols,
+            data: read_all(files, &t.data)?,
+            scales: read_all(files, &t.scales)?,
+            biases: read_all(files, &t.biases)?,
+        })
+    }
+}
+
+/// The dense trunk: every tensor that is not a routed expert, resident for the life of the model.
+pub struct ResidentWeights {
+    weights: HashMap<String, OwnedWeight>,
+    vectors: HashMap<String, Vec<f32>>,
+}
+
+impl ResidentWeights {
+    /// Load every non-expert tensor. 1-D tensors (norms) are also decoded to f32, since every op reads them whole.
+    pub fn load(index: &TensorIndex) -> Result<Self, StoreError> {
+        let files = Files::open(index)?;
+        let mut weights = HashMap::new();
+        let mut vectors = HashMap::new();
+        for t in index.tensors.values().filter(|t| !t.is_expert_stack()) {
+            if t.shape.len() == 1 {
+                vectors.insert(t.name.clone(), index.load_f32(&t.name)?);
+            } else {
+                weights.insert(t.name.clone(), OwnedWeight::load(&files, t)?);
+            }
+        }
+        Ok(ResidentWeights { weights, vectors })
+    }
+
+    pub fn get(&self, name: &str) -> Result<&OwnedWeight, StoreError> {
+        self.weights.get(name).ok_or_else(|| StoreError::Layout { tensor: name.into(), msg: "not resident".into() })
+    }
+
+    pub fn vector(&self, name: &str) -> Result<&[f32], StoreError> {
+        self.vectors
+            .get(name)
+            .map(Vec::as_slice)
+            .ok_or_else(|| StoreError::Layout { tensor: name.into(), msg: "no such 1-D tensor".into() })
+    }
+
+    pub fn bytes(&self) -> u64 {
+        let w: u64 = self.weights.values().map(|w| (w.data.len() + w.scales.len() + w.biases.len()) as u64).sum();
+        w + self.vectors.values().map(|v| v.len() as u64 * 4).sum::<u64>()
+    }
+}
+
+/// The stacked slot buffers of one projection: `[slots, rows, row_bytes]` plus MLX scales and biases. The gate+up
+/// buffer stacks gate's rows then up's rows in each slot, so one slot is one `[2·I, H]` matrix.
+pub struct SlotBuffer {
+    pub encoding: Encoding,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: AlignedBuf,
+    pub scales: AlignedBuf,
+    pub biases: AlignedBuf,
+    data_stride: usize,
+    group_stride: usize,
+}
+
+impl SlotBuffer {
+    /// A buffer whose slots hold `parts` (one expert of each tensor, stacked by rows) back to back.
+    fn new(parts: &[&TensorEntry], cols: usize, slots: usize) -> Result<Self, StoreError> {
+        let first = parts[0];
+        let mut rows = 0;
+        let (mut data_stride, mut group_stride) = (0usize, 0usize);
+        for t in parts {
+            if t.encoding != first.encoding {
+                return Err(StoreError::Layout {
+                    tensor: t.name.clone(),
+                    msg: format!(
+                        "encoded as {} but {} is {}; fused gate+up needs one encoding",
+                        t.encoding.name(),
+                        first.name,
+                        first.encoding.name()
+                    ),
+                });
+            }
+            let e0 =
+                t.expert(0).ok_or_else(|| StoreError::Layout { tensor: t.name.clone(), msg: "no expert 0".into() })?;
+            rows += t.matrix_dims().0;
+            data_stride += e0.data.len as usize;
+            group_stride += e0.scales.map(|r| r.len as usize).unwrap_or(0);
+        }
+        Ok(SlotBuffer {
+            encoding: first.encoding,
+            rows,
+            cols,
+            data: AlignedBuf::zeroed(data_stride * slots)?,
+            scales: AlignedBuf::zeroed(group_stride * slots)?,
+            biases: AlignedBuf::zeroed(group_stride * slots)?,
+            data_stride,
+            group_stride,
+        })
+    }
+
+    /// (data, scales, biases) of slot `s`.
+    pub fn slot(&self, s: usize) -> (&[u8], &[u8], &[u8]) {
+        let d = &self.data.as_slice()[s * self.data_stride..(s + 1) * self.data_stride];
+        let g = s * self.group_stride..(s + 1) * self.group_stride;
+        (d, &self.scales.as_slice()[g.clone()], &self.biases.as_slice()[g])
+    }
+
+    /// Read expert `e` of every part into slot `s`: one positioned read per part per piece, straight into place.
+    fn fill(&mut self, files: &Files, parts: &[&TensorEntry], e: usize, s: usize) -> Result<(), StoreError> {
+        let (mut d_at, mut g_at) = (s * self.data_stride, s * self.group_stride);
+        for t in parts {
+            let r = t
+                .expert(e)
+                .ok_or_else(|| StoreError::Layout { tensor: t.name.clone(), msg: format!("no expert {e}") })?;
+            let n = r.data.len as usize;
+            files.read(r.data, &mut self.data.as_mut_slice()[d_at..d_at + n])?;
+            d_at += n;
+            if let (Some(sc), Some(bi)) = (r.scales, r.biases) {
+                let n = sc.len as usize;
+                files.read(sc, &mut self.scales.as_mut_slice()[g_at..g_at + n])?;
+                files.read(bi, &mut self.biases.as_mut_slice()[g_at..g_at + n])?;
+                g_at += n;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The experts of one MoE layer.
+pub struct ExpertLayer {
+    /// `[slots, 2·I, H]`: gate rows then up rows.
+    pub gate_up: SlotBuffer,
+    /// `[slots, H, I]`.
+    pub down: SlotBuffer,
+    /// Expert id held by each slot.
+    pub slot_expert: Vec<u32>,
+}
+
+/// Expert slots for every MoE layer. In this version every expert is resident: slot `e` holds expert `e`.
+pub struct ExpertStore {
+    layers: Vec<Option<ExpertLayer>>,
+    bytes: u64,
+}
+
+impl ExpertStore {
+    pub fn load_all(index: &TensorIndex) -> Result<Self, StoreError> {
+        let files = Files::open(index)?;
+        let c = &index.config;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        let mut bytes = 0u64;
+        for l in 0..c.num_layers {
+            if !c.layer_is_moe(l) {
+                layers.push(None);
+                continue;
+            }
+            let get = |p: &str| index.get(&format!("blk.{l}.{p}.weight"));
+            let (g, u, d) = (get("ffn_gate_exps")?, get("ffn_up_exps")?, get("ffn_down_exps")?);
+            let e = g.num_experts();
+            let (i, h) = (c.moe_intermediate_size, c.hidden_size);
+            let mut gate_up = SlotBuffer::new(&[g, u], h, e)?;
+            let mut down = SlotBuffer::new(&[d], i, e)?;
+            for x in 0..e {
+                gate_up.fill(&files, &[g, u], x, x)?;
+                down.fill(&files, &[d], x, x)?;
+            }
+            for b in [&gate_up, &down] {
+                bytes += (b.data.len() + b.scales.len() + b.biases.len()) as u64;
+            }
+            layers.push(Some(ExpertLayer { gate_up, down, slot_expert: (0..e as u32).collect() }));
+        }
+        Ok(ExpertStore { layers, bytes })
+    }
+
+    pub fn layer(&self, l: usize) -> Option<&ExpertLayer> {
+        self.layers.get(l).and_then(Option::as_ref)
+    }
+
+    /// Slots holding `experts` in `layer`. With every expert resident this is the identity.
+    pub fn ensure(&mut self, _layer: usize, experts: &[u32], slots: &mut [u32]) -> Result<(), StoreError> {
+        slots.copy_from_slice(experts);
+        Ok(())
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
