@@ -62,12 +62,15 @@ enum Command {
         #[command(flatten)]
         engine: EngineArgs,
     },
-    /// Generate from a prompt (token ids; text prompts arrive with the tokenizer) and report tok/s.
+    /// Generate greedily from a prompt, streaming text (or ids when the model has no tokenizer); ends with tok/s.
     Run {
         #[arg(long)]
         model: PathBuf,
+        /// Prompt text (needs the model's tokenizer).
+        #[arg(long, conflicts_with = "tokens", required_unless_present = "tokens")]
+        prompt: Option<String>,
         /// Comma-separated prompt token ids.
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(long, value_delimiter = ',')]
         tokens: Vec<u32>,
         /// Tokens to generate.
         #[arg(short = 'n', long, default_value_t = 32)]
@@ -179,8 +182,18 @@ fn run() -> Result<()> {
             let rows: Vec<&[f32]> = out.chunks(v).collect();
             println!("{}", serde_json::json!({"tokens": tokens, "logits": rows}));
         }
-        Command::Run { model, tokens, n, engine } => {
+        Command::Run { model, prompt, tokens, n, engine } => {
             use std::io::Write;
+            let index = moestream_format::TensorIndex::open(&model)?;
+            let tok = moestream_chat::Tokenizer::from_index(&index)?;
+            let tokens = match (&prompt, &tok) {
+                (Some(p), Some(t)) => t.encode(p)?,
+                (Some(_), None) => bail!("{} has no tokenizer: pass --tokens instead of --prompt", model.display()),
+                (None, _) => tokens,
+            };
+            if tokens.is_empty() {
+                bail!("the prompt is empty");
+            }
             let m = engine.load(&model)?;
             let mut sess = m.new_session(engine.ctx.max(tokens.len() + n));
             let mut logits = Vec::with_capacity(m.config.vocab_size);
@@ -189,14 +202,19 @@ fn run() -> Result<()> {
             let prefill = t0.elapsed().as_secs_f64();
             let t1 = std::time::Instant::now();
             let mut out = std::io::stdout().lock();
+            let mut stream = moestream_chat::StreamDecoder::new();
             for i in 0..n {
                 let next = argmax(&logits);
-                write!(out, "{next}{}", if i + 1 < n { "," } else { "\n" })?;
+                match &tok {
+                    Some(t) => write!(out, "{}", stream.push(t, next)?)?,
+                    None => write!(out, "{next}{}", if i + 1 < n { "," } else { "" })?,
+                }
                 out.flush()?;
                 if i + 1 < n {
                     m.forward(&mut sess, &[next], false, &mut logits)?;
                 }
             }
+            writeln!(out)?;
             let decode = t1.elapsed().as_secs_f64();
             eprintln!(
                 "prefill {} tokens: {:.2} tok/s; decode {} tokens: {:.2} tok/s{}",
