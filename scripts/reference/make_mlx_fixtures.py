@@ -53,6 +53,10 @@ CASES = [
     ("qwen3moe_gqa_headdim", None, "q4"),
     ("qwen3moe_no_norm_topk", None, "q4"),
     ("qwen3moe_gqa_headdim", "bfloat16", "q4-bf16"),
+    # tied: no lm_head; mlx-lm computes the output through the *quantized* embedding (embed_tokens.as_linear).
+    ("qwen3moe_tied", None, "q4"),
+    # sparse step: dense MLP layers between MoE layers (their mlp.gate_proj is not a router: stays 4-bit).
+    ("qwen3moe_sparse_step", None, "q4"),
 ]
 Q_BITS = 4
 Q_GROUP = 32
