@@ -47,9 +47,21 @@ impl PlannedTensor {
         if self.is_expert_stack() { self.shape[0] } else { 1 }
     }
 
-    /// The values of expert `e` (0 for plain tensors), row-major `[rows, cols]`.
-    pub fn generate(&self, seed: u64, e: usize, out: &mut [f32]) {
-        let mut rng = SplitMix64::for_tensor(seed, &self.name, e);
+    /// Generation units: one per expert for a stack; for a plain tensor, blocks of [`UNIT_ROWS`] rows, each with
+    /// its own stream, so big trunk tensors (a 151936-row embedding) are generated on every core too.
+    pub fn units(&self) -> usize {
+        if self.is_expert_stack() { self.shape[0] } else { self.matrix_dims().0.div_ceil(UNIT_ROWS) }
+    }
+
+    /// Rows of unit `u`.
+    pub fn unit_rows(&self, u: usize) -> usize {
+        let rows = self.matrix_dims().0;
+        if self.is_expert_stack() { rows } else { UNIT_ROWS.min(rows - u * UNIT_ROWS) }
+    }
+
+    /// The values of unit `u` (an expert, or a row block), row-major `[unit_rows, cols]`.
+    pub fn generate(&self, seed: u64, u: usize, out: &mut [f32]) {
+        let mut rng = SplitMix64::for_tensor(seed, &self.name, u);
         // Uniform on [-a, a) has variance a²/3.
         match self.fill {
             Fill::Norm => {
@@ -62,6 +74,9 @@ impl PlannedTensor {
         }
     }
 }
+
+/// Rows per generation unit of a plain tensor.
+pub const UNIT_ROWS: usize = 1024;
 
 /// Named model shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -43,8 +43,9 @@ impl SplitMix64 {
         for pair in &mut chunks {
             k += 1;
             let r = mix(base.wrapping_add(k.wrapping_mul(GAMMA)));
-            pair[0] = (((r >> 40) as u32) as f32 * SCALE - 1.0) * a;
-            pair[1] = ((((r >> 8) & 0xff_ffff) as u32) as f32 * SCALE - 1.0) * a;
+            // Through i32: both values are below 2^24, and baseline x86-64 has no unsigned-to-float conversion.
+            pair[0] = (((r >> 40) as i32) as f32 * SCALE - 1.0) * a;
+            pair[1] = ((((r >> 8) & 0xff_ffff) as i32) as f32 * SCALE - 1.0) * a;
         }
         self.0 = base.wrapping_add(k.wrapping_mul(GAMMA));
         for x in chunks.into_remainder() {

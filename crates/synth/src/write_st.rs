@@ -235,10 +235,16 @@ pub(crate) fn write(
                         }
                     }
                 }
-                _ => {
-                    // Plain tensors and per-expert layouts: one output tensor per encoded piece.
+                _ if t.is_expert_stack() => {
+                    // Per-expert layout: one output tensor per expert.
                     for (o, x) in outs.iter().zip(&enc) {
                         w.write(&o.name, &x.data)?;
+                    }
+                }
+                _ => {
+                    // A plain tensor: its row blocks in order.
+                    for x in &enc {
+                        w.write(&outs[0].name, &x.data)?;
                     }
                 }
             }
