@@ -7,7 +7,7 @@
 
 use divan::Bencher;
 use divan::counter::BytesCount;
-use moestream_cpu::{Dispatch, Isa, ThreadPool, WeightView};
+use moestream_cpu::{Dispatch, ThreadPool, WeightView};
 use moestream_quant::{Encoding, FloatType, GgmlType, MlxAffine, encode_floats, ggml, mlx};
 
 fn main() {
@@ -71,10 +71,10 @@ fn make(enc: Encoding, rows: usize, cols: usize) -> Owned {
 
 fn cases() -> Vec<String> {
     let mut v = Vec::new();
-    for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
+    for d in Dispatch::supported() {
         for e in ENCODINGS {
             for (s, _, _) in SHAPES {
-                v.push(format!("{}/{e}/{s}", isa.name()));
+                v.push(format!("{}/{e}/{s}", d.name()));
             }
         }
     }
@@ -84,8 +84,7 @@ fn cases() -> Vec<String> {
 fn run(bencher: Bencher, case: &str, copies_for_bytes: usize) {
     let mut parts = case.split('/');
     let (isa, enc, shape) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let isa = Isa::ALL.into_iter().find(|i| i.name() == isa).expect("isa");
-    let d = Dispatch::new(isa).expect("supported");
+    let d = Dispatch::supported().find(|d| d.name() == isa).expect("supported table");
     let enc = encoding(enc);
     let &(_, rows, cols) = SHAPES.iter().find(|s| s.0 == shape).expect("shape");
     let w = make(enc, rows, cols);
