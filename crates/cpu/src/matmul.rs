@@ -4,7 +4,9 @@
 //! weighted expert sum. The only arithmetic kernel is a per-row dot product (`RowRef · x`), chosen once per
 //! process by runtime CPU detection ([`Dispatch::best`]) from:
 //! - `scalar`: the reference (decode with `moestream_quant`, then dot in f32), used for every encoding;
-//! - `x86::avx2` / `x86::avx512`: SIMD kernels for the encodings real checkpoints use.
+//! - `x86::avx2` / `x86::avx512`: SIMD kernels for the encodings real checkpoints use, in two flavours: exact f32
+//!   ([`Dispatch::new`]) and q8 activations ([`Dispatch::new_q8`]: `x` quantized once per call into a
+//!   thread-local scratch, integer dot products for Q4_0/Q8_0/Q4_K/MLX q4).
 //!
 //! It must not allocate on the per-call path, own weight memory, or know which model or expert a view belongs to.
 //! Every output element is written by exactly one task with a fixed summation order, so results are bit-identical
@@ -249,7 +251,7 @@ impl Dispatch {
             return None;
         }
         let row_dot: RowDot = match isa {
-            Isa::Scalar => scalar_row_dot,
+            Isa::Scalar => return Some(Dispatch::scalar()),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => x86::avx2::row_dot,
             #[cfg(target_arch = "x86_64")]
@@ -295,16 +297,28 @@ impl Dispatch {
         self.activations == Activations::Q8
     }
 
-    /// The fastest supported table, detected once per process.
+    /// The fastest supported table, detected once per process: q8 activations (AVX-512 VNNI, else AVX2), else
+    /// the scalar reference. q8 is the default because the 4-bit formats are compute-bound in exact f32 on this
+    /// class of machine (README: Q4_K gemv 3.4 → 11.6 GB/s hot) and the tested error bound holds; Q8_0 is
+    /// memory-bound either way, and every other encoding runs the same f32 kernels in both tables.
     pub fn best() -> Dispatch {
         static BEST: OnceLock<Dispatch> = OnceLock::new();
         *BEST.get_or_init(|| {
-            [Isa::Avx512, Isa::Avx2].into_iter().find_map(Dispatch::new).unwrap_or(Dispatch {
-                isa: Isa::Scalar,
-                activations: Activations::F32,
-                row_dot: scalar_row_dot,
-            })
+            [Isa::Avx512, Isa::Avx2].into_iter().find_map(Dispatch::new_q8).unwrap_or_else(Dispatch::scalar)
         })
+    }
+
+    /// The fastest exact-f32 table (no activation quantization), detected once per process.
+    pub fn best_exact() -> Dispatch {
+        static BEST: OnceLock<Dispatch> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            [Isa::Avx512, Isa::Avx2].into_iter().find_map(Dispatch::new).unwrap_or_else(Dispatch::scalar)
+        })
+    }
+
+    /// The reference table, available everywhere.
+    pub fn scalar() -> Dispatch {
+        Dispatch { isa: Isa::Scalar, activations: Activations::F32, row_dot: scalar_row_dot }
     }
 
     pub fn isa(&self) -> Isa {
@@ -500,7 +514,8 @@ pub(crate) unsafe fn scalar_row_dot(row: &RowRef<'_>, act: &Act<'_>) -> f32 {
     scalar::row_dot(row, act.x)
 }
 
-/// `gemv` with the best kernels for this CPU. See [`Dispatch::gemv`].
+/// `gemv` with the best kernels for this CPU ([`Dispatch::best`]: q8 activations where supported). See
+/// [`Dispatch::gemv`].
 pub fn gemv(pool: &ThreadPool, w: &WeightView, x: &[f32], y: &mut [f32]) -> Result<(), MatmulError> {
     Dispatch::best().gemv(pool, w, x, y)
 }
