@@ -1,1 +1,121 @@
-fn main() {}
+//! gemv throughput on Qwen3-30B-A3B expert shapes, in weight bytes per second.
+//!
+//! Shapes: fused gate_up `[1536, 2048]` and down `[2048, 768]` (moe_intermediate 768, hidden 2048). `hot` reuses
+//! one matrix (it stays in L2/L3, so this measures the kernel); `cold` cycles through enough copies (≥ 256 MiB) that
+//! every call streams from DRAM, which is what a decode step over k experts sees. Run with
+//! `cargo bench -p moestream-cpu --bench matmul`.
+
+use divan::Bencher;
+use divan::counter::BytesCount;
+use moestream_cpu::{Dispatch, ThreadPool, WeightView};
+use moestream_quant::{Encoding, FloatType, GgmlType, MlxAffine, encode_floats, ggml, mlx};
+
+fn main() {
+    divan::main();
+}
+
+const ENCODINGS: [&str; 4] = ["Q4_0", "Q4_K", "Q8_0", "MLX_Q4_G64"];
+const SHAPES: [(&str, usize, usize); 2] = [("gate_up", 1536, 2048), ("down", 2048, 768)];
+
+fn encoding(name: &str) -> Encoding {
+    match name {
+        "Q4_0" => Encoding::Ggml(GgmlType::Q4_0),
+        "Q4_K" => Encoding::Ggml(GgmlType::Q4K),
+        "Q8_0" => Encoding::Ggml(GgmlType::Q8_0),
+        _ => Encoding::MlxAffine { params: MlxAffine { bits: 4, group_size: 64 }, scale_type: FloatType::BF16 },
+    }
+}
+
+struct Owned {
+    data: Vec<u8>,
+    scales: Vec<u8>,
+    biases: Vec<u8>,
+}
+
+/// Deterministic pseudo-random weights (values only matter in that they are finite and normal).
+fn make(enc: Encoding, rows: usize, cols: usize) -> Owned {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let src: Vec<f32> = (0..rows * cols).map(|_| (next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0).collect();
+    match enc {
+        Encoding::Ggml(GgmlType::Q4K) => {
+            let mut data: Vec<u8> = (0..rows * cols / 256 * 144).map(|_| next() as u8).collect();
+            for b in data.chunks_exact_mut(144) {
+                b[0..4].copy_from_slice(&[0x00, 0x1c, 0x00, 0x1c]); // d = dmin = 2^-8 as f16
+            }
+            Owned { data, scales: vec![], biases: vec![] }
+        }
+        Encoding::Ggml(t) => {
+            let mut data = vec![0u8; t.row_bytes(cols).expect("fits") * rows];
+            ggml::quantize(t, &src, &mut data).expect("quantize");
+            Owned { data, scales: vec![], biases: vec![] }
+        }
+        Encoding::MlxAffine { params, scale_type } => {
+            let groups = rows * cols / params.group_size;
+            let mut data = vec![0u8; params.packed_bytes(rows * cols)];
+            let (mut s, mut b) = (vec![0f32; groups], vec![0f32; groups]);
+            mlx::quantize(params, &src, cols, &mut data, &mut s, &mut b).expect("mlx quantize");
+            let (mut scales, mut biases) = (vec![0u8; groups * 2], vec![0u8; groups * 2]);
+            encode_floats(scale_type, &s, &mut scales).expect("scales");
+            encode_floats(scale_type, &b, &mut biases).expect("biases");
+            Owned { data, scales, biases }
+        }
+        Encoding::Float(_) => unreachable!("not benchmarked"),
+    }
+}
+
+fn cases() -> Vec<String> {
+    let mut v = Vec::new();
+    for d in Dispatch::supported() {
+        for e in ENCODINGS {
+            for (s, _, _) in SHAPES {
+                v.push(format!("{}/{e}/{s}", d.name()));
+            }
+        }
+    }
+    v
+}
+
+fn run(bencher: Bencher, case: &str, copies_for_bytes: usize) {
+    let mut parts = case.split('/');
+    let (isa, enc, shape) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let d = Dispatch::supported().find(|d| d.name() == isa).expect("supported table");
+    let enc = encoding(enc);
+    let &(_, rows, cols) = SHAPES.iter().find(|s| s.0 == shape).expect("shape");
+    let w = make(enc, rows, cols);
+    let bytes = w.data.len() + w.scales.len() + w.biases.len();
+    // Enough copies that the working set is far larger than any cache.
+    let copies = copies_for_bytes.div_ceil(bytes).max(1);
+    let store: Vec<Owned> = (0..copies)
+        .map(|_| Owned { data: w.data.clone(), scales: w.scales.clone(), biases: w.biases.clone() })
+        .collect();
+    let views: Vec<WeightView> = store
+        .iter()
+        .map(|o| WeightView { encoding: enc, rows, cols, data: &o.data, scales: &o.scales, biases: &o.biases })
+        .collect();
+    let pool = ThreadPool::new(2);
+    let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mut y = vec![0f32; rows];
+    let mut i = 0;
+    bencher.counter(BytesCount::new(bytes)).bench_local(|| {
+        d.gemv(&pool, &views[i], &x, &mut y).expect("valid");
+        i = (i + 1) % views.len();
+    });
+}
+
+/// One matrix, reused: cache-resident.
+#[divan::bench(args = cases(), max_time = 1.0)]
+fn hot(bencher: Bencher, case: &str) {
+    run(bencher, case, 0);
+}
+
+/// 256 MiB of copies, cycled: every call streams its weights from DRAM.
+#[divan::bench(args = cases(), max_time = 1.0)]
+fn cold(bencher: Bencher, case: &str) {
+    run(bencher, case, 256 << 20);
+}

@@ -10,6 +10,7 @@ pub mod ops;
 pub mod pool;
 
 pub use matmul::{
-    Dispatch, Isa, MatmulError, WeightView, gathered_down, gathered_gate_up, gathered_gate_up_split, gemm, gemv,
+    Activations, Dispatch, Isa, MatmulError, WeightView, gathered_down, gathered_gate_up, gathered_gate_up_split, gemm,
+    gemv,
 };
 pub use pool::ThreadPool;

@@ -4,7 +4,9 @@
 //! weighted expert sum. The only arithmetic kernel is a per-row dot product (`RowRef · x`), chosen once per
 //! process by runtime CPU detection ([`Dispatch::best`]) from:
 //! - `scalar`: the reference (decode with `moestream_quant`, then dot in f32), used for every encoding;
-//! - `x86::avx2` / `x86::avx512`: SIMD kernels for the encodings real checkpoints use.
+//! - `x86::avx2` / `x86::avx512`: SIMD kernels for the encodings real checkpoints use, in two flavours: exact f32
+//!   ([`Dispatch::new`]) and q8 activations ([`Dispatch::new_q8`]: `x` quantized once per call into a
+//!   thread-local scratch, integer dot products for Q4_0/Q8_0/Q4_K/MLX q4).
 //!
 //! It must not allocate on the per-call path, own weight memory, or know which model or expert a view belongs to.
 //! Every output element is written by exactly one task with a fixed summation order, so results are bit-identical
@@ -14,6 +16,7 @@ mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use moestream_quant::{Encoding, QuantError};
@@ -106,9 +109,89 @@ pub(crate) struct RowRef<'a> {
     pub(crate) biases: &'a [u8],
 }
 
-/// A row dot kernel. Safety contract: the row comes from a validated view, `x.len()` is its column count, and the
-/// CPU supports the kernel's instruction set.
-type RowDot = unsafe fn(&RowRef<'_>, &[f32]) -> f32;
+/// The activations a row is dotted with: always the f32 values, plus their q8 blocks when the table quantizes
+/// activations and the column count is a whole number of 32-blocks (empty otherwise).
+pub(crate) struct Act<'a> {
+    pub(crate) x: &'a [f32],
+    pub(crate) q8: &'a [Q8Block],
+}
+
+/// 32 activations quantized ggml-`Q8_0`-style (`x ≈ d·q`, `|q| ≤ 127`, round half away from zero), with an f32
+/// scale (not f16: the scale costs nothing here and f16 would add error), the code sum (for formats with a zero
+/// point, e.g. Q4_0's `-8`) and the exact f32 sum of the 32 inputs (for offsets: Q4_K mins, MLX biases).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub(crate) struct Q8Block {
+    pub(crate) qs: [i8; 32],
+    pub(crate) d: f32,
+    pub(crate) qsum: i32,
+    pub(crate) xsum: f32,
+}
+
+impl Q8Block {
+    const ZERO: Q8Block = Q8Block { qs: [0; 32], d: 0.0, qsum: 0, xsum: 0.0 };
+}
+
+/// Quantizes whole 32-blocks of `x` into `out` (same block count).
+fn quantize_q8(x: &[f32], out: &mut [Q8Block]) {
+    for (b, xb) in out.iter_mut().zip(x.chunks_exact(32)) {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+        let (mut qsum, mut xsum) = (0i32, 0f32);
+        for (q, &v) in b.qs.iter_mut().zip(xb) {
+            *q = (v * id).round() as i8;
+            qsum += i32::from(*q);
+            xsum += v;
+        }
+        (b.d, b.qsum, b.xsum) = (d, qsum, xsum);
+    }
+}
+
+thread_local! {
+    /// Per calling thread, grown to the largest activation seen and then reused: the per-call path does not
+    /// allocate once warm. Workers only read it, through the slice `run` lends them.
+    static Q8_SCRATCH: RefCell<Vec<Q8Block>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with `x` (a whole number of `cols`-long vectors) quantized to q8 blocks when `enabled` and `cols` is a
+/// multiple of 32; otherwise (or if re-entered on the same thread) with no blocks, which selects the f32 kernels.
+fn with_q8<R>(enabled: bool, x: &[f32], cols: usize, f: impl FnOnce(&[Q8Block]) -> R) -> R {
+    if !enabled || cols == 0 || !cols.is_multiple_of(32) {
+        return f(&[]);
+    }
+    Q8_SCRATCH.with(|cell| {
+        let Ok(mut v) = cell.try_borrow_mut() else {
+            return f(&[]);
+        };
+        let n = x.len() / 32;
+        if v.len() < n {
+            v.resize(n, Q8Block::ZERO);
+        }
+        quantize_q8(x, &mut v[..n]);
+        f(&v[..n])
+    })
+}
+
+/// The q8 blocks of vector `i` of a batch of `cols`-long vectors (empty stays empty).
+fn q8_part(q8: &[Q8Block], cols: usize, i: usize) -> &[Q8Block] {
+    if q8.is_empty() { q8 } else { &q8[i * cols / 32..(i + 1) * cols / 32] }
+}
+
+/// A row dot kernel. Safety contract: the row comes from a validated view, `act.x.len()` is its column count,
+/// `act.q8` is empty or holds `act.x`'s blocks, and the CPU supports the kernel's instruction set.
+type RowDot = unsafe fn(&RowRef<'_>, &Act<'_>) -> f32;
+
+/// How activations enter the dot products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Activations {
+    /// Exact f32 products.
+    F32,
+    /// Activations quantized per 32 to i8 (once per call) for integer dot products (`vpdpbusd` with AVX-512
+    /// VNNI, `maddubs` with AVX2) on Q4_0, Q8_0, Q4_K and MLX 4-bit weights; other encodings stay f32.
+    /// Error per row ≤ `Σ_c |W[r,c]|·d_b(c)/2` (d_b = max|x| of the 32-block / 127) plus f32 rounding.
+    Q8,
+}
 
 /// The instruction sets a kernel table can be built for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -151,12 +234,13 @@ impl Isa {
 #[derive(Clone, Copy)]
 pub struct Dispatch {
     isa: Isa,
+    activations: Activations,
     row_dot: RowDot,
 }
 
 impl std::fmt::Debug for Dispatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dispatch").field("isa", &self.isa).finish()
+        f.debug_struct("Dispatch").field("isa", &self.isa).field("activations", &self.activations).finish()
     }
 }
 
@@ -167,7 +251,7 @@ impl Dispatch {
             return None;
         }
         let row_dot: RowDot = match isa {
-            Isa::Scalar => scalar_row_dot,
+            Isa::Scalar => return Some(Dispatch::scalar()),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => x86::avx2::row_dot,
             #[cfg(target_arch = "x86_64")]
@@ -175,23 +259,66 @@ impl Dispatch {
             #[cfg(not(target_arch = "x86_64"))]
             _ => return None,
         };
-        Some(Dispatch { isa, row_dot })
+        Some(Dispatch { isa, activations: Activations::F32, row_dot })
     }
 
-    /// Every table this CPU supports, reference first.
+    /// The q8-activation table for `isa`, or `None` when the CPU lacks it (AVX2 uses `maddubs`; AVX-512 needs
+    /// VNNI). There is no scalar q8 table: the f32 reference is what q8 is checked against.
+    pub fn new_q8(isa: Isa) -> Option<Dispatch> {
+        let row_dot: RowDot = match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 if x86::has_avx2() => x86::avx2::row_dot_q8,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 if x86::has_avx512_vnni() => x86::avx512::row_dot_q8,
+            _ => return None,
+        };
+        Some(Dispatch { isa, activations: Activations::Q8, row_dot })
+    }
+
+    /// Every table this CPU supports: the f32 ones (reference first), then the q8 ones.
     pub fn supported() -> impl Iterator<Item = Dispatch> {
-        Isa::ALL.into_iter().filter_map(Dispatch::new)
+        Isa::ALL.into_iter().filter_map(Dispatch::new).chain(Isa::ALL.into_iter().filter_map(Dispatch::new_q8))
     }
 
-    /// The fastest supported table, detected once per process.
+    pub fn activations(&self) -> Activations {
+        self.activations
+    }
+
+    /// `scalar`, `avx2`, `avx512`, `avx2-q8`, `avx512-q8`.
+    pub fn name(&self) -> &'static str {
+        match (self.isa, self.activations) {
+            (Isa::Avx2, Activations::Q8) => "avx2-q8",
+            (Isa::Avx512, Activations::Q8) => "avx512-q8",
+            (isa, _) => isa.name(),
+        }
+    }
+
+    fn q8(&self) -> bool {
+        self.activations == Activations::Q8
+    }
+
+    /// The fastest supported table, detected once per process: q8 activations (AVX-512 VNNI, else AVX2), else
+    /// the scalar reference. q8 is the default because the 4-bit formats are compute-bound in exact f32 on this
+    /// class of machine (README: Q4_K gemv 3.4 → 11.6 GB/s hot) and the tested error bound holds; Q8_0 is
+    /// memory-bound either way, and every other encoding runs the same f32 kernels in both tables.
     pub fn best() -> Dispatch {
         static BEST: OnceLock<Dispatch> = OnceLock::new();
         *BEST.get_or_init(|| {
-            [Isa::Avx512, Isa::Avx2]
-                .into_iter()
-                .find_map(Dispatch::new)
-                .unwrap_or(Dispatch { isa: Isa::Scalar, row_dot: scalar_row_dot })
+            [Isa::Avx512, Isa::Avx2].into_iter().find_map(Dispatch::new_q8).unwrap_or_else(Dispatch::scalar)
         })
+    }
+
+    /// The fastest exact-f32 table (no activation quantization), detected once per process.
+    pub fn best_exact() -> Dispatch {
+        static BEST: OnceLock<Dispatch> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            [Isa::Avx512, Isa::Avx2].into_iter().find_map(Dispatch::new).unwrap_or_else(Dispatch::scalar)
+        })
+    }
+
+    /// The reference table, available everywhere.
+    pub fn scalar() -> Dispatch {
+        Dispatch { isa: Isa::Scalar, activations: Activations::F32, row_dot: scalar_row_dot }
     }
 
     pub fn isa(&self) -> Isa {
@@ -199,10 +326,10 @@ impl Dispatch {
     }
 
     #[inline]
-    fn dot(&self, row: &RowRef<'_>, x: &[f32]) -> f32 {
-        // SAFETY: callers pass rows of views they validated and `x` of the view's `cols`; `Dispatch::new` only
-        // builds tables whose ISA the CPU supports.
-        unsafe { (self.row_dot)(row, x) }
+    fn dot(&self, row: &RowRef<'_>, act: &Act<'_>) -> f32 {
+        // SAFETY: callers pass rows of views they validated and activations of the view's `cols` (q8 blocks from
+        // `with_q8` over the same values); `Dispatch::new*` only build tables whose ISA the CPU supports.
+        unsafe { (self.row_dot)(row, act) }
     }
 
     /// `y[r] = Σ_c W[r,c]·x[c]`.
@@ -212,11 +339,14 @@ impl Dispatch {
         check_len("y", w.rows, y.len())?;
         let per = rows_per_task(w.rows, row_cost(w), pool.n_threads());
         let out = OutPtr(y.as_mut_ptr());
-        pool.run(w.rows.div_ceil(per), &|t| {
-            for r in t * per..((t + 1) * per).min(w.rows) {
-                // SAFETY: r < rows = y.len(), and each r belongs to exactly one task.
-                unsafe { out.write(r, self.dot(&w.row(r), x)) };
-            }
+        with_q8(self.q8(), x, w.cols, |q8| {
+            let act = Act { x, q8 };
+            pool.run(w.rows.div_ceil(per), &|t| {
+                for r in t * per..((t + 1) * per).min(w.rows) {
+                    // SAFETY: r < rows = y.len(), and each r belongs to exactly one task.
+                    unsafe { out.write(r, self.dot(&w.row(r), &act)) };
+                }
+            })
         });
         Ok(())
     }
@@ -240,15 +370,17 @@ impl Dispatch {
         }
         let per = rows_per_task(w.rows, row_cost(w), pool.n_threads());
         let out = OutPtr(y.as_mut_ptr());
-        pool.run(w.rows.div_ceil(per), &|t| {
-            for r in t * per..((t + 1) * per).min(w.rows) {
-                let row = w.row(r);
-                for (tok, xt) in x.chunks_exact(w.cols.max(1)).take(n).enumerate() {
-                    let xt = &xt[..w.cols];
-                    // SAFETY: tok·rows + r < n·rows = y.len(); column r belongs to exactly one task.
-                    unsafe { out.write(tok * w.rows + r, self.dot(&row, xt)) };
+        with_q8(self.q8(), x, w.cols, |q8| {
+            pool.run(w.rows.div_ceil(per), &|t| {
+                for r in t * per..((t + 1) * per).min(w.rows) {
+                    let row = w.row(r);
+                    for (tok, xt) in x.chunks_exact(w.cols.max(1)).take(n).enumerate() {
+                        let act = Act { x: &xt[..w.cols], q8: q8_part(q8, w.cols, tok) };
+                        // SAFETY: tok·rows + r < n·rows = y.len(); column r belongs to exactly one task.
+                        unsafe { out.write(tok * w.rows + r, self.dot(&row, &act)) };
+                    }
                 }
-            }
+            })
         });
         if w.cols == 0 {
             y.fill(0.0);
@@ -275,9 +407,12 @@ impl Dispatch {
         let inter = first.rows / 2;
         check_len("x", first.cols, x.len())?;
         check_len("out", slots.len() * inter, out.len())?;
-        self.swiglu_tasks(pool, slots.len(), inter, 2 * row_cost(first), out, &|j, i| {
-            let w = &slots[j];
-            (self.dot(&w.row(i), x), self.dot(&w.row(inter + i), x))
+        with_q8(self.q8(), x, first.cols, |q8| {
+            let act = Act { x, q8 };
+            self.swiglu_tasks(pool, slots.len(), inter, 2 * row_cost(first), out, &|j, i| {
+                let w = &slots[j];
+                (self.dot(&w.row(i), &act), self.dot(&w.row(inter + i), &act))
+            })
         });
         Ok(())
     }
@@ -300,8 +435,11 @@ impl Dispatch {
         let inter = first.rows;
         check_len("x", first.cols, x.len())?;
         check_len("out", gate.len() * inter, out.len())?;
-        self.swiglu_tasks(pool, gate.len(), inter, 2 * row_cost(first), out, &|j, i| {
-            (self.dot(&gate[j].row(i), x), self.dot(&up[j].row(i), x))
+        with_q8(self.q8(), x, first.cols, |q8| {
+            let act = Act { x, q8 };
+            self.swiglu_tasks(pool, gate.len(), inter, 2 * row_cost(first), out, &|j, i| {
+                (self.dot(&gate[j].row(i), &act), self.dot(&up[j].row(i), &act))
+            })
         });
         Ok(())
     }
@@ -354,26 +492,30 @@ impl Dispatch {
         check_len("out", hidden, out.len())?;
         let per = rows_per_task(hidden, slots.len() * row_cost(first), pool.n_threads());
         let dst = OutPtr(out.as_mut_ptr());
-        pool.run(hidden.div_ceil(per), &|t| {
-            for r in t * per..((t + 1) * per).min(hidden) {
-                let mut acc = 0f32;
-                for (j, (w, &wt)) in slots.iter().zip(weights).enumerate() {
-                    acc += wt * self.dot(&w.row(r), &h[j * inter..(j + 1) * inter]);
+        with_q8(self.q8(), h, inter, |q8| {
+            pool.run(hidden.div_ceil(per), &|t| {
+                for r in t * per..((t + 1) * per).min(hidden) {
+                    let mut acc = 0f32;
+                    for (j, (w, &wt)) in slots.iter().zip(weights).enumerate() {
+                        let act = Act { x: &h[j * inter..(j + 1) * inter], q8: q8_part(q8, inter, j) };
+                        acc += wt * self.dot(&w.row(r), &act);
+                    }
+                    // SAFETY: r < hidden = out.len(), and each r belongs to exactly one task.
+                    unsafe { dst.write(r, acc) };
                 }
-                // SAFETY: r < hidden = out.len(), and each r belongs to exactly one task.
-                unsafe { dst.write(r, acc) };
-            }
+            })
         });
         Ok(())
     }
 }
 
 /// The reference kernel as a [`RowDot`] (it is safe; the pointer type is not).
-pub(crate) unsafe fn scalar_row_dot(row: &RowRef<'_>, x: &[f32]) -> f32 {
-    scalar::row_dot(row, x)
+pub(crate) unsafe fn scalar_row_dot(row: &RowRef<'_>, act: &Act<'_>) -> f32 {
+    scalar::row_dot(row, act.x)
 }
 
-/// `gemv` with the best kernels for this CPU. See [`Dispatch::gemv`].
+/// `gemv` with the best kernels for this CPU ([`Dispatch::best`]: q8 activations where supported). See
+/// [`Dispatch::gemv`].
 pub fn gemv(pool: &ThreadPool, w: &WeightView, x: &[f32], y: &mut [f32]) -> Result<(), MatmulError> {
     Dispatch::best().gemv(pool, w, x, y)
 }
