@@ -98,6 +98,10 @@ struct EngineArgs {
     /// Lossy: route each token to N experts instead of the model's top-k.
     #[arg(long, env = "SWIFTLM_TOP_K")]
     top_k: Option<usize>,
+    /// Quantize activations to 8 bits for integer dot products (faster on 4-bit weights, slightly different
+    /// logits; llama.cpp always does this).
+    #[arg(long)]
+    q8_activations: bool,
     /// Context capacity of the session (KV cache positions).
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
@@ -111,6 +115,7 @@ impl EngineArgs {
             opts.threads = t;
         }
         opts.top_k = self.top_k;
+        opts.q8_activations = self.q8_activations;
         let m =
             moestream_models::Qwen3Moe::load(&index, &opts).with_context(|| format!("loading {}", model.display()))?;
         if let Some(k) = self.top_k.filter(|&k| k != m.config.num_experts_per_tok) {
