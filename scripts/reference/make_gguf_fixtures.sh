@@ -9,7 +9,9 @@
 # convert_hf_to_gguf.py, gguf-py/), build/ (static libs), bin/llama-quantize.
 # $PYTHON (default python3) must have torch (any build; the CPU is enough),
 # transformers >= 5 and numpy: the converter imports torch, and the f64 reference
-# runs transformers.
+# runs transformers. What made the committed files: `python3 -m venv --system-site-packages V &&
+# V/bin/pip install torch` (PyPI torch 2.15.0 with its CUDA runtime wheels; only the CPU is used),
+# transformers 5.24.0, then PYTHON=V/bin/python scripts/reference/make_gguf_fixtures.sh (about 2 min).
 #
 # Per fixture NAME it writes tests/fixtures/gguf/
 #   NAME.gguf                   the model (converter F32 output, or llama-quantize of it)
