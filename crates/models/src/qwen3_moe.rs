@@ -62,9 +62,18 @@ pub struct Qwen3Moe {
 pub struct Session {
     pub pos: usize,
     capacity: usize,
+    /// Times each expert was chosen, `[layer × n_experts]`: routing statistics for streaming and benchmarks.
+    expert_counts: Vec<u64>,
     k: Vec<f32>,
     v: Vec<f32>,
     s: Scratch,
+}
+
+impl Session {
+    /// How often each expert of each layer was chosen so far, `[layer × n_experts]` row-major.
+    pub fn expert_counts(&self) -> &[u64] {
+        &self.expert_counts
+    }
 }
 
 struct Scratch {
@@ -191,6 +200,7 @@ impl Qwen3Moe {
         Session {
             pos: 0,
             capacity,
+            expert_counts: vec![0; c.num_layers * c.num_experts],
             k: vec![0.0; c.num_layers * capacity * kvd],
             v: vec![0.0; c.num_layers * capacity * kvd],
             s: Scratch {
@@ -309,6 +319,10 @@ impl Qwen3Moe {
             }
             if layer.moe {
                 self.moe(l, &mut sess.s, n)?;
+                let e = c.num_experts;
+                for &x in &sess.s.topk_idx[..n * self.top_k] {
+                    sess.expert_counts[l * e + x as usize] += 1;
+                }
             } else {
                 self.dense_mlp(l, &mut sess.s, n)?;
             }
