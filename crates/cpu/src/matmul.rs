@@ -6,12 +6,16 @@
 //! - `scalar`: the reference (decode with `moestream_quant`, then dot in f32), used for every encoding;
 //! - `x86::avx2` / `x86::avx512`: SIMD kernels for the encodings real checkpoints use, in two flavours: exact f32
 //!   ([`Dispatch::new`]) and q8 activations ([`Dispatch::new_q8`]: `x` quantized once per call into a
-//!   thread-local scratch, integer dot products for Q4_0/Q8_0/Q4_K/MLX q4).
+//!   thread-local scratch, integer dot products for Q4_0/Q8_0/Q4_K/MLX q4);
+//! - `arm::row_dot` / `arm::row_dot_q8`: NEON kernels for the same encodings on aarch64 (exact f32; the q8 table
+//!   needs the `dotprod` extension for `sdot`).
 //!
 //! It must not allocate on the per-call path, own weight memory, or know which model or expert a view belongs to.
 //! Every output element is written by exactly one task with a fixed summation order, so results are bit-identical
 //! for any thread count.
 
+#[cfg(target_arch = "aarch64")]
+mod arm;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -202,16 +206,19 @@ pub enum Isa {
     Avx2,
     /// AVX-512 F/BW/VL (plus the AVX2 set), 16 f32 lanes.
     Avx512,
+    /// aarch64 Advanced SIMD (baseline on every aarch64 CPU), 4 f32 lanes × 4 accumulators.
+    Neon,
 }
 
 impl Isa {
-    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon];
 
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Neon => "neon",
         }
     }
 
@@ -223,8 +230,10 @@ impl Isa {
             Isa::Avx2 => x86::has_avx2(),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => x86::has_avx512(),
+            // NEON is part of the aarch64 baseline: no detection.
+            Isa::Neon => cfg!(target_arch = "aarch64"),
             #[cfg(not(target_arch = "x86_64"))]
-            _ => false,
+            Isa::Avx2 | Isa::Avx512 => false,
         }
     }
 }
@@ -251,25 +260,30 @@ impl Dispatch {
             return None;
         }
         let row_dot: RowDot = match isa {
-            Isa::Scalar => return Some(Dispatch::scalar()),
+            Isa::Scalar => scalar_row_dot,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => x86::avx2::row_dot,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => x86::avx512::row_dot,
-            #[cfg(not(target_arch = "x86_64"))]
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => arm::row_dot,
+            // The ISAs of other architectures (unsupported, so already refused above).
             _ => return None,
         };
         Some(Dispatch { isa, activations: Activations::F32, row_dot })
     }
 
     /// The q8-activation table for `isa`, or `None` when the CPU lacks it (AVX2 uses `maddubs`; AVX-512 needs
-    /// VNNI). There is no scalar q8 table: the f32 reference is what q8 is checked against.
+    /// VNNI; NEON needs `dotprod` for `sdot`). There is no scalar q8 table: the f32 reference is what q8 is
+    /// checked against.
     pub fn new_q8(isa: Isa) -> Option<Dispatch> {
         let row_dot: RowDot = match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 if x86::has_avx2() => x86::avx2::row_dot_q8,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 if x86::has_avx512_vnni() => x86::avx512::row_dot_q8,
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon if arm::has_dotprod() => arm::row_dot_q8,
             _ => return None,
         };
         Some(Dispatch { isa, activations: Activations::Q8, row_dot })
@@ -284,11 +298,12 @@ impl Dispatch {
         self.activations
     }
 
-    /// `scalar`, `avx2`, `avx512`, `avx2-q8`, `avx512-q8`.
+    /// `scalar`, `avx2`, `avx512`, `neon`, `avx2-q8`, `avx512-q8`, `neon-q8`.
     pub fn name(&self) -> &'static str {
         match (self.isa, self.activations) {
             (Isa::Avx2, Activations::Q8) => "avx2-q8",
             (Isa::Avx512, Activations::Q8) => "avx512-q8",
+            (Isa::Neon, Activations::Q8) => "neon-q8",
             (isa, _) => isa.name(),
         }
     }
@@ -297,14 +312,18 @@ impl Dispatch {
         self.activations == Activations::Q8
     }
 
-    /// The fastest supported table, detected once per process: q8 activations (AVX-512 VNNI, else AVX2), else
-    /// the scalar reference. q8 is the default because the 4-bit formats are compute-bound in exact f32 on this
-    /// class of machine (README: Q4_K gemv 3.4 → 11.6 GB/s hot) and the tested error bound holds; Q8_0 is
-    /// memory-bound either way, and every other encoding runs the same f32 kernels in both tables.
+    /// The fastest supported table, detected once per process: q8 activations (AVX-512 VNNI, else AVX2; NEON
+    /// with `dotprod` on aarch64), else the fastest exact table ([`Dispatch::best_exact`]). q8 is the default
+    /// because the 4-bit formats are compute-bound in exact f32 on x86 (README: Q4_K gemv 3.4 → 11.6 GB/s hot) and
+    /// the tested error bound holds; Q8_0 is memory-bound either way, and every other encoding runs the same f32
+    /// kernels in both tables. On aarch64 the same choice is made by analogy, not yet measured.
     pub fn best() -> Dispatch {
         static BEST: OnceLock<Dispatch> = OnceLock::new();
         *BEST.get_or_init(|| {
-            [Isa::Avx512, Isa::Avx2].into_iter().find_map(Dispatch::new_q8).unwrap_or_else(Dispatch::scalar)
+            [Isa::Avx512, Isa::Avx2, Isa::Neon]
+                .into_iter()
+                .find_map(Dispatch::new_q8)
+                .unwrap_or_else(Dispatch::best_exact)
         })
     }
 
@@ -312,7 +331,7 @@ impl Dispatch {
     pub fn best_exact() -> Dispatch {
         static BEST: OnceLock<Dispatch> = OnceLock::new();
         *BEST.get_or_init(|| {
-            [Isa::Avx512, Isa::Avx2].into_iter().find_map(Dispatch::new).unwrap_or_else(Dispatch::scalar)
+            [Isa::Avx512, Isa::Avx2, Isa::Neon].into_iter().find_map(Dispatch::new).unwrap_or_else(Dispatch::scalar)
         })
     }
 
