@@ -102,6 +102,13 @@ struct EngineArgs {
     /// logits; llama.cpp always does this).
     #[arg(long)]
     q8_activations: bool,
+    /// Expert cache size: `all` (every expert resident) or a byte budget such as `6GiB`, `512MiB`, split evenly
+    /// over the MoE layers. The minimum is top-k slots per layer.
+    #[arg(long, default_value = "all")]
+    expert_cache: String,
+    /// Expert slots per MoE layer (overrides --expert-cache).
+    #[arg(long, env = "MLX_MOE_CACHE_SLOTS")]
+    cache_slots: Option<usize>,
     /// Context capacity of the session (KV cache positions).
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
@@ -116,6 +123,10 @@ impl EngineArgs {
         }
         opts.top_k = self.top_k;
         opts.q8_activations = self.q8_activations;
+        opts.expert_cache = match self.cache_slots {
+            Some(n) => moestream_store::CacheSize::Slots(n),
+            None => parse_cache_size(&self.expert_cache)?,
+        };
         let m =
             moestream_models::Qwen3Moe::load(&index, &opts).with_context(|| format!("loading {}", model.display()))?;
         if let Some(k) = self.top_k.filter(|&k| k != m.config.num_experts_per_tok) {
@@ -221,6 +232,20 @@ fn run() -> Result<()> {
             }
             writeln!(out)?;
             let decode = t1.elapsed().as_secs_f64();
+            let st = m.store_stats();
+            eprintln!(
+                "expert cache: {} slots/layer ({:.2} GB); hit rate {:.1}% ({} hits, {} misses); read {:.1} MB in {} \
+                 reads; read latency p50 {} us, p99 {} us",
+                m.slots_per_layer(),
+                m.expert_bytes() as f64 / 1e9,
+                100.0 * st.hit_rate(),
+                st.hits,
+                st.misses,
+                st.bytes_read as f64 / 1e6,
+                st.reads,
+                st.latency_percentile_us(50.0),
+                st.latency_percentile_us(99.0),
+            );
             eprintln!(
                 "prefill {} tokens: {:.2} tok/s; decode {} tokens: {:.2} tok/s{}",
                 tokens.len(),
@@ -241,6 +266,33 @@ fn run() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `all`, or a size with an optional unit (B, KB/KiB, MB/MiB, GB/GiB, TB/TiB; decimal or binary).
+fn parse_cache_size(s: &str) -> Result<moestream_store::CacheSize> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("all") {
+        return Ok(moestream_store::CacheSize::All);
+    }
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num.parse().with_context(|| format!("--expert-cache `{s}`: expected `all` or a size like 6GiB"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" | "k" => 1e3,
+        "kib" => 1024.0,
+        "mb" | "m" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "gb" | "g" => 1e9,
+        "gib" => (1u64 << 30) as f64,
+        "tb" | "t" => 1e12,
+        "tib" => (1u64 << 40) as f64,
+        other => bail!("--expert-cache `{s}`: unknown unit `{other}`"),
+    };
+    if !(v.is_finite() && v > 0.0) {
+        bail!("--expert-cache `{s}` must be positive");
+    }
+    Ok(moestream_store::CacheSize::Bytes((v * mult) as u64))
 }
 
 /// Greedy choice: the first index of the largest logit.

@@ -10,7 +10,9 @@ use moestream_cpu::ops::{
 };
 use moestream_cpu::{Dispatch, ThreadPool, WeightView};
 use moestream_format::{Architecture, Encoding, ModelConfig, TensorIndex};
-use moestream_store::{ExpertStore, OwnedWeight, ResidentWeights};
+use std::sync::Mutex;
+
+use moestream_store::{CacheSize, ExpertStore, OwnedWeight, ResidentWeights, StoreStats};
 
 use crate::ModelError;
 
@@ -24,6 +26,8 @@ pub struct ModelOptions {
     /// Quantize activations to 8 bits for integer dot products on block-quantized weights (as llama.cpp does).
     /// Faster on 4-bit weights; off by default because it changes logits slightly.
     pub q8_activations: bool,
+    /// Expert slots per layer: all resident, a byte budget, or a slot count.
+    pub expert_cache: CacheSize,
 }
 
 impl Default for ModelOptions {
@@ -33,6 +37,7 @@ impl Default for ModelOptions {
             prefill_chunk: 256,
             top_k: None,
             q8_activations: false,
+            expert_cache: CacheSize::All,
         }
     }
 }
@@ -48,7 +53,8 @@ struct Layer {
 pub struct Qwen3Moe {
     pub config: ModelConfig,
     resident: ResidentWeights,
-    experts: ExpertStore,
+    /// Behind a lock because `forward` takes `&self`; only the engine thread calls it, so it is never contended.
+    experts: Mutex<ExpertStore>,
     pool: ThreadPool,
     dispatch: Dispatch,
     layers: Vec<Layer>,
@@ -109,6 +115,12 @@ fn view(w: &OwnedWeight) -> WeightView<'_> {
     }
 }
 
+/// The `[rows, cols]` matrix in slot `slot` of a stacked slot buffer.
+fn slot_view(b: &moestream_store::SlotBuffer, slot: u32, rows: usize, cols: usize) -> WeightView<'_> {
+    let (data, scales, biases) = b.slot(slot as usize);
+    WeightView { encoding: b.encoding, rows, cols, data, scales, biases }
+}
+
 /// Decode row `r` of a resident matrix to f32 (embedding lookup).
 fn dequant_row(w: &OwnedWeight, r: usize, out: &mut [f32]) -> Result<(), ModelError> {
     let bad = |e: moestream_quant::QuantError| ModelError::Unsupported(format!("embedding row {r}: {e}"));
@@ -146,7 +158,7 @@ impl Qwen3Moe {
             )));
         }
         let resident = ResidentWeights::load(index)?;
-        let experts = ExpertStore::load_all(index)?;
+        let experts = Mutex::new(ExpertStore::open(index, opts.expert_cache)?);
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             let v = |n: &str| resident.vector(&format!("blk.{l}.{n}.weight")).map(<[f32]>::to_vec);
@@ -182,8 +194,26 @@ impl Qwen3Moe {
         self.resident.bytes()
     }
 
+    fn store(&self) -> std::sync::MutexGuard<'_, ExpertStore> {
+        // The cache tables are updated only after each read completes, so a poisoned lock is still consistent.
+        self.experts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn expert_bytes(&self) -> u64 {
-        self.experts.bytes()
+        self.store().bytes()
+    }
+
+    pub fn slots_per_layer(&self) -> usize {
+        self.store().slots_per_layer()
+    }
+
+    /// Expert cache statistics since load or the last reset.
+    pub fn store_stats(&self) -> StoreStats {
+        self.store().stats().clone()
+    }
+
+    pub fn reset_store_stats(&self) {
+        self.store().reset_stats()
     }
 
     pub fn top_k(&self) -> usize {
@@ -386,27 +416,20 @@ impl Qwen3Moe {
                 wts.iter_mut().for_each(|w| *w /= sum);
             }
         }
-        let layer =
-            self.experts.layer(l).ok_or_else(|| ModelError::Unsupported(format!("layer {l} has no experts")))?;
-        let gu_view = |slot: usize| {
-            let (d, sc, bi) = layer.gate_up.slot(slot);
-            WeightView { encoding: layer.gate_up.encoding, rows: 2 * im, cols: h, data: d, scales: sc, biases: bi }
-        };
-        let dn_view = |slot: usize| {
-            let (d, sc, bi) = layer.down.slot(slot);
-            WeightView { encoding: layer.down.encoding, rows: h, cols: im, data: d, scales: sc, biases: bi }
-        };
+        let mut store = self.store();
         if n == 1 {
-            // Decode: every expert is resident, so expert id == slot id (the store will map them once it streams).
-            let mut views_gu = [gu_view(0); 32];
-            let mut views_dn = [dn_view(0); 32];
-            if k > views_gu.len() {
+            // Decode: make the token's k experts resident, then one gathered pass per projection over their slots.
+            let mut slots = [0u32; 32];
+            if k > slots.len() {
                 return Err(ModelError::Unsupported(format!("top-k {k} above 32")));
             }
+            store.ensure(l, &s.topk_idx[..k], &mut slots[..k])?;
+            let layer = store.layer(l).ok_or_else(|| ModelError::Unsupported(format!("layer {l} has no experts")))?;
+            let mut views_gu = [slot_view(layer.gate_up, slots[0], 2 * im, h); 32];
+            let mut views_dn = [slot_view(layer.down, slots[0], h, im); 32];
             for j in 0..k {
-                let slot = s.topk_idx[j] as usize;
-                views_gu[j] = gu_view(slot);
-                views_dn[j] = dn_view(slot);
+                views_gu[j] = slot_view(layer.gate_up, slots[j], 2 * im, h);
+                views_dn[j] = slot_view(layer.down, slots[j], h, im);
             }
             self.dispatch.gathered_gate_up(&self.pool, &views_gu[..k], &s.hn[..h], &mut s.act[..k * im])?;
             self.dispatch.gathered_down(
@@ -447,14 +470,24 @@ impl Qwen3Moe {
                 let t = pair as usize / k;
                 s.xin[r * h..(r + 1) * h].copy_from_slice(&s.hn[t * h..(t + 1) * h]);
             }
-            self.matmul(&gu_view(ex), &s.xin[..cnt * h], cnt, &mut s.gu[..cnt * 2 * im])?;
+            // One expert at a time, in expert order: each is read at most once per chunk, and a cache of top-k slots
+            // suffices however many distinct experts the chunk routes to.
+            let mut slot = [0u32; 1];
+            store.ensure(l, &[ex as u32], &mut slot)?;
+            let layer = store.layer(l).ok_or_else(|| ModelError::Unsupported(format!("layer {l} has no experts")))?;
+            self.matmul(
+                &slot_view(layer.gate_up, slot[0], 2 * im, h),
+                &s.xin[..cnt * h],
+                cnt,
+                &mut s.gu[..cnt * 2 * im],
+            )?;
             for r in 0..cnt {
                 let row = &s.gu[r * 2 * im..(r + 1) * 2 * im];
                 for i in 0..im {
                     s.act[r * im + i] = silu(row[i]) * row[im + i];
                 }
             }
-            self.matmul(&dn_view(ex), &s.act[..cnt * im], cnt, &mut s.dn[..cnt * h])?;
+            self.matmul(&slot_view(layer.down, slot[0], h, im), &s.act[..cnt * im], cnt, &mut s.dn[..cnt * h])?;
             for (r, &pair) in s.order[a..b].iter().enumerate() {
                 let t = pair as usize / k;
                 let wt = s.topk_w[pair as usize];

@@ -5,14 +5,16 @@
 //! stacked buffer per projection per MoE layer, `[slots, rows, row_bytes]`, with gate and up fused into one
 //! `[slots, 2·I, H]` buffer so the gathered kernel walks gate and up of an expert as one matrix.
 //!
-//! This version keeps every expert resident (slot `e` holds expert `e`); streaming into fewer slots than experts
-//! is the next step and keeps this interface.
+//! The expert cache may hold fewer slots than experts: `ExpertStore::ensure` reads missing experts into least
+//! recently used slots (see `cache`).
 
 mod aligned;
+mod cache;
 mod resident;
 
 pub use aligned::AlignedBuf;
-pub use resident::{ExpertLayer, ExpertStore, OwnedWeight, ResidentWeights, SlotBuffer};
+pub use cache::{CacheSize, ExpertLayer, ExpertStore, StoreStats};
+pub use resident::{OwnedWeight, ResidentWeights, SlotBuffer};
 
 use std::path::PathBuf;
 
@@ -26,6 +28,8 @@ pub enum StoreError {
     Open { path: PathBuf, source: std::io::Error },
     #[error("tensor {tensor}: {msg}")]
     Layout { tensor: String, msg: String },
+    #[error("expert cache: {0}")]
+    Budget(String),
     #[error("cannot allocate {bytes} bytes of weight memory")]
     Alloc { bytes: usize },
 }

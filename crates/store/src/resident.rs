@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use moestream_format::{Encoding, FileRange, TensorEntry, TensorIndex};
+use moestream_format::{Encoding, ExpertRanges, FileRange, TensorEntry, TensorIndex};
 
 use crate::{AlignedBuf, StoreError};
 
@@ -126,7 +126,7 @@ pub struct SlotBuffer {
 
 impl SlotBuffer {
     /// A buffer whose slots hold `parts` (one expert of each tensor, stacked by rows) back to back.
-    fn new(parts: &[&TensorEntry], cols: usize, slots: usize) -> Result<Self, StoreError> {
+    pub(crate) fn new(parts: &[&TensorEntry], cols: usize, slots: usize) -> Result<Self, StoreError> {
         let first = parts[0];
         let mut rows = 0;
         let (mut data_stride, mut group_stride) = (0usize, 0usize);
@@ -167,13 +167,11 @@ impl SlotBuffer {
         (d, &self.scales.as_slice()[g.clone()], &self.biases.as_slice()[g])
     }
 
-    /// Read expert `e` of every part into slot `s`: one positioned read per part per piece, straight into place.
-    fn fill(&mut self, files: &Files, parts: &[&TensorEntry], e: usize, s: usize) -> Result<(), StoreError> {
+    /// Read one expert's `parts` (gate and up, or down) into slot `s`: one positioned read per range, straight
+    /// into place.
+    pub(crate) fn fill(&mut self, files: &Files, parts: &[ExpertRanges], s: usize) -> Result<(), StoreError> {
         let (mut d_at, mut g_at) = (s * self.data_stride, s * self.group_stride);
-        for t in parts {
-            let r = t
-                .expert(e)
-                .ok_or_else(|| StoreError::Layout { tensor: t.name.clone(), msg: format!("no expert {e}") })?;
+        for r in parts {
             let n = r.data.len as usize;
             files.read(r.data, &mut self.data.as_mut_slice()[d_at..d_at + n])?;
             d_at += n;
@@ -185,65 +183,5 @@ impl SlotBuffer {
             }
         }
         Ok(())
-    }
-}
-
-/// The experts of one MoE layer.
-pub struct ExpertLayer {
-    /// `[slots, 2·I, H]`: gate rows then up rows.
-    pub gate_up: SlotBuffer,
-    /// `[slots, H, I]`.
-    pub down: SlotBuffer,
-    /// Expert id held by each slot.
-    pub slot_expert: Vec<u32>,
-}
-
-/// Expert slots for every MoE layer. In this version every expert is resident: slot `e` holds expert `e`.
-pub struct ExpertStore {
-    layers: Vec<Option<ExpertLayer>>,
-    bytes: u64,
-}
-
-impl ExpertStore {
-    pub fn load_all(index: &TensorIndex) -> Result<Self, StoreError> {
-        let files = Files::open(index)?;
-        let c = &index.config;
-        let mut layers = Vec::with_capacity(c.num_layers);
-        let mut bytes = 0u64;
-        for l in 0..c.num_layers {
-            if !c.layer_is_moe(l) {
-                layers.push(None);
-                continue;
-            }
-            let get = |p: &str| index.get(&format!("blk.{l}.{p}.weight"));
-            let (g, u, d) = (get("ffn_gate_exps")?, get("ffn_up_exps")?, get("ffn_down_exps")?);
-            let e = g.num_experts();
-            let (i, h) = (c.moe_intermediate_size, c.hidden_size);
-            let mut gate_up = SlotBuffer::new(&[g, u], h, e)?;
-            let mut down = SlotBuffer::new(&[d], i, e)?;
-            for x in 0..e {
-                gate_up.fill(&files, &[g, u], x, x)?;
-                down.fill(&files, &[d], x, x)?;
-            }
-            for b in [&gate_up, &down] {
-                bytes += (b.data.len() + b.scales.len() + b.biases.len()) as u64;
-            }
-            layers.push(Some(ExpertLayer { gate_up, down, slot_expert: (0..e as u32).collect() }));
-        }
-        Ok(ExpertStore { layers, bytes })
-    }
-
-    pub fn layer(&self, l: usize) -> Option<&ExpertLayer> {
-        self.layers.get(l).and_then(Option::as_ref)
-    }
-
-    /// Slots holding `experts` in `layer`. With every expert resident this is the identity.
-    pub fn ensure(&mut self, _layer: usize, experts: &[u32], slots: &mut [u32]) -> Result<(), StoreError> {
-        slots.copy_from_slice(experts);
-        Ok(())
-    }
-
-    pub fn bytes(&self) -> u64 {
-        self.bytes
     }
 }

@@ -1,0 +1,83 @@
+//! Streaming never changes outputs: logits of a prefill and of token-by-token greedy decode are bit-identical for
+//! every expert-cache size from the minimum (top-k slots per layer) to every expert resident, in every file family.
+
+use moestream_format::TensorIndex;
+use moestream_models::{ModelOptions, Qwen3Moe};
+use moestream_store::CacheSize;
+use moestream_synth::{Preset, SynthFormat, SynthOptions, synth};
+
+fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Prefill logits (all positions) followed by the logits of 8 greedy decode steps.
+fn trace(m: &Qwen3Moe) -> Vec<f32> {
+    let prompt: Vec<u32> = (0..24u32).map(|i| (i * 7919 + 13) % 900).collect();
+    let mut s = m.new_session(64);
+    let mut all = Vec::new();
+    m.forward(&mut s, &prompt, true, &mut all).expect("prefill");
+    let v = m.config.vocab_size;
+    let mut last = all[all.len() - v..].to_vec();
+    for _ in 0..8 {
+        let next = argmax(&last);
+        m.forward(&mut s, &[next], false, &mut last).expect("decode");
+        all.extend_from_slice(&last);
+    }
+    all
+}
+
+#[test]
+fn every_cache_size_gives_identical_logits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for format in [SynthFormat::GgufQ4_0, SynthFormat::MlxQ4, SynthFormat::HfBf16] {
+        let path = dir.path().join(format.name());
+        synth(&SynthOptions::new(Preset::TinyQwen3Moe, format, &path)).expect("synth");
+        let index = TensorIndex::open(&path).expect("index");
+        let load = |c: CacheSize| {
+            Qwen3Moe::load(&index, &ModelOptions { threads: 2, expert_cache: c, ..ModelOptions::default() })
+                .expect("load")
+        };
+        let reference = trace(&load(CacheSize::All));
+        let k = index.config.num_experts_per_tok;
+        for slots in [k, k + 1, 5, index.config.num_experts] {
+            let m = load(CacheSize::Slots(slots));
+            let got = trace(&m);
+            assert!(
+                got.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{}: {slots} slots/layer changed the logits",
+                format.name()
+            );
+            let st = m.store_stats();
+            if slots < index.config.num_experts {
+                assert!(st.misses > 0 && st.bytes_read > 0, "{}: {slots} slots never missed: {st:?}", format.name());
+            } else {
+                assert_eq!(st.misses, 0, "{}: all experts resident but missed", format.name());
+            }
+        }
+        // A byte budget resolves to slots the same way.
+        let per_slot = load(CacheSize::Slots(k)).expert_bytes() / k as u64;
+        let m = load(CacheSize::Bytes(per_slot * (k as u64 + 1)));
+        assert_eq!(m.slots_per_layer(), k + 1);
+    }
+}
+
+#[test]
+fn a_cache_below_top_k_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("m.gguf");
+    synth(&SynthOptions::new(Preset::TinyQwen3Moe, SynthFormat::GgufQ8_0, &path)).expect("synth");
+    let index = TensorIndex::open(&path).expect("index");
+    for c in [CacheSize::Slots(1), CacheSize::Bytes(1000)] {
+        let err = match Qwen3Moe::load(&index, &ModelOptions { expert_cache: c, ..ModelOptions::default() }) {
+            Ok(_) => panic!("{c:?} accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("minimum of top-k = 2") && err.contains("GiB"), "{err}");
+    }
+}
