@@ -75,6 +75,9 @@ enum Command {
         /// Tokens to generate.
         #[arg(short = 'n', long, default_value_t = 32)]
         n: usize,
+        /// Write the routing trace (every token's top-k expert ids per MoE layer) as JSON, for cache studies.
+        #[arg(long)]
+        trace_out: Option<PathBuf>,
         #[command(flatten)]
         engine: EngineArgs,
     },
@@ -198,7 +201,7 @@ fn run() -> Result<()> {
             let rows: Vec<&[f32]> = out.chunks(v).collect();
             println!("{}", serde_json::json!({"tokens": tokens, "logits": rows}));
         }
-        Command::Run { model, prompt, tokens, n, engine } => {
+        Command::Run { model, prompt, tokens, n, trace_out, engine } => {
             use std::io::Write;
             let index = moestream_format::TensorIndex::open(&model)?;
             let tok = moestream_chat::Tokenizer::from_index(&index)?;
@@ -212,6 +215,9 @@ fn run() -> Result<()> {
             }
             let m = engine.load(&model)?;
             let mut sess = m.new_session(engine.ctx.max(tokens.len() + n));
+            if trace_out.is_some() {
+                sess.enable_trace();
+            }
             let mut logits = Vec::with_capacity(m.config.vocab_size);
             let t0 = std::time::Instant::now();
             m.forward(&mut sess, &tokens, false, &mut logits)?;
@@ -232,6 +238,20 @@ fn run() -> Result<()> {
             }
             writeln!(out)?;
             let decode = t1.elapsed().as_secs_f64();
+            if let (Some(p), Some(tr)) = (&trace_out, sess.trace()) {
+                let c = &m.config;
+                let moe_layers = (0..c.num_layers).filter(|&l| c.layer_is_moe(l)).count();
+                let j = serde_json::json!({
+                    "model": model.display().to_string(),
+                    "num_experts": c.num_experts,
+                    "top_k": m.top_k(),
+                    "moe_layers": moe_layers,
+                    "prompt_tokens": tokens.len(),
+                    "layout": "tokens × moe_layers × top_k",
+                    "experts": tr,
+                });
+                std::fs::write(p, j.to_string()).with_context(|| format!("writing {}", p.display()))?;
+            }
             let st = m.store_stats();
             eprintln!(
                 "expert cache: {} slots/layer ({:.2} GB); hit rate {:.1}% ({} hits, {} misses); read {:.1} MB in {} \

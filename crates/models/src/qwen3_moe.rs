@@ -70,6 +70,9 @@ pub struct Session {
     capacity: usize,
     /// Times each expert was chosen, `[layer × n_experts]`: routing statistics for streaming and benchmarks.
     expert_counts: Vec<u64>,
+    /// When enabled: every token's top-k choices per MoE layer, in order (`[token][layer][k]`, dense layers
+    /// skipped), for cache-policy studies. Off by default; it grows with the sequence.
+    trace: Option<Vec<u32>>,
     k: Vec<f32>,
     v: Vec<f32>,
     s: Scratch,
@@ -79,6 +82,16 @@ impl Session {
     /// How often each expert of each layer was chosen so far, `[layer × n_experts]` row-major.
     pub fn expert_counts(&self) -> &[u64] {
         &self.expert_counts
+    }
+
+    /// Start recording routing choices (see [`Session::trace`]).
+    pub fn enable_trace(&mut self) {
+        self.trace.get_or_insert_with(Vec::new);
+    }
+
+    /// Recorded choices: for each token in order, for each MoE layer in order, its top-k expert ids.
+    pub fn trace(&self) -> Option<&[u32]> {
+        self.trace.as_deref()
     }
 }
 
@@ -231,6 +244,7 @@ impl Qwen3Moe {
             pos: 0,
             capacity,
             expert_counts: vec![0; c.num_layers * c.num_experts],
+            trace: None,
             k: vec![0.0; c.num_layers * capacity * kvd],
             v: vec![0.0; c.num_layers * capacity * kvd],
             s: Scratch {
@@ -353,12 +367,29 @@ impl Qwen3Moe {
                 for &x in &sess.s.topk_idx[..n * self.top_k] {
                     sess.expert_counts[l * e + x as usize] += 1;
                 }
+                if let Some(tr) = sess.trace.as_mut() {
+                    // Appended layer-major; reordered token-major once the chunk is done (below).
+                    tr.extend_from_slice(&sess.s.topk_idx[..n * self.top_k]);
+                }
             } else {
                 self.dense_mlp(l, &mut sess.s, n)?;
             }
             let s = &mut sess.s;
             for (x, o) in s.x[..n * h].iter_mut().zip(&s.moe_out[..n * h]) {
                 *x += o;
+            }
+        }
+        if let Some(tr) = sess.trace.as_mut() {
+            let k = self.top_k;
+            let moe = self.layers.iter().filter(|l| l.moe).count();
+            let start = tr.len() - moe * n * k;
+            let chunk: Vec<u32> = tr[start..].to_vec();
+            for t in 0..n {
+                for m in 0..moe {
+                    let src = (m * n + t) * k;
+                    let dst = start + (t * moe + m) * k;
+                    tr[dst..dst + k].copy_from_slice(&chunk[src..src + k]);
+                }
             }
         }
         sess.pos += n;

@@ -56,3 +56,24 @@ fn prefill_and_decode_agree_on_synthetic_models() {
         }
     }
 }
+
+#[test]
+fn routing_trace_is_token_major_for_prefill_and_decode_alike() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("m.gguf");
+    synth(&SynthOptions::new(Preset::TinyQwen3Moe, SynthFormat::GgufQ8_0, &path)).expect("synth");
+    let m = Qwen3Moe::load(&TensorIndex::open(&path).expect("index"), &ModelOptions::default()).expect("load");
+    let p = prompt(12);
+    let mut out = Vec::new();
+    let mut a = m.new_session(16);
+    a.enable_trace();
+    m.forward(&mut a, &p, false, &mut out).expect("prefill");
+    let mut b = m.new_session(16);
+    b.enable_trace();
+    for &t in &p {
+        m.forward(&mut b, &[t], false, &mut out).expect("decode");
+    }
+    let (ta, tb) = (a.trace().expect("trace"), b.trace().expect("trace"));
+    assert_eq!(ta.len(), 12 * m.config.num_layers * m.top_k());
+    assert_eq!(ta, tb);
+}
