@@ -112,6 +112,14 @@ struct EngineArgs {
     /// Expert slots per MoE layer (overrides --expert-cache).
     #[arg(long, env = "MLX_MOE_CACHE_SLOTS")]
     cache_slots: Option<usize>,
+    /// Decode a token's experts with k per-expert calls instead of one gathered call per projection (for
+    /// comparison; same results). `MLX_MOE_STACKED=0` does the same.
+    #[arg(long)]
+    no_stacked: bool,
+    /// Walk gate and up separately instead of as one fused `[2·I, H]` matrix (same results).
+    /// `MLX_MOE_FUSE_GATEUP=0` does the same.
+    #[arg(long)]
+    no_fuse_gate_up: bool,
     /// Context capacity of the session (KV cache positions).
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
@@ -126,6 +134,11 @@ impl EngineArgs {
         }
         opts.top_k = self.top_k;
         opts.q8_activations = self.q8_activations;
+        let env_off = |name: &str| std::env::var(name).is_ok_and(|v| matches!(v.trim(), "0" | "false" | "no" | "off"));
+        opts.moe_kernels = moestream_models::MoeKernels {
+            stacked: !(self.no_stacked || env_off("MLX_MOE_STACKED")),
+            fuse_gate_up: !(self.no_fuse_gate_up || env_off("MLX_MOE_FUSE_GATEUP")),
+        };
         opts.expert_cache = match self.cache_slots {
             Some(n) => moestream_store::CacheSize::Slots(n),
             None => parse_cache_size(&self.expert_cache)?,

@@ -28,6 +28,23 @@ pub struct ModelOptions {
     pub q8_activations: bool,
     /// Expert slots per layer: all resident, a byte budget, or a slot count.
     pub expert_cache: CacheSize,
+    /// How decode runs a token's experts (for comparison; every mode gives bit-identical results).
+    pub moe_kernels: MoeKernels,
+}
+
+/// Decode-time MoE execution, the SwiftLM knobs `MLX_MOE_STACKED` and `MLX_MOE_FUSE_GATEUP`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeKernels {
+    /// One gathered call per projection over all k slots (true), or k separate per-expert calls.
+    pub stacked: bool,
+    /// Gate and up as one `[2·I, H]` walk with SwiGLU fused (true), or two separate walks.
+    pub fuse_gate_up: bool,
+}
+
+impl Default for MoeKernels {
+    fn default() -> Self {
+        MoeKernels { stacked: true, fuse_gate_up: true }
+    }
 }
 
 impl Default for ModelOptions {
@@ -38,6 +55,7 @@ impl Default for ModelOptions {
             top_k: None,
             q8_activations: false,
             expert_cache: CacheSize::All,
+            moe_kernels: MoeKernels::default(),
         }
     }
 }
@@ -62,6 +80,7 @@ pub struct Qwen3Moe {
     inv_freq: Vec<f32>,
     top_k: usize,
     chunk: usize,
+    kernels: MoeKernels,
 }
 
 /// One conversation's state: KV cache and scratch, sized at creation.
@@ -134,6 +153,22 @@ fn slot_view(b: &moestream_store::SlotBuffer, slot: u32, rows: usize, cols: usiz
     WeightView { encoding: b.encoding, rows, cols, data, scales, biases }
 }
 
+/// Rows `0..a` and `a..` of a view, as two views (gate and up halves of a fused slot).
+fn split_rows<'a>(w: &WeightView<'a>, a: usize) -> (WeightView<'a>, WeightView<'a>) {
+    let rb = w.data.len() / w.rows.max(1);
+    let gb = w.scales.len() / w.rows.max(1);
+    let top =
+        WeightView { rows: a, data: &w.data[..a * rb], scales: &w.scales[..a * gb], biases: &w.biases[..a * gb], ..*w };
+    let bottom = WeightView {
+        rows: w.rows - a,
+        data: &w.data[a * rb..],
+        scales: &w.scales[a * gb..],
+        biases: &w.biases[a * gb..],
+        ..*w
+    };
+    (top, bottom)
+}
+
 /// Decode row `r` of a resident matrix to f32 (embedding lookup).
 fn dequant_row(w: &OwnedWeight, r: usize, out: &mut [f32]) -> Result<(), ModelError> {
     let bad = |e: moestream_quant::QuantError| ModelError::Unsupported(format!("embedding row {r}: {e}"));
@@ -200,6 +235,7 @@ impl Qwen3Moe {
             output_norm,
             top_k,
             chunk: opts.prefill_chunk.max(1),
+            kernels: opts.moe_kernels,
         })
     }
 
@@ -462,14 +498,43 @@ impl Qwen3Moe {
                 views_gu[j] = slot_view(layer.gate_up, slots[j], 2 * im, h);
                 views_dn[j] = slot_view(layer.down, slots[j], h, im);
             }
-            self.dispatch.gathered_gate_up(&self.pool, &views_gu[..k], &s.hn[..h], &mut s.act[..k * im])?;
-            self.dispatch.gathered_down(
-                &self.pool,
-                &views_dn[..k],
-                &s.act[..k * im],
-                &s.topk_w[..k],
-                &mut s.moe_out[..h],
-            )?;
+            let (x, act, out) = (&s.hn[..h], &mut s.act[..k * im], &mut s.moe_out[..h]);
+            let (pool, d) = (&self.pool, &self.dispatch);
+            match (self.kernels.stacked, self.kernels.fuse_gate_up) {
+                (true, true) => d.gathered_gate_up(pool, &views_gu[..k], x, act)?,
+                (true, false) => {
+                    let mut gate = [views_gu[0]; 32];
+                    let mut up = [views_gu[0]; 32];
+                    for j in 0..k {
+                        (gate[j], up[j]) = split_rows(&views_gu[j], im);
+                    }
+                    d.gathered_gate_up_split(pool, &gate[..k], &up[..k], x, act)?;
+                }
+                (false, fuse) => {
+                    for j in 0..k {
+                        let a = &mut act[j * im..(j + 1) * im];
+                        if fuse {
+                            d.gathered_gate_up(pool, &views_gu[j..j + 1], x, a)?;
+                        } else {
+                            let (g, u) = split_rows(&views_gu[j], im);
+                            d.gathered_gate_up_split(pool, &[g], &[u], x, a)?;
+                        }
+                    }
+                }
+            }
+            if self.kernels.stacked {
+                d.gathered_down(pool, &views_dn[..k], act, &s.topk_w[..k], out)?;
+            } else {
+                // k separate calls, summed in choice order exactly as the gathered kernel does.
+                out.fill(0.0);
+                for j in 0..k {
+                    let y = &mut s.dn[..h];
+                    d.gemv(pool, &views_dn[j], &act[j * im..(j + 1) * im], y)?;
+                    for (o, &v) in out.iter_mut().zip(y.iter()) {
+                        *o += s.topk_w[j] * v;
+                    }
+                }
+            }
             return Ok(());
         }
         // Prefill: counting sort of (token, choice) pairs by expert, then one GEMM pair per used expert.

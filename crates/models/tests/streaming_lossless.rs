@@ -2,7 +2,7 @@
 //! every expert-cache size from the minimum (top-k slots per layer) to every expert resident, in every file family.
 
 use moestream_format::TensorIndex;
-use moestream_models::{ModelOptions, Qwen3Moe};
+use moestream_models::{ModelOptions, MoeKernels, Qwen3Moe};
 use moestream_store::CacheSize;
 use moestream_synth::{Preset, SynthFormat, SynthOptions, synth};
 
@@ -58,6 +58,25 @@ fn every_cache_size_gives_identical_logits() {
                 assert!(st.misses > 0 && st.bytes_read > 0, "{}: {slots} slots never missed: {st:?}", format.name());
             } else {
                 assert_eq!(st.misses, 0, "{}: all experts resident but missed", format.name());
+            }
+        }
+        // Every decode kernel mode (stacked or per-expert, fused gate+up or split), at the smallest cache too.
+        for stacked in [true, false] {
+            for fuse_gate_up in [true, false] {
+                for c in [CacheSize::All, CacheSize::Slots(k)] {
+                    let opts = ModelOptions {
+                        threads: 2,
+                        expert_cache: c,
+                        moe_kernels: MoeKernels { stacked, fuse_gate_up },
+                        ..ModelOptions::default()
+                    };
+                    let got = trace(&Qwen3Moe::load(&index, &opts).expect("load"));
+                    assert!(
+                        got.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{}: stacked={stacked} fuse={fuse_gate_up} {c:?} changed the logits",
+                        format.name()
+                    );
+                }
             }
         }
         // A byte budget resolves to slots the same way.
