@@ -267,6 +267,14 @@ fn run() -> Result<()> {
             }
             let st = m.store_stats();
             eprintln!(
+                "memory: peak RSS {:.0} MB = trunk {:.0} MB + expert slots {:.0} MB + KV {:.0} MB + {:.0} MB other",
+                peak_rss_bytes() as f64 / 1e6,
+                m.resident_bytes() as f64 / 1e6,
+                m.expert_bytes() as f64 / 1e6,
+                sess.kv_bytes() as f64 / 1e6,
+                (peak_rss_bytes() as f64 - (m.resident_bytes() + m.expert_bytes() + sess.kv_bytes()) as f64) / 1e6,
+            );
+            eprintln!(
                 "expert cache: {} slots/layer ({:.2} GB); hit rate {:.1}% ({} hits, {} misses); read {:.1} MB in {} \
                  reads; read latency p50 {} us, p99 {} us",
                 m.slots_per_layer(),
@@ -326,6 +334,17 @@ fn parse_cache_size(s: &str) -> Result<moestream_store::CacheSize> {
         bail!("--expert-cache `{s}` must be positive");
     }
     Ok(moestream_store::CacheSize::Bytes((v * mult) as u64))
+}
+
+/// Peak resident set size of this process (`VmHWM`), 0 where /proc is unavailable.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
 }
 
 /// Greedy choice: the first index of the largest logit.

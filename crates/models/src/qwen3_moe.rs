@@ -98,6 +98,11 @@ pub struct Session {
 }
 
 impl Session {
+    /// Bytes of the KV cache (f32 keys and values for every layer and position).
+    pub fn kv_bytes(&self) -> u64 {
+        (self.k.len() + self.v.len()) as u64 * 4
+    }
+
     /// How often each expert of each layer was chosen so far, `[layer × n_experts]` row-major.
     pub fn expert_counts(&self) -> &[u64] {
         &self.expert_counts
@@ -302,7 +307,9 @@ impl Qwen3Moe {
                 order: vec![0; t * k],
                 offsets: vec![0; c.num_experts + 1],
                 scores: vec![0.0; c.num_heads * capacity],
-                logits: vec![0.0; t * c.vocab_size],
+                // One row; grown only when a caller asks for every position's logits (a prefill-time request:
+                // a full chunk of rows would be 155 MB at Qwen3's vocabulary).
+                logits: vec![0.0; c.vocab_size],
             },
         }
     }
@@ -442,6 +449,9 @@ impl Qwen3Moe {
                 Err(_) => self.resident.get("token_embd.weight")?,
             };
             let v = c.vocab_size;
+            if s.logits.len() < rows * v {
+                s.logits.resize(rows * v, 0.0);
+            }
             self.matmul(&view(head), &s.hn[..rows * h], rows, &mut s.logits[..rows * v])?;
         }
         Ok(())
