@@ -239,7 +239,7 @@ fn run() -> Result<()> {
             let mut out = std::io::stdout().lock();
             let mut stream = moestream_chat::StreamDecoder::new();
             for i in 0..n {
-                let next = argmax(&logits);
+                let next = moestream_cpu::ops::argmax(&logits);
                 match &tok {
                     Some(t) => write!(out, "{}", stream.push(t, next)?)?,
                     None => write!(out, "{next}{}", if i + 1 < n { "," } else { "" })?,
@@ -345,15 +345,4 @@ fn peak_rss_bytes() -> u64 {
         })
         .map(|kb| kb * 1024)
         .unwrap_or(0)
-}
-
-/// Greedy choice: the first index of the largest logit.
-fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
 }

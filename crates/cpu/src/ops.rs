@@ -63,6 +63,17 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
+/// Greedy choice: the first index of the largest value (as `torch.argmax`).
+pub fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// The `k` largest values of `x` (descending; ties to the lower index, as `torch.topk` on CPU returns them),
 /// written to `idx` and `val`. O(n·k), fine for expert counts.
 pub fn top_k(x: &[f32], k: usize, idx: &mut [u32], val: &mut [f32]) {

@@ -56,6 +56,21 @@ pub enum LayerAttention {
     LinearAttention,
 }
 
+impl LayerAttention {
+    /// Qwen3.5/Qwen3-Next's default pattern: layer i is full attention iff (i+1) is a multiple of `interval`.
+    pub fn hybrid_pattern(num_layers: usize, interval: usize) -> Vec<LayerAttention> {
+        (0..num_layers)
+            .map(|i| {
+                if (i + 1).is_multiple_of(interval.max(1)) {
+                    LayerAttention::FullAttention
+                } else {
+                    LayerAttention::LinearAttention
+                }
+            })
+            .collect()
+    }
+}
+
 /// Gated DeltaNet ("linear attention") geometry of the hybrid models.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct LinearAttentionConfig {
@@ -202,15 +217,7 @@ impl ModelConfig {
                     if interval == 0 {
                         return Err(FormatError::invalid(path, "`full_attention_interval` must be at least 1"));
                     }
-                    (0..num_layers)
-                        .map(|i| {
-                            if (i + 1) % interval == 0 {
-                                LayerAttention::FullAttention
-                            } else {
-                                LayerAttention::LinearAttention
-                            }
-                        })
-                        .collect()
+                    LayerAttention::hybrid_pattern(num_layers, interval)
                 }
             };
             let linear = LinearAttentionConfig {

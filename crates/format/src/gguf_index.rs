@@ -110,16 +110,7 @@ fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig, FormatError> {
     };
     let (layer_types, linear) = if architecture.is_hybrid() {
         let interval = opt("full_attention_interval")?.unwrap_or(4).max(1);
-        let lt =
-            (0..num_layers)
-                .map(|i| {
-                    if (i + 1) % interval == 0 {
-                        LayerAttention::FullAttention
-                    } else {
-                        LayerAttention::LinearAttention
-                    }
-                })
-                .collect();
+        let lt = LayerAttention::hybrid_pattern(num_layers, interval);
         let lin = LinearAttentionConfig {
             num_key_heads: req("ssm.group_count")?,
             num_value_heads: req("ssm.time_step_rank")?,

@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
+use moestream_cpu::ops::argmax;
 use moestream_format::TensorIndex;
 use moestream_models::{ModelOptions, Qwen3Moe};
 use serde_json::Value;
@@ -28,16 +29,6 @@ fn rel_err(ours: &[f32], theirs: &[f32]) -> f64 {
     let max_ref = theirs.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
     let max_diff = ours.iter().zip(theirs).fold(0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs()));
     max_diff / max_ref
-}
-
-fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn check(case: &str, threads: usize) {

@@ -24,6 +24,7 @@
 
 use std::path::{Path, PathBuf};
 
+use moestream_cpu::ops::argmax;
 use moestream_format::TensorIndex;
 use moestream_models::{ModelOptions, Qwen3Moe};
 use moestream_quant::{Encoding, FloatType, MlxAffine};
@@ -65,16 +66,6 @@ fn rel_err(ours: &[f32], theirs: &[f32]) -> f64 {
     assert_eq!(ours.len(), theirs.len());
     let max_diff = ours.iter().zip(theirs).fold(0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs()));
     max_diff / max_abs(theirs)
-}
-
-fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn top_gap(x: &[f32]) -> f64 {

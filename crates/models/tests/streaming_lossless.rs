@@ -1,20 +1,11 @@
 //! Streaming never changes outputs: logits of a prefill and of token-by-token greedy decode are bit-identical for
 //! every expert-cache size from the minimum (top-k slots per layer) to every expert resident, in every file family.
 
+use moestream_cpu::ops::argmax;
 use moestream_format::TensorIndex;
 use moestream_models::{ModelOptions, MoeKernels, Qwen3Moe};
 use moestream_store::CacheSize;
 use moestream_synth::{Preset, SynthFormat, SynthOptions, synth};
-
-fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
 
 /// Prefill logits (all positions) followed by the logits of 8 greedy decode steps.
 fn trace(m: &Qwen3Moe) -> Vec<f32> {

@@ -11,6 +11,9 @@
 //! The block layouts live in three submodules: `legacy` (Q4_0..Q8_0), `kquant` (Q4_K, Q5_K, Q6_K) and `mxfp4`.
 
 mod kquant;
+
+/// The Q4_K/Q5_K 12-byte scale field as 8 (scale, min) pairs; shared with the SIMD kernels in `moestream-cpu`.
+pub use kquant::scale_min_k4;
 mod legacy;
 mod mxfp4;
 

@@ -26,19 +26,7 @@ pub(super) fn has_dotprod() -> bool {
     std::arch::is_aarch64_feature_detected!("dotprod")
 }
 
-/// Unpacks the 12-byte Q4_K scale field into 8 (scale, min) pairs (copy of `quant`'s `scale_min_k4`).
-#[inline]
-fn scale_min_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
-    let mut sc = [0u8; 8];
-    let mut mn = [0u8; 8];
-    for i in 0..4 {
-        sc[i] = s[i] & 0x3f;
-        mn[i] = s[i + 4] & 0x3f;
-        sc[i + 4] = (s[i + 8] & 0x0f) | ((s[i] >> 2) & 0x30);
-        mn[i + 4] = (s[i + 8] >> 4) | ((s[i + 4] >> 2) & 0x30);
-    }
-    (sc, mn)
-}
+use moestream_quant::ggml::scale_min_k4;
 
 /// Scalar f16 → f32 in integer ops (block scales, MLX scales, row tails). Exact, subnormals included.
 #[inline]

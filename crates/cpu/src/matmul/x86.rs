@@ -28,19 +28,7 @@ pub(super) fn has_avx512() -> bool {
         && is_x86_feature_detected!("avx512vl")
 }
 
-/// Unpacks the 12-byte Q4_K scale field into 8 (scale, min) pairs (copy of `quant`'s `scale_min_k4`).
-#[inline(always)]
-fn scale_min_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
-    let mut sc = [0u8; 8];
-    let mut mn = [0u8; 8];
-    for i in 0..4 {
-        sc[i] = s[i] & 0x3f;
-        mn[i] = s[i + 4] & 0x3f;
-        sc[i + 4] = (s[i + 8] & 0x0f) | ((s[i] >> 2) & 0x30);
-        mn[i + 4] = (s[i + 8] >> 4) | ((s[i + 4] >> 2) & 0x30);
-    }
-    (sc, mn)
-}
+use moestream_quant::ggml::scale_min_k4;
 
 macro_rules! kernels {
     ($feat:literal) => {

@@ -20,7 +20,8 @@ const QK_K: usize = 256;
 /// Bytes 0..4 hold scales 0..4 in their low 6 bits, bytes 4..8 mins 0..4; scales and mins 4..8 take their low
 /// 4 bits from bytes 8..12 (scale low nibble, min high nibble) and their top 2 bits from the spare top bits of
 /// bytes 0..4 and 4..8.
-fn scale_min_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+#[inline]
+pub fn scale_min_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     let mut sc = [0u8; 8];
     let mut mn = [0u8; 8];
     for i in 0..4 {
