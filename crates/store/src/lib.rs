@@ -10,6 +10,7 @@
 
 mod aligned;
 mod cache;
+pub mod policy;
 mod resident;
 
 pub use aligned::AlignedBuf;
