@@ -6,6 +6,10 @@
 //! never evict an expert that the token needs. A failed read leaves the slot marked empty and returns an error
 //! naming the file and offset; the cache stays consistent.
 //!
+//! All ranges of all of one call's misses go to the `reader` as one batch, so k misses × 3+ ranges are in flight
+//! together. The batch vectors live in the store and are reserved at open for the largest possible batch, so a warm
+//! `ensure` allocates nothing (checked by `tests/no_alloc.rs`).
+//!
 //! With `slots == experts` and `preload`, every expert is read once at start and `ensure` never misses: that is
 //! the `--expert-cache all` mode.
 
@@ -13,7 +17,7 @@ use std::time::Instant;
 
 use moestream_format::{ExpertRanges, TensorIndex};
 
-use crate::resident::Files;
+use crate::reader::{ExpertReader, ReadOptions, ReadRequest};
 use crate::{SlotBuffer, StoreError};
 
 const EMPTY: u32 = u32::MAX;
@@ -34,11 +38,22 @@ pub enum CacheSize {
 pub struct StoreStats {
     pub hits: u64,
     pub misses: u64,
+    /// Useful expert bytes read (the sum of the ranges' lengths).
     pub bytes_read: u64,
+    /// Bytes the read syscalls transferred: `bytes_read` plus the aligned-superset overhead of O_DIRECT reads.
+    pub bytes_read_disk: u64,
+    /// Ranges read (one positioned read each, buffered or direct).
     pub reads: u64,
+    /// Of `reads`, those done with O_DIRECT.
+    pub reads_direct: u64,
+    /// Read batches: `ensure` calls that missed (each reads all of its misses concurrently).
+    pub read_batches: u64,
+    /// Per model file (indexed like `TensorIndex::files`): whether expert reads use O_DIRECT. False where direct I/O
+    /// is off, or the filesystem refused it and the file fell back to buffered reads.
+    pub direct_io: Vec<bool>,
     /// Per MoE layer (indexed by layer number; dense layers stay 0): (hits, misses).
     pub per_layer: Vec<(u64, u64)>,
-    /// Expert read latencies (all ranges of one expert), log2-microsecond buckets: bucket b counts reads that took
+    /// Expert read latencies (from the start of the batch until the last range of that expert is in place), log2-microsecond buckets: bucket b counts reads that took
     /// [2^b, 2^(b+1)) µs (bucket 0 also holds < 1 µs).
     pub latency_us_log2: [u64; 32],
 }
@@ -83,9 +98,23 @@ pub struct ExpertLayer<'a> {
     pub down: &'a SlotBuffer,
 }
 
+/// One missed expert of the current batch.
+#[derive(Clone, Copy)]
+struct Miss {
+    expert: u32,
+    slot: u32,
+    /// Index into the caller's `experts`/`slots` (for `ensure`).
+    at: u32,
+    done: Instant,
+    failed: bool,
+}
+
 pub struct ExpertStore {
     layers: Vec<Option<LayerCache>>,
-    files: Files,
+    reader: ExpertReader,
+    /// Reused per batch, reserved at open for the largest batch: no allocation on the token path.
+    batch: Vec<ReadRequest>,
+    batch_misses: Vec<Miss>,
     slots_per_layer: usize,
     num_experts: usize,
     bytes: u64,
@@ -99,14 +128,22 @@ impl ExpertStore {
         Self::open(index, CacheSize::All)
     }
 
-    /// Slot buffers sized by `size`, filled on demand (or all at once for `CacheSize::All`).
+    /// Slot buffers sized by `size`, filled on demand (or all at once for `CacheSize::All`), read with the
+    /// default `ReadOptions` (O_DIRECT where allowed, 8 I/O threads).
     pub fn open(index: &TensorIndex, size: CacheSize) -> Result<Self, StoreError> {
-        let files = Files::open(index)?;
+        Self::open_with(index, size, &ReadOptions::default())
+    }
+
+    /// As `open`, reading experts as `read` says.
+    pub fn open_with(index: &TensorIndex, size: CacheSize, read: &ReadOptions) -> Result<Self, StoreError> {
         let c = &index.config;
         let top_k = c.num_experts_per_tok;
         let moe_layers: Vec<usize> = (0..c.num_layers).filter(|&l| c.layer_is_moe(l)).collect();
         // Bytes one slot takes in every buffer of one layer (the largest layer, if they differ).
         let mut slot_bytes = 0u64;
+        let mut max_range = 0u64;
+        // Ranges per expert (gate, up, down, each with MLX scales and biases): the batch size per miss.
+        let mut ranges_per_expert = 0usize;
         let mut per_layer_ranges = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             if !c.layer_is_moe(l) {
@@ -122,6 +159,10 @@ impl ExpertStore {
                         .ok_or_else(|| StoreError::Layout { tensor: t.name.clone(), msg: format!("no expert {e}") })
                 };
                 ranges.push([r(g)?, r(u)?, r(d)?]);
+            }
+            for x in &ranges {
+                max_range = max_range.max(x.iter().flat_map(ExpertRanges::iter).map(|r| r.len).max().unwrap_or(0));
+                ranges_per_expert = ranges_per_expert.max(x.iter().map(|r| r.iter().count()).sum());
             }
             let b = ranges.first().map(|x| x.iter().map(ExpertRanges::bytes).sum::<u64>()).unwrap_or(0);
             slot_bytes = slot_bytes.max(b);
@@ -169,22 +210,33 @@ impl ExpertStore {
                 last_used: vec![0; slots],
             }));
         }
+        let reader = ExpertReader::open(&index.files, read, max_range)?;
         let mut store = ExpertStore {
             layers,
-            files,
+            reader,
+            batch: Vec::with_capacity(slots * ranges_per_expert),
+            batch_misses: Vec::with_capacity(slots),
             slots_per_layer: slots,
             num_experts: e,
             bytes,
             clock: 0,
-            stats: StoreStats { per_layer: vec![(0, 0); c.num_layers], ..StoreStats::default() },
+            stats: StoreStats::default(),
         };
+        store.reset_stats();
         if slots == e {
-            // Everything fits: read each expert into the slot of its own number, once.
+            // Everything fits: read each expert into the slot of its own number, once, one layer per batch.
             for l in 0..store.layers.len() {
                 if store.layers[l].is_some() {
-                    for x in 0..e {
-                        store.load(l, x as u32, x)?;
-                    }
+                    store.batch_misses.clear();
+                    let now = Instant::now();
+                    store.batch_misses.extend((0..e as u32).map(|x| Miss {
+                        expert: x,
+                        slot: x,
+                        at: x,
+                        done: now,
+                        failed: false,
+                    }));
+                    store.read_batch(l)?;
                 }
             }
             store.reset_stats();
@@ -210,8 +262,11 @@ impl ExpertStore {
     }
 
     pub fn reset_stats(&mut self) {
-        let n = self.stats.per_layer.len();
-        self.stats = StoreStats { per_layer: vec![(0, 0); n], ..StoreStats::default() };
+        self.stats = StoreStats {
+            per_layer: vec![(0, 0); self.layers.len()],
+            direct_io: self.reader.direct_active().collect(),
+            ..StoreStats::default()
+        };
     }
 
     pub fn layer(&self, l: usize) -> Option<ExpertLayer<'_>> {
@@ -258,11 +313,13 @@ impl ExpertStore {
         self.stats.misses += misses;
         self.stats.per_layer[layer].1 += misses;
         // Pass 2: each miss takes the least recently used slot not stamped by this call (empty slots have stamp 0).
+        let cache = self.layers[layer].as_mut().expect("checked above");
+        self.batch_misses.clear();
+        let now = Instant::now();
         for j in 0..experts.len() {
             if slots[j] != EMPTY {
                 continue;
             }
-            let cache = self.layers[layer].as_mut().expect("checked above");
             let victim = (0..cache.last_used.len())
                 .filter(|&s| cache.last_used[s] < clock)
                 .min_by_key(|&s| cache.last_used[s])
@@ -270,30 +327,76 @@ impl ExpertStore {
             let old = cache.slot_expert[victim];
             if old != EMPTY {
                 cache.expert_slot[old as usize] = EMPTY;
+                cache.slot_expert[victim] = EMPTY;
             }
             cache.last_used[victim] = clock;
-            self.load(layer, experts[j], victim)?;
-            slots[j] = victim as u32;
+            self.batch_misses.push(Miss {
+                expert: experts[j],
+                slot: victim as u32,
+                at: j as u32,
+                done: now,
+                failed: false,
+            });
         }
-        Ok(())
+        // Pass 3: read every miss in one batch.
+        let r = self.read_batch(layer);
+        for m in &self.batch_misses {
+            if !m.failed {
+                slots[m.at as usize] = m.slot;
+            }
+        }
+        r
     }
 
-    /// Read expert `x` into `slot`. On failure the slot is left empty.
-    fn load(&mut self, layer: usize, x: u32, slot: usize) -> Result<(), StoreError> {
+    /// Read the experts of `batch_misses` into their slots (which are already unmapped) as one concurrent batch.
+    /// Experts whose reads all succeeded are mapped; the others stay empty (marked `failed`) and the first error
+    /// is returned.
+    fn read_batch(&mut self, layer: usize) -> Result<(), StoreError> {
         let t0 = Instant::now();
         let cache = self.layers[layer].as_mut().expect("MoE layer");
-        cache.slot_expert[slot] = EMPTY;
-        let [g, u, d] = cache.ranges[x as usize];
-        let r = cache.gate_up.fill(&self.files, &[g, u], slot).and_then(|_| cache.down.fill(&self.files, &[d], slot));
-        r?;
-        cache.slot_expert[slot] = x;
-        cache.expert_slot[x as usize] = slot as u32;
-        let bytes = g.bytes() + u.bytes() + d.bytes();
-        self.stats.bytes_read += bytes;
-        self.stats.reads += [g, u, d].iter().map(|r| r.iter().count() as u64).sum::<u64>();
-        let us = t0.elapsed().as_micros() as u64;
-        let b = (64 - us.leading_zeros()).saturating_sub(1).min(31) as usize;
-        self.stats.latency_us_log2[b] += 1;
-        Ok(())
+        self.batch.clear();
+        for (tag, m) in self.batch_misses.iter().enumerate() {
+            let [g, u, d] = cache.ranges[m.expert as usize];
+            let s = m.slot as usize;
+            cache.gate_up.plan_fill(&[g, u], s, tag as u32, t0, &mut self.batch);
+            cache.down.plan_fill(&[d], s, tag as u32, t0, &mut self.batch);
+        }
+        self.reader.run(&mut self.batch);
+        let mut first_err = None;
+        for req in &mut self.batch {
+            let m = &mut self.batch_misses[req.tag as usize];
+            m.done = m.done.max(req.done_at);
+            if let Some(e) = req.error.take() {
+                m.failed = true;
+                first_err.get_or_insert(e);
+                continue;
+            }
+            self.stats.reads += 1;
+            self.stats.reads_direct += req.direct as u64;
+            self.stats.bytes_read += req.range.len;
+            self.stats.bytes_read_disk += req.disk_bytes;
+        }
+        self.stats.read_batches += 1;
+        for m in &self.batch_misses {
+            let s = m.slot as usize;
+            if m.failed {
+                // Not cached: a later call reads it again, and the slot is the first to be reused.
+                cache.slot_expert[s] = EMPTY;
+                cache.last_used[s] = 0;
+                continue;
+            }
+            cache.slot_expert[s] = m.expert;
+            cache.expert_slot[m.expert as usize] = s as u32;
+            let us = m.done.saturating_duration_since(t0).as_micros() as u64;
+            let b = (64 - us.leading_zeros()).saturating_sub(1).min(31) as usize;
+            self.stats.latency_us_log2[b] += 1;
+        }
+        for (d, a) in self.stats.direct_io.iter_mut().zip(self.reader.direct_active()) {
+            *d = a;
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }

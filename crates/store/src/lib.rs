@@ -6,15 +6,17 @@
 //! `[slots, 2·I, H]` buffer so the gathered kernel walks gate and up of an expert as one matrix.
 //!
 //! The expert cache may hold fewer slots than experts: `ExpertStore::ensure` reads missing experts into least
-//! recently used slots (see `cache`).
+//! recently used slots (see `cache`), all misses of one call as one concurrent batch of reads (see `reader`).
 
 mod aligned;
 mod cache;
 pub mod policy;
+mod reader;
 mod resident;
 
 pub use aligned::AlignedBuf;
 pub use cache::{CacheSize, ExpertLayer, ExpertStore, StoreStats};
+pub use reader::{BLOCK, ReadOptions};
 pub use resident::{OwnedWeight, ResidentWeights, SlotBuffer};
 
 use std::path::PathBuf;

@@ -3,9 +3,11 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::time::Instant;
 
 use moestream_format::{Encoding, ExpertRanges, FileRange, TensorEntry, TensorIndex};
 
+use crate::reader::ReadRequest;
 use crate::{AlignedBuf, StoreError};
 
 /// Positioned reads from the index's files, with one open handle per file.
@@ -167,21 +169,29 @@ impl SlotBuffer {
         (d, &self.scales.as_slice()[g.clone()], &self.biases.as_slice()[g])
     }
 
-    /// Read one expert's `parts` (gate and up, or down) into slot `s`: one positioned read per range, straight
-    /// into place.
-    pub(crate) fn fill(&mut self, files: &Files, parts: &[ExpertRanges], s: usize) -> Result<(), StoreError> {
+    /// Queue reads of one expert's `parts` (gate and up, or down) into slot `s`: one request per range, each
+    /// aimed straight at its place in the slot. Pushes into `out` without growing it past its reserved capacity.
+    pub(crate) fn plan_fill(
+        &mut self,
+        parts: &[ExpertRanges],
+        s: usize,
+        tag: u32,
+        now: Instant,
+        out: &mut Vec<ReadRequest>,
+    ) {
         let (mut d_at, mut g_at) = (s * self.data_stride, s * self.group_stride);
+        let (data, scales, biases) = (self.data.as_mut_ptr(), self.scales.as_mut_ptr(), self.biases.as_mut_ptr());
+        debug_assert!((d_at + self.data_stride) <= self.data.len());
         for r in parts {
-            let n = r.data.len as usize;
-            files.read(r.data, &mut self.data.as_mut_slice()[d_at..d_at + n])?;
-            d_at += n;
+            // SAFETY (all three `add`s): the offsets stay inside slot `s` of their buffer, by the strides computed in
+            // `new` from these same tensors' expert ranges.
+            out.push(ReadRequest::new(r.data, unsafe { data.add(d_at) }, tag, now));
+            d_at += r.data.len as usize;
             if let (Some(sc), Some(bi)) = (r.scales, r.biases) {
-                let n = sc.len as usize;
-                files.read(sc, &mut self.scales.as_mut_slice()[g_at..g_at + n])?;
-                files.read(bi, &mut self.biases.as_mut_slice()[g_at..g_at + n])?;
-                g_at += n;
+                out.push(ReadRequest::new(sc, unsafe { scales.add(g_at) }, tag, now));
+                out.push(ReadRequest::new(bi, unsafe { biases.add(g_at) }, tag, now));
+                g_at += sc.len as usize;
             }
         }
-        Ok(())
     }
 }

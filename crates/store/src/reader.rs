@@ -1,0 +1,449 @@
+//! The expert reader: reads a batch of byte ranges from the model files into slot memory, concurrently, with
+//! O_DIRECT where the filesystem allows it and buffered `pread` where it does not.
+//!
+//! `ExpertStore::ensure` (see `cache`) turns all ranges of all of one call's missed experts (gate, up, down, and MLX
+//! scales and biases) into one batch of `ReadRequest`s and hands it to `ExpertReader::run`, which blocks until every
+//! request has finished. A persistent pool of `io_threads` I/O threads claims requests one at a time, so up to
+//! `io_threads` reads are in flight together (k misses × 3+ ranges per token and layer).
+//!
+//! **Direct I/O.** Each file is opened twice: buffered (the fallback) and with `O_DIRECT`, so the page cache does not
+//! keep a second copy of every expert and the memory budget stays honest. O_DIRECT needs the offset, the length and
+//! the buffer address aligned to the logical block size; we use `BLOCK` = 4096 for all three. A range whose offset,
+//! length and destination are all aligned is read straight into the slot. Any other range is read as its aligned
+//! superset into the I/O thread's bounce buffer, and the wanted bytes are copied into the slot (head and tail
+//! trimmed). If opening with O_DIRECT fails, or a direct read of a file fails with EINVAL before any direct read of
+//! that file succeeded (tmpfs on older kernels, some FUSE and network filesystems), that file falls back to buffered
+//! `pread` for good, with one warning naming it.
+//!
+//! **No allocation per batch.** Bounce buffers are allocated once per I/O thread (largest range + 2 blocks) when the
+//! reader is built; the batch is a caller-owned slice that `run` publishes to the workers through a raw pointer
+//! under a mutex; the workers and the submitter meet on a `Mutex` + two `Condvar`s (futex-based in std, no heap).
+//! The caller (`ExpertStore`) keeps its request vector and reuses it, reserved up front. Only a failed read
+//! allocates (the error carries the path).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use moestream_format::FileRange;
+
+use crate::{AlignedBuf, StoreError};
+
+/// Alignment of offset, length and buffer address for O_DIRECT reads. 4096 covers every logical block size in
+/// common use (512 and 4096), and `AlignedBuf` gives slot memory at this alignment.
+pub const BLOCK: u64 = 4096;
+
+/// How the expert store reads experts from disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// Read with O_DIRECT where the filesystem allows it (per file, with a buffered fallback).
+    pub direct_io: bool,
+    /// I/O threads, which is also the queue depth: how many reads are in flight at once. 0 counts as 1.
+    pub io_threads: usize,
+    /// Testing aid: behave as if every file's filesystem refused O_DIRECT reads with EINVAL, to exercise the
+    /// fallback on filesystems that accept O_DIRECT.
+    #[doc(hidden)]
+    pub simulate_direct_einval: bool,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        ReadOptions { direct_io: true, io_threads: 8, simulate_direct_einval: false }
+    }
+}
+
+/// One range to read into slot memory. The worker fills in the outcome fields.
+pub(crate) struct ReadRequest {
+    pub range: FileRange,
+    /// Start of `range.len` writable bytes of slot memory.
+    pub dst: *mut u8,
+    /// The caller's tag (which missed expert this range belongs to).
+    pub tag: u32,
+    /// Bytes the syscalls transferred: `range.len` when buffered, the aligned superset when direct.
+    pub disk_bytes: u64,
+    pub direct: bool,
+    pub done_at: Instant,
+    pub error: Option<StoreError>,
+}
+
+// SAFETY: `dst` points into slot memory that the submitting `ExpertStore` borrows exclusively (`&mut self`) for the
+// whole of `ExpertReader::run`; the requests of one batch write pairwise disjoint ranges, and each request is handled
+// by exactly one worker.
+unsafe impl Send for ReadRequest {}
+
+impl ReadRequest {
+    pub fn new(range: FileRange, dst: *mut u8, tag: u32, now: Instant) -> Self {
+        ReadRequest { range, dst, tag, disk_bytes: 0, direct: false, done_at: now, error: None }
+    }
+}
+
+/// Per-file direct I/O state.
+const DIRECT_UNPROVEN: u8 = 0;
+const DIRECT_PROVEN: u8 = 1;
+const BUFFERED: u8 = 2;
+
+struct ReaderFiles {
+    paths: Vec<PathBuf>,
+    buffered: Vec<File>,
+    direct: Vec<Option<File>>,
+    mode: Vec<AtomicU8>,
+    simulate_einval: bool,
+}
+
+impl ReaderFiles {
+    fn open(paths: &[PathBuf], opts: &ReadOptions) -> Result<Self, StoreError> {
+        let n = paths.len();
+        let (mut buffered, mut direct, mut mode) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for p in paths {
+            buffered.push(File::open(p).map_err(|source| StoreError::Open { path: p.clone(), source })?);
+            if !opts.direct_io {
+                direct.push(None);
+                mode.push(AtomicU8::new(BUFFERED));
+                continue;
+            }
+            match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(p) {
+                Ok(f) => {
+                    direct.push(Some(f));
+                    mode.push(AtomicU8::new(DIRECT_UNPROVEN));
+                }
+                Err(e) => {
+                    eprintln!(
+                        "warning: {}: cannot open with O_DIRECT ({e}); reading experts with buffered pread",
+                        p.display()
+                    );
+                    direct.push(None);
+                    mode.push(AtomicU8::new(BUFFERED));
+                }
+            }
+        }
+        Ok(ReaderFiles { paths: paths.to_vec(), buffered, direct, mode, simulate_einval: opts.simulate_direct_einval })
+    }
+
+    /// Read one request, recording its outcome in it. `bounce` is this thread's aligned scratch buffer.
+    fn execute(&self, req: &mut ReadRequest, bounce: &mut [u8]) {
+        let f = req.range.file as usize;
+        // SAFETY: see `ReadRequest`: `dst` is valid for `range.len` bytes and nobody else touches them during the
+        // batch.
+        let dst = unsafe { std::slice::from_raw_parts_mut(req.dst, req.range.len as usize) };
+        let mut r = Err(io::Error::from_raw_os_error(libc::EINVAL));
+        let mut tried_direct = false;
+        if self.mode[f].load(Ordering::Acquire) != BUFFERED
+            && let Some(df) = &self.direct[f]
+        {
+            tried_direct = true;
+            r = self.read_direct(df, req.range, dst, bounce).map(|n| (n, true));
+            match &r {
+                Ok(_) => {
+                    let _ = self.mode[f].compare_exchange(
+                        DIRECT_UNPROVEN,
+                        DIRECT_PROVEN,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    if self.refuse_direct(f, e) {
+                        tried_direct = false;
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        if !tried_direct {
+            r = self.buffered[f].read_exact_at(dst, req.range.offset).map(|_| (req.range.len, false));
+        }
+        match r {
+            Ok((n, direct)) => {
+                req.disk_bytes = n;
+                req.direct = direct;
+            }
+            Err(source) => {
+                req.error = Some(StoreError::Read {
+                    path: self.paths[f].clone(),
+                    offset: req.range.offset,
+                    len: req.range.len,
+                    source,
+                })
+            }
+        }
+        req.done_at = Instant::now();
+    }
+
+    /// A direct read of file `f` failed with EINVAL. Before any direct read of it succeeded, that means the
+    /// filesystem refuses O_DIRECT: switch the file to buffered reads (warning once) and return true. After one
+    /// succeeded it is a real error: return false.
+    fn refuse_direct(&self, f: usize, e: &io::Error) -> bool {
+        let mut cur = self.mode[f].load(Ordering::Acquire);
+        loop {
+            match cur {
+                DIRECT_PROVEN => return false,
+                BUFFERED => return true,
+                _ => match self.mode[f].compare_exchange(cur, BUFFERED, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => {
+                        eprintln!(
+                            "warning: {}: O_DIRECT read refused ({e}); reading experts with buffered pread",
+                            self.paths[f].display()
+                        );
+                        return true;
+                    }
+                    Err(now) => cur = now,
+                },
+            }
+        }
+    }
+
+    /// Read `range` into `dst` through the O_DIRECT handle. Returns the bytes transferred from disk.
+    fn read_direct(&self, df: &File, range: FileRange, dst: &mut [u8], bounce: &mut [u8]) -> io::Result<u64> {
+        if self.simulate_einval {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let aligned = |x: u64| x.is_multiple_of(BLOCK);
+        if aligned(range.offset) && aligned(range.len) && aligned(dst.as_ptr() as u64) {
+            let got = pread_direct(df, dst, range.offset, range.len as usize)?;
+            return if got < range.len as usize { Err(short_read(range, got)) } else { Ok(got as u64) };
+        }
+        // The aligned superset [start, end) of the range, through the bounce buffer.
+        let start = range.offset / BLOCK * BLOCK;
+        let end = (range.offset + range.len).div_ceil(BLOCK) * BLOCK;
+        let head = (range.offset - start) as usize;
+        let need = head + range.len as usize;
+        let buf = &mut bounce[..(end - start) as usize];
+        let got = pread_direct(df, buf, start, need)?;
+        if got < need {
+            return Err(short_read(range, got.saturating_sub(head)));
+        }
+        dst.copy_from_slice(&buf[head..need]);
+        Ok(got as u64)
+    }
+}
+
+/// Positioned O_DIRECT reads into `buf` (aligned address, aligned length) from aligned `offset` until at least `need`
+/// bytes have arrived or the file ends. Returns the bytes read, which may exceed `need` (the aligned tail).
+fn pread_direct(f: &File, buf: &mut [u8], offset: u64, need: usize) -> io::Result<usize> {
+    let mut got = 0;
+    while got < need {
+        match f.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => {
+                got += n;
+                // A transfer that ends off a block boundary ended at end of file; reading on would be unaligned.
+                if !(got as u64).is_multiple_of(BLOCK) {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+fn short_read(range: FileRange, got: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("short read: the file ends after {got} of {} bytes (truncated?)", range.len),
+    )
+}
+
+/// The batch the workers are working on: a caller-owned slice, published by `run` for its duration.
+struct Batch {
+    reqs: *mut ReadRequest,
+    len: usize,
+    next: usize,
+    remaining: usize,
+    /// Workers that have started (`open` waits for all, so thread start-up never lands on the token path).
+    started: usize,
+    shutdown: bool,
+}
+
+// SAFETY: `reqs` is only dereferenced by a worker for an index it claimed under the mutex, while `run` (which owns
+// the slice) waits for `remaining` to reach 0; see `ReadRequest`.
+unsafe impl Send for Batch {}
+
+struct Shared {
+    batch: Mutex<Batch>,
+    work: Condvar,
+    done: Condvar,
+    files: ReaderFiles,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Batch> {
+        self.batch.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A persistent pool of I/O threads over the model's files.
+pub(crate) struct ExpertReader {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl ExpertReader {
+    /// Open `paths` (a `TensorIndex`'s files) and start `opts.io_threads` I/O threads, each with a bounce buffer for ranges of up to
+    /// `max_range` bytes.
+    pub fn open(paths: &[PathBuf], opts: &ReadOptions, max_range: u64) -> Result<Self, StoreError> {
+        let files = ReaderFiles::open(paths, opts)?;
+        let shared = Arc::new(Shared {
+            batch: Mutex::new(Batch {
+                reqs: std::ptr::null_mut(),
+                len: 0,
+                next: 0,
+                remaining: 0,
+                started: 0,
+                shutdown: false,
+            }),
+            work: Condvar::new(),
+            done: Condvar::new(),
+            files,
+        });
+        let threads = opts.io_threads.max(1);
+        // The aligned superset of a range spans at most its length plus one block on each side.
+        let bounce_len = if opts.direct_io { (max_range.div_ceil(BLOCK) + 2) * BLOCK } else { 0 } as usize;
+        let mut reader = ExpertReader { shared, workers: Vec::with_capacity(threads) };
+        for i in 0..threads {
+            let bounce = AlignedBuf::zeroed(bounce_len)?;
+            let shared = Arc::clone(&reader.shared);
+            let h = std::thread::Builder::new()
+                .name(format!("moestream-io-{i}"))
+                .spawn(move || worker(&shared, bounce))
+                .map_err(|source| StoreError::Open { path: "I/O thread".into(), source })?;
+            reader.workers.push(h);
+        }
+        let mut b = reader.shared.lock();
+        while b.started < threads {
+            b = reader.shared.done.wait(b).unwrap_or_else(PoisonError::into_inner);
+        }
+        drop(b);
+        Ok(reader)
+    }
+
+    /// Per file (indexed like `TensorIndex::files`): whether reads use O_DIRECT (as far as known: a file whose
+    /// first direct read has not happened yet counts as direct).
+    pub fn direct_active(&self) -> impl Iterator<Item = bool> + '_ {
+        self.shared.files.mode.iter().map(|m| m.load(Ordering::Acquire) != BUFFERED)
+    }
+
+    /// Execute every request of `reqs` on the I/O threads and return when all have finished (successfully or
+    /// not: check each request's `error`). Allocates nothing.
+    pub fn run(&mut self, reqs: &mut [ReadRequest]) {
+        if reqs.is_empty() {
+            return;
+        }
+        let mut b = self.shared.lock();
+        b.reqs = reqs.as_mut_ptr();
+        b.len = reqs.len();
+        b.next = 0;
+        b.remaining = reqs.len();
+        self.shared.work.notify_all();
+        while b.remaining > 0 {
+            b = self.shared.done.wait(b).unwrap_or_else(PoisonError::into_inner);
+        }
+        b.reqs = std::ptr::null_mut();
+        b.len = 0;
+        b.next = 0;
+    }
+}
+
+impl Drop for ExpertReader {
+    fn drop(&mut self) {
+        self.shared.lock().shutdown = true;
+        self.shared.work.notify_all();
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+fn worker(shared: &Shared, mut bounce: AlignedBuf) {
+    shared.lock().started += 1;
+    shared.done.notify_all();
+    loop {
+        let req = {
+            let mut b = shared.lock();
+            loop {
+                if b.shutdown {
+                    return;
+                }
+                if b.next < b.len {
+                    let i = b.next;
+                    b.next += 1;
+                    // SAFETY: i < len, and `run` keeps the slice alive until `remaining` reaches 0, which needs this
+                    // request to be finished; index i is claimed by this worker alone.
+                    break unsafe { &mut *b.reqs.add(i) };
+                }
+                b = shared.work.wait(b).unwrap_or_else(PoisonError::into_inner);
+            }
+        };
+        shared.files.execute(req, bounce.as_mut_slice());
+        let mut b = shared.lock();
+        b.remaining -= 1;
+        if b.remaining == 0 {
+            shared.done.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every alignment case against a file whose length is not a multiple of the block: aligned straight into the
+    /// destination, unaligned head, unaligned tail, a range ending at end of file, and one past it.
+    #[test]
+    fn direct_reads_trim_head_and_tail() {
+        // In the source tree: a disk filesystem, where O_DIRECT is allowed (unlike tmpfs on older kernels).
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("blob");
+        let len = 5 * BLOCK as usize + 123;
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let cases: [(u64, u64); 6] =
+            [(4096, 8192), (100, 5000), (4096, 5000), (0, len as u64), (5 * 4096, 123), (10, 4096)];
+        for (direct, threads) in [(true, 1), (true, 8), (false, 3)] {
+            let opts = ReadOptions { direct_io: direct, io_threads: threads, ..ReadOptions::default() };
+            let mut reader = ExpertReader::open(std::slice::from_ref(&path), &opts, len as u64).unwrap();
+            let total: usize = cases.iter().map(|c| c.1.next_multiple_of(BLOCK) as usize).sum();
+            // One more block for the read past end of file, which may leave partial bytes behind.
+            let mut dst = AlignedBuf::zeroed(total + BLOCK as usize).unwrap();
+            let base = dst.as_mut_ptr();
+            let now = Instant::now();
+            let mut at = 0usize;
+            let mut reqs: Vec<ReadRequest> = cases
+                .iter()
+                .map(|&(offset, n)| {
+                    // SAFETY: `dst` holds every case at a block-aligned position.
+                    let r = ReadRequest::new(FileRange { file: 0, offset, len: n }, unsafe { base.add(at) }, 0, now);
+                    at += n.next_multiple_of(BLOCK) as usize;
+                    r
+                })
+                .collect();
+            // SAFETY: the last block of `dst`.
+            let past = unsafe { base.add(total) };
+            reqs.push(ReadRequest::new(FileRange { file: 0, offset: len as u64 - 10, len: 20 }, past, 1, now));
+            reader.run(&mut reqs);
+            // A filesystem that refuses O_DIRECT falls back; the bytes must be right either way.
+            let direct = direct && reader.direct_active().all(|d| d);
+            let mut at = 0usize;
+            for (r, &(offset, n)) in reqs.iter().zip(&cases) {
+                assert!(r.error.is_none(), "{offset}+{n}: {:?}", r.error);
+                assert_eq!(r.direct, direct);
+                let (o, n) = (offset as usize, n as usize);
+                assert!(dst.as_slice()[at..at + n] == bytes[o..o + n], "direct={direct} {o}+{n}");
+                at += n.next_multiple_of(BLOCK as usize);
+            }
+            // Aligned offset, length and destination: read in place, no superset.
+            assert_eq!(reqs[0].disk_bytes, 8192);
+            assert_eq!(reqs[1].disk_bytes, if direct { 8192 } else { 5000 });
+            let past = reqs.last().unwrap();
+            let e = past.error.as_ref().expect("a read past end of file fails").to_string();
+            assert!(e.contains("blob") && e.contains(&format!("offset {}", len - 10)), "{e}");
+        }
+    }
+}
