@@ -120,6 +120,18 @@ struct EngineArgs {
     /// `MLX_MOE_FUSE_GATEUP=0` does the same.
     #[arg(long)]
     no_fuse_gate_up: bool,
+    /// Read experts with O_DIRECT (the default where the filesystem allows it; otherwise buffered, with a warning).
+    #[arg(long, overrides_with = "no_direct_io")]
+    direct_io: bool,
+    /// Read experts through the page cache instead.
+    #[arg(long, overrides_with = "direct_io")]
+    no_direct_io: bool,
+    /// Concurrent expert reads (queue depth).
+    #[arg(long, default_value_t = 8)]
+    io_threads: usize,
+    /// Expert cache eviction: `lfu:HALF_LIFE` (LFU with aging, the default `lfu:64`) or `lru`.
+    #[arg(long, default_value = "lfu:64")]
+    eviction: String,
     /// Context capacity of the session (KV cache positions).
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
@@ -139,6 +151,13 @@ impl EngineArgs {
             stacked: !(self.no_stacked || env_off("MLX_MOE_STACKED")),
             fuse_gate_up: !(self.no_fuse_gate_up || env_off("MLX_MOE_FUSE_GATEUP")),
         };
+        opts.read = moestream_store::ReadOptions {
+            direct_io: !self.no_direct_io,
+            io_threads: self.io_threads.max(1),
+            ..moestream_store::ReadOptions::default()
+        };
+        opts.eviction = moestream_store::EvictionPolicy::parse(&self.eviction)
+            .with_context(|| format!("--eviction `{}`: expected `lru` or `lfu:N`", self.eviction))?;
         opts.expert_cache = match self.cache_slots {
             Some(n) => moestream_store::CacheSize::Slots(n),
             None => parse_cache_size(&self.expert_cache)?,
@@ -274,16 +293,23 @@ fn run() -> Result<()> {
                 sess.kv_bytes() as f64 / 1e6,
                 (peak_rss_bytes() as f64 - (m.resident_bytes() + m.expert_bytes() + sess.kv_bytes()) as f64) / 1e6,
             );
+            let direct = st.direct_io.iter().filter(|&&d| d).count();
             eprintln!(
-                "expert cache: {} slots/layer ({:.2} GB); hit rate {:.1}% ({} hits, {} misses); read {:.1} MB in {} \
-                 reads; read latency p50 {} us, p99 {} us",
+                "expert cache: {} slots/layer ({:.2} GB, {} eviction); hit rate {:.1}% ({} hits, {} misses); read \
+                 {:.1} MB ({:.1} MB from disk) in {} reads, {} batches, O_DIRECT on {}/{} files; expert read latency \
+                 p50 {} us, p99 {} us",
                 m.slots_per_layer(),
                 m.expert_bytes() as f64 / 1e9,
+                engine.eviction,
                 100.0 * st.hit_rate(),
                 st.hits,
                 st.misses,
                 st.bytes_read as f64 / 1e6,
+                st.bytes_read_disk as f64 / 1e6,
                 st.reads,
+                st.read_batches,
+                direct,
+                st.direct_io.len(),
                 st.latency_percentile_us(50.0),
                 st.latency_percentile_us(99.0),
             );

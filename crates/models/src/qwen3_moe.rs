@@ -12,7 +12,7 @@ use moestream_cpu::{Dispatch, ThreadPool, WeightView};
 use moestream_format::{Architecture, Encoding, ModelConfig, TensorIndex};
 use std::sync::Mutex;
 
-use moestream_store::{CacheSize, ExpertStore, OwnedWeight, ResidentWeights, StoreStats};
+use moestream_store::{CacheSize, EvictionPolicy, ExpertStore, OwnedWeight, ReadOptions, ResidentWeights, StoreStats};
 
 use crate::ModelError;
 
@@ -30,6 +30,10 @@ pub struct ModelOptions {
     pub expert_cache: CacheSize,
     /// How decode runs a token's experts (for comparison; every mode gives bit-identical results).
     pub moe_kernels: MoeKernels,
+    /// How missing experts are read (O_DIRECT, I/O threads).
+    pub read: ReadOptions,
+    /// Which slot a miss evicts.
+    pub eviction: EvictionPolicy,
 }
 
 /// Decode-time MoE execution, the SwiftLM knobs `MLX_MOE_STACKED` and `MLX_MOE_FUSE_GATEUP`.
@@ -56,6 +60,8 @@ impl Default for ModelOptions {
             q8_activations: false,
             expert_cache: CacheSize::All,
             moe_kernels: MoeKernels::default(),
+            read: ReadOptions::default(),
+            eviction: EvictionPolicy::default_for_cache(),
         }
     }
 }
@@ -211,7 +217,7 @@ impl Qwen3Moe {
             )));
         }
         let resident = ResidentWeights::load(index)?;
-        let experts = Mutex::new(ExpertStore::open(index, opts.expert_cache)?);
+        let experts = Mutex::new(ExpertStore::open_with_policy(index, opts.expert_cache, &opts.read, opts.eviction)?);
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             let v = |n: &str| resident.vector(&format!("blk.{l}.{n}.weight")).map(<[f32]>::to_vec);

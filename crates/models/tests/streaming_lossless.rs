@@ -4,7 +4,7 @@
 use moestream_cpu::ops::argmax;
 use moestream_format::TensorIndex;
 use moestream_models::{ModelOptions, MoeKernels, Qwen3Moe};
-use moestream_store::CacheSize;
+use moestream_store::{CacheSize, EvictionPolicy, ReadOptions};
 use moestream_synth::{Preset, SynthFormat, SynthOptions, synth};
 
 /// Prefill logits (all positions) followed by the logits of 8 greedy decode steps.
@@ -68,6 +68,24 @@ fn every_cache_size_gives_identical_logits() {
                         format.name()
                     );
                 }
+            }
+        }
+        // Eviction policy and read path change what is read when, never the results.
+        for eviction in [EvictionPolicy::Lru, EvictionPolicy::LfuAging { half_life: 4 }] {
+            for direct_io in [true, false] {
+                let opts = ModelOptions {
+                    threads: 2,
+                    expert_cache: CacheSize::Slots(k + 1),
+                    eviction,
+                    read: ReadOptions { direct_io, io_threads: 3, ..ReadOptions::default() },
+                    ..ModelOptions::default()
+                };
+                let got = trace(&Qwen3Moe::load(&index, &opts).expect("load"));
+                assert!(
+                    got.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{}: {eviction:?} direct_io={direct_io} changed the logits",
+                    format.name()
+                );
             }
         }
         // A byte budget resolves to slots the same way.

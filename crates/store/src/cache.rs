@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use moestream_format::{ExpertRanges, TensorIndex};
 
+use crate::policy::{EvictionPolicy, PolicyState};
 use crate::reader::{ExpertReader, ReadOptions, ReadRequest};
 use crate::{SlotBuffer, StoreError};
 
@@ -89,7 +90,8 @@ struct LayerCache {
     ranges: Vec<[ExpertRanges; 3]>,
     slot_expert: Vec<u32>,
     expert_slot: Vec<u32>,
-    last_used: Vec<u64>,
+    /// Recency and (for LFU) decayed use counts; decides victims.
+    policy: PolicyState,
 }
 
 /// The expert slot buffers of one MoE layer, as the kernels see them.
@@ -136,6 +138,16 @@ impl ExpertStore {
 
     /// As `open`, reading experts as `read` says.
     pub fn open_with(index: &TensorIndex, size: CacheSize, read: &ReadOptions) -> Result<Self, StoreError> {
+        Self::open_with_policy(index, size, read, EvictionPolicy::default_for_cache())
+    }
+
+    /// As `open_with`, choosing victims by `eviction`.
+    pub fn open_with_policy(
+        index: &TensorIndex,
+        size: CacheSize,
+        read: &ReadOptions,
+        eviction: EvictionPolicy,
+    ) -> Result<Self, StoreError> {
         let c = &index.config;
         let top_k = c.num_experts_per_tok;
         let moe_layers: Vec<usize> = (0..c.num_layers).filter(|&l| c.layer_is_moe(l)).collect();
@@ -207,7 +219,7 @@ impl ExpertStore {
                 ranges,
                 slot_expert: vec![EMPTY; slots],
                 expert_slot: vec![EMPTY; e],
-                last_used: vec![0; slots],
+                policy: PolicyState::new(eviction, slots, e),
             }));
         }
         let reader = ExpertReader::open(&index.files, read, max_range)?;
@@ -229,6 +241,11 @@ impl ExpertStore {
                 if store.layers[l].is_some() {
                     store.batch_misses.clear();
                     let now = Instant::now();
+                    if let Some(c) = store.layers[l].as_mut() {
+                        for x in 0..e {
+                            c.policy.on_fill(x, x as u32, 0);
+                        }
+                    }
                     store.batch_misses.extend((0..e as u32).map(|x| Miss {
                         expert: x,
                         slot: x,
@@ -297,7 +314,7 @@ impl ExpertStore {
             }
             let s = cache.expert_slot[x as usize];
             if s != EMPTY {
-                cache.last_used[s as usize] = clock;
+                cache.policy.on_hit(s as usize, clock);
                 slots[j] = s;
             } else {
                 slots[j] = EMPTY;
@@ -312,7 +329,7 @@ impl ExpertStore {
         }
         self.stats.misses += misses;
         self.stats.per_layer[layer].1 += misses;
-        // Pass 2: each miss takes the least recently used slot not stamped by this call (empty slots have stamp 0).
+        // Pass 2: each miss takes the policy's victim among slots this call has not pinned (empty slots first).
         let cache = self.layers[layer].as_mut().expect("checked above");
         self.batch_misses.clear();
         let now = Instant::now();
@@ -320,16 +337,17 @@ impl ExpertStore {
             if slots[j] != EMPTY {
                 continue;
             }
-            let victim = (0..cache.last_used.len())
-                .filter(|&s| cache.last_used[s] < clock)
-                .min_by_key(|&s| cache.last_used[s])
+            let victim = cache
+                .policy
+                .victim(clock, |s| cache.policy.is_pinned(s, clock))
                 .ok_or_else(|| StoreError::Budget(format!("layer {layer}: no free slot")))?;
             let old = cache.slot_expert[victim];
             if old != EMPTY {
                 cache.expert_slot[old as usize] = EMPTY;
                 cache.slot_expert[victim] = EMPTY;
             }
-            cache.last_used[victim] = clock;
+            // Pins the slot for the rest of this call, so the next miss cannot pick it.
+            cache.policy.on_fill(victim, experts[j], clock);
             self.batch_misses.push(Miss {
                 expert: experts[j],
                 slot: victim as u32,
@@ -382,7 +400,7 @@ impl ExpertStore {
             if m.failed {
                 // Not cached: a later call reads it again, and the slot is the first to be reused.
                 cache.slot_expert[s] = EMPTY;
-                cache.last_used[s] = 0;
+                cache.policy.on_clear(s);
                 continue;
             }
             cache.slot_expert[s] = m.expert;

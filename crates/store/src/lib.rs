@@ -16,6 +16,7 @@ mod resident;
 
 pub use aligned::AlignedBuf;
 pub use cache::{CacheSize, ExpertLayer, ExpertStore, StoreStats};
+pub use policy::EvictionPolicy;
 pub use reader::{BLOCK, ReadOptions};
 pub use resident::{OwnedWeight, ResidentWeights, SlotBuffer};
 

@@ -5,7 +5,7 @@
 
 use moestream_format::TensorIndex;
 use moestream_store::policy::{EvictionPolicy, SimLayer, SimResult, simulate};
-use moestream_store::{CacheSize, ExpertStore};
+use moestream_store::{CacheSize, ExpertStore, ReadOptions};
 use moestream_synth::{Preset, SynthFormat, SynthOptions, synth};
 
 struct Rng(u64);
@@ -115,7 +115,13 @@ fn lru_simulation_matches_the_real_expert_store() {
     let mut rng = Rng(7);
     let trace = random_trace(&mut rng, 200, moe.len(), e, k);
     for slots in k..e {
-        let mut store = ExpertStore::open(&index, CacheSize::Slots(slots)).expect("store");
+        let mut store = ExpertStore::open_with_policy(
+            &index,
+            CacheSize::Slots(slots),
+            &ReadOptions::default(),
+            EvictionPolicy::Lru,
+        )
+        .expect("store");
         let mut out = vec![0u32; k];
         for tok in trace.chunks(moe.len() * k) {
             for (&l, experts) in moe.iter().zip(tok.chunks(k)) {
