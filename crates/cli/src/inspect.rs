@@ -34,6 +34,8 @@ struct Summary<'a> {
     bytes_per_expert: u64,
     /// Routed expert bytes one token touches: top-k experts in every MoE layer.
     bytes_routed_per_token: u64,
+    /// The pack sidecar experts are read from, if one is in use.
+    pack: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     tensors: Vec<TensorRow>,
 }
@@ -49,6 +51,7 @@ struct TensorRow {
 
 pub fn run(model: &Path, json: bool, list: bool) -> Result<()> {
     let index = TensorIndex::open(model)?;
+    index.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
     let c = &index.config;
     let mut by_type = BTreeMap::new();
     let (mut resident, mut experts) = (0u64, 0u64);
@@ -89,6 +92,7 @@ pub fn run(model: &Path, json: bool, list: bool) -> Result<()> {
         bytes_experts: experts,
         bytes_per_expert,
         bytes_routed_per_token: routed,
+        pack: index.pack.as_ref().map(|p| p.display().to_string()),
         tensors: if list {
             index
                 .tensors
@@ -113,6 +117,7 @@ pub fn run(model: &Path, json: bool, list: bool) -> Result<()> {
     let mb = |b: u64| format!("{:.2} MB", b as f64 / 1e6);
     println!("model         {}", s.path);
     println!("format        {:?}", s.format);
+    println!("pack          {}", s.pack.as_deref().unwrap_or("none (experts read from the model files)"));
     println!("architecture  {}", s.architecture);
     println!("layers        {} ({} MoE)", s.layers, s.moe_layers);
     println!(

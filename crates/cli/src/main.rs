@@ -81,6 +81,17 @@ enum Command {
         #[command(flatten)]
         engine: EngineArgs,
     },
+    /// Write the expert-major sidecar: each (layer, expert) one aligned slab, so that a miss is one read.
+    Pack {
+        model: PathBuf,
+        /// Default: X.gguf.moestream-pack next to a GGUF, DIR/model.moestream-pack in a safetensors directory
+        /// (the only places `open` looks).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Dequantize one tensor (or one expert of a stack) to raw little-endian f32, for checks against other tools.
     Dequant {
         model: PathBuf,
@@ -140,6 +151,7 @@ struct EngineArgs {
 impl EngineArgs {
     fn load(&self, model: &std::path::Path) -> Result<moestream_models::Qwen3Moe> {
         let index = moestream_format::TensorIndex::open(model)?;
+        index.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
         let mut opts = moestream_models::ModelOptions::default();
         if let Some(t) = self.threads {
             opts.threads = t;
@@ -320,6 +332,23 @@ fn run() -> Result<()> {
                 n,
                 (n.saturating_sub(1)) as f64 / decode.max(1e-9),
                 if engine.top_k.is_some() { " (lossy --top-k)" } else { "" }
+            );
+        }
+        Command::Pack { model, out, quiet } => {
+            let index = moestream_format::TensorIndex::open_without_pack(&model)?;
+            let out = out.unwrap_or_else(|| moestream_format::pack::default_path(&index));
+            let t0 = std::time::Instant::now();
+            let s = moestream_format::pack::write(&index, &out, !quiet)?;
+            let secs = t0.elapsed().as_secs_f64();
+            eprintln!(
+                "wrote {} ({:.2} GB: {} slabs in {} MoE layers, {:.2} GB of experts, {:.1}s, {:.0} MB/s)",
+                s.path.display(),
+                s.bytes as f64 / 1e9,
+                s.slabs,
+                s.layers,
+                s.payload_bytes as f64 / 1e9,
+                secs,
+                s.bytes as f64 / 1e6 / secs.max(1e-9)
             );
         }
         Command::Dequant { model, tensor, expert, out } => {

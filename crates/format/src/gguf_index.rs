@@ -64,6 +64,8 @@ pub(crate) fn open_gguf(path: &Path) -> Result<TensorIndex, FormatError> {
         config,
         tensors,
         gguf: Some(g),
+        pack: None,
+        warnings: Vec::new(),
     };
     check_expected(&index)?;
     Ok(index)

@@ -125,11 +125,24 @@ pub struct TensorIndex {
     pub tensors: BTreeMap<String, TensorEntry>,
     /// Set for GGUF models, whose tokenizer and template live in the metadata.
     pub gguf: Option<crate::gguf::GgufFile>,
+    /// The expert-major sidecar (`moestream pack`) the `_exps` ranges point into, when one is in use.
+    pub pack: Option<PathBuf>,
+    /// Problems that did not stop the open (a stale or corrupt sidecar that was ignored); the CLI prints them.
+    pub warnings: Vec<String>,
 }
 
 impl TensorIndex {
-    /// Open a GGUF file or a safetensors checkpoint directory (HF or MLX).
+    /// Open a GGUF file or a safetensors checkpoint directory (HF or MLX). If the model has a pack sidecar
+    /// ([`crate::pack`]) that matches it, expert ranges point into the sidecar; a stale or corrupt one is ignored
+    /// with a line in `warnings`.
     pub fn open(path: &Path) -> Result<Self, FormatError> {
+        let mut index = Self::open_without_pack(path)?;
+        crate::pack::attach_if_present(&mut index);
+        Ok(index)
+    }
+
+    /// Open the model's own files only, ignoring any pack sidecar.
+    pub fn open_without_pack(path: &Path) -> Result<Self, FormatError> {
         if path.is_dir() {
             Self::open_safetensors_dir(path)
         } else if path.is_file() {
@@ -230,7 +243,16 @@ impl TensorIndex {
         let is_mlx = b.parts.values().any(|p| p.scales.is_some());
         let tensors = b.finish(dir, &files, mlx.as_ref())?;
         let format = if is_mlx { ModelFormat::MlxSafetensors } else { ModelFormat::HfSafetensors };
-        let index = TensorIndex { format, root: dir.to_path_buf(), files, config, tensors, gguf: None };
+        let index = TensorIndex {
+            format,
+            root: dir.to_path_buf(),
+            files,
+            config,
+            tensors,
+            gguf: None,
+            pack: None,
+            warnings: Vec::new(),
+        };
         check_expected(&index)?;
         Ok(index)
     }

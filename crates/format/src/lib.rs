@@ -12,6 +12,7 @@ pub mod gguf;
 mod gguf_index;
 pub mod index;
 pub mod mlx;
+pub mod pack;
 pub mod safetensors;
 
 pub use config::{Architecture, ModelConfig};
