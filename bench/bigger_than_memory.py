@@ -102,7 +102,7 @@ def main():
         rc, out, err = run(cmd)
         peak = re.search(r"peak usage (\d+) MiB", err)
         m = re.search(r"decode \d+ tokens: ([0-9.]+) tok/s", err)
-        h = re.search(r"hit rate ([0-9.]+)%.*read ([0-9.]+) MB in", err)
+        h = re.search(r"hit rate ([0-9.]+)%", err)
         if rc == 0 and m and h:
             ts = float(m.group(1))
             hit = float(h.group(1)) / 100
