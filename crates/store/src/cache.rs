@@ -7,7 +7,8 @@
 //! naming the file and offset; the cache stays consistent.
 //!
 //! All ranges of all of one call's misses go to the `reader` as one batch, so k misses × 3+ ranges are in flight
-//! together. The batch vectors live in the store and are reserved at open for the largest possible batch, so a warm
+//! together. An expert whose ranges lie back to back in one file (a `moestream pack` sidecar's slab) is read with
+//! one request that scatters into its slot buffers, so with the sidecar a miss is one read. The batch vectors live in the store and are reserved at open for the largest possible batch, so a warm
 //! `ensure` allocates nothing (checked by `tests/no_alloc.rs`).
 //!
 //! With `slots == experts` and `preload`, every expert is read once at start and `ensure` never misses: that is
@@ -15,10 +16,10 @@
 
 use std::time::Instant;
 
-use moestream_format::{ExpertRanges, TensorIndex};
+use moestream_format::{ExpertRanges, FileRange, TensorIndex};
 
 use crate::policy::{EvictionPolicy, PolicyState};
-use crate::reader::{ExpertReader, ReadOptions, ReadRequest};
+use crate::reader::{ExpertReader, MAX_SEGS, ReadOptions, ReadRequest, Segment};
 use crate::{SlotBuffer, StoreError};
 
 const EMPTY: u32 = u32::MAX;
@@ -43,7 +44,8 @@ pub struct StoreStats {
     pub bytes_read: u64,
     /// Bytes the read syscalls transferred: `bytes_read` plus the aligned-superset overhead of O_DIRECT reads.
     pub bytes_read_disk: u64,
-    /// Ranges read (one positioned read each, buffered or direct).
+    /// Read requests (one positioned read each, buffered or direct): one per range, or one per expert whose ranges
+    /// are adjacent in one file (a pack sidecar), which is read whole and scattered.
     pub reads: u64,
     /// Of `reads`, those done with O_DIRECT.
     pub reads_direct: u64,
@@ -88,6 +90,8 @@ struct LayerCache {
     down: SlotBuffer,
     /// Per expert: gate, up and down ranges (with MLX scales/biases).
     ranges: Vec<[ExpertRanges; 3]>,
+    /// Per expert: the one range covering all of its ranges, where they are adjacent in one file (read as one).
+    spans: Vec<Option<FileRange>>,
     slot_expert: Vec<u32>,
     expert_slot: Vec<u32>,
     /// Recency and (for LFU) decayed use counts; decides victims.
@@ -172,13 +176,15 @@ impl ExpertStore {
                 };
                 ranges.push([r(g)?, r(u)?, r(d)?]);
             }
-            for x in &ranges {
+            let spans: Vec<Option<FileRange>> = ranges.iter().map(coalesced_span).collect();
+            for (x, sp) in ranges.iter().zip(&spans) {
                 max_range = max_range.max(x.iter().flat_map(ExpertRanges::iter).map(|r| r.len).max().unwrap_or(0));
+                max_range = max_range.max(sp.map_or(0, |r| r.len));
                 ranges_per_expert = ranges_per_expert.max(x.iter().map(|r| r.iter().count()).sum());
             }
             let b = ranges.first().map(|x| x.iter().map(ExpertRanges::bytes).sum::<u64>()).unwrap_or(0);
             slot_bytes = slot_bytes.max(b);
-            per_layer_ranges.push(Some((g, u, d, ranges)));
+            per_layer_ranges.push(Some((g, u, d, ranges, spans)));
         }
         let e = c.num_experts;
         let slots = match size {
@@ -204,7 +210,7 @@ impl ExpertStore {
         let mut bytes = 0u64;
         let (i, h) = (c.moe_intermediate_size, c.hidden_size);
         for lr in per_layer_ranges {
-            let Some((g, u, d, ranges)) = lr else {
+            let Some((g, u, d, ranges, spans)) = lr else {
                 layers.push(None);
                 continue;
             };
@@ -217,6 +223,7 @@ impl ExpertStore {
                 gate_up,
                 down,
                 ranges,
+                spans,
                 slot_expert: vec![EMPTY; slots],
                 expert_slot: vec![EMPTY; e],
                 policy: PolicyState::new(eviction, slots, e),
@@ -376,8 +383,12 @@ impl ExpertStore {
         for (tag, m) in self.batch_misses.iter().enumerate() {
             let [g, u, d] = cache.ranges[m.expert as usize];
             let s = m.slot as usize;
+            let first = self.batch.len();
             cache.gate_up.plan_fill(&[g, u], s, tag as u32, t0, &mut self.batch);
             cache.down.plan_fill(&[d], s, tag as u32, t0, &mut self.batch);
+            if let Some(span) = cache.spans[m.expert as usize] {
+                coalesce(&mut self.batch, first, span, tag as u32, t0);
+            }
         }
         self.reader.run(&mut self.batch);
         let mut first_err = None;
@@ -417,4 +428,38 @@ impl ExpertStore {
             None => Ok(()),
         }
     }
+}
+
+/// If all of one expert's ranges lie in one file back to back (each starting where the previous one ends, in file
+/// order), and there are at least two, the one range covering them.
+fn coalesced_span(parts: &[ExpertRanges; 3]) -> Option<FileRange> {
+    let mut rs = [FileRange { file: 0, offset: 0, len: 0 }; MAX_SEGS];
+    let mut n = 0;
+    for r in parts.iter().flat_map(ExpertRanges::iter) {
+        *rs.get_mut(n)? = r;
+        n += 1;
+    }
+    let rs = &mut rs[..n];
+    if n < 2 {
+        return None;
+    }
+    rs.sort_unstable_by_key(|r| (r.file, r.offset));
+    let adjacent = rs.windows(2).all(|w| w[1].file == w[0].file && w[1].offset == w[0].offset + w[0].len);
+    let last = rs[n - 1];
+    adjacent.then(|| FileRange { file: rs[0].file, offset: rs[0].offset, len: last.offset + last.len - rs[0].offset })
+}
+
+/// Replace the single-range requests `batch[first..]` (one expert's, each with one destination) by one request for
+/// `span` that scatters into their destinations in file order. Sorts in place and shrinks `batch`: no allocation.
+fn coalesce(batch: &mut Vec<ReadRequest>, first: usize, span: FileRange, tag: u32, now: Instant) {
+    let planned = &mut batch[first..];
+    debug_assert!(planned.len() <= MAX_SEGS);
+    planned.sort_unstable_by_key(|r| r.range.offset);
+    let mut segs = [Segment { dst: std::ptr::null_mut(), len: 0 }; MAX_SEGS];
+    for (s, r) in segs.iter_mut().zip(planned.iter()) {
+        *s = r.segments()[0];
+    }
+    let n = planned.len();
+    batch.truncate(first);
+    batch.push(ReadRequest::scatter(span, &segs[..n], tag, now));
 }

@@ -15,7 +15,12 @@
 //! that file succeeded (tmpfs on older kernels, some FUSE and network filesystems), that file falls back to buffered
 //! `pread` for good, with one warning naming it.
 //!
-//! **No allocation per batch.** Bounce buffers are allocated once per I/O thread (largest range + 2 blocks) when the
+//! **Coalesced reads.** Where all of one expert's ranges lie back to back in one file (a `moestream pack` sidecar),
+//! the store sends one request for the whole span with up to `MAX_SEGS` destination segments. Direct: the aligned
+//! superset goes into the bounce buffer and each segment is copied out. Buffered: one `preadv` with an iovec per
+//! segment.
+//!
+//! **No allocation per batch.** Bounce buffers are allocated once per I/O thread (largest request + 2 blocks) when the
 //! reader is built; the batch is a caller-owned slice that `run` publishes to the workers through a raw pointer
 //! under a mutex; the workers and the submitter meet on a `Mutex` + two `Condvar`s (futex-based in std, no heap).
 //! The caller (`ExpertStore`) keeps its request vector and reuses it, reserved up front. Only a failed read
@@ -23,6 +28,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -57,11 +63,26 @@ impl Default for ReadOptions {
     }
 }
 
-/// One range to read into slot memory. The worker fills in the outcome fields.
+/// Most destination segments one request scatters into: one expert's gate, up and down data plus MLX scales and
+/// biases (3 × 3).
+pub(crate) const MAX_SEGS: usize = 9;
+
+/// A piece of slot memory that receives the next `len` bytes of a request's range.
+#[derive(Clone, Copy)]
+pub(crate) struct Segment {
+    pub dst: *mut u8,
+    pub len: usize,
+}
+
+const NO_SEGMENT: Segment = Segment { dst: std::ptr::null_mut(), len: 0 };
+
+/// One range to read into slot memory: into one destination, or (a coalesced read of an expert whose ranges are
+/// adjacent in one file, as in a pack sidecar) scattered over up to `MAX_SEGS` destinations, in order, whose lengths
+/// add up to `range.len`. The worker fills in the outcome fields.
 pub(crate) struct ReadRequest {
     pub range: FileRange,
-    /// Start of `range.len` writable bytes of slot memory.
-    pub dst: *mut u8,
+    segs: [Segment; MAX_SEGS],
+    nsegs: usize,
     /// The caller's tag (which missed expert this range belongs to).
     pub tag: u32,
     /// Bytes the syscalls transferred: `range.len` when buffered, the aligned superset when direct.
@@ -71,14 +92,33 @@ pub(crate) struct ReadRequest {
     pub error: Option<StoreError>,
 }
 
-// SAFETY: `dst` points into slot memory that the submitting `ExpertStore` borrows exclusively (`&mut self`) for the
-// whole of `ExpertReader::run`; the requests of one batch write pairwise disjoint ranges, and each request is handled
-// by exactly one worker.
+// SAFETY: the segments point into slot memory that the submitting `ExpertStore` borrows exclusively (`&mut self`)
+// for the whole of `ExpertReader::run`; the requests of one batch write pairwise disjoint bytes, and each request is
+// handled by exactly one worker.
 unsafe impl Send for ReadRequest {}
 
 impl ReadRequest {
+    /// Read `range` into the `range.len` writable bytes at `dst`.
     pub fn new(range: FileRange, dst: *mut u8, tag: u32, now: Instant) -> Self {
-        ReadRequest { range, dst, tag, disk_bytes: 0, direct: false, done_at: now, error: None }
+        let mut segs = [NO_SEGMENT; MAX_SEGS];
+        segs[0] = Segment { dst, len: range.len as usize };
+        ReadRequest { range, segs, nsegs: 1, tag, disk_bytes: 0, direct: false, done_at: now, error: None }
+    }
+
+    /// One read of `range`, scattered over `segs` in order. The caller guarantees that `segs` is not empty, has at
+    /// most `MAX_SEGS` entries, and that their lengths add up to `range.len`.
+    pub fn scatter(range: FileRange, segs: &[Segment], tag: u32, now: Instant) -> Self {
+        debug_assert!(!segs.is_empty() && segs.len() <= MAX_SEGS);
+        debug_assert_eq!(segs.iter().map(|s| s.len as u64).sum::<u64>(), range.len);
+        let mut r = ReadRequest::new(range, segs[0].dst, tag, now);
+        r.segs[..segs.len()].copy_from_slice(segs);
+        r.nsegs = segs.len();
+        r
+    }
+
+    /// The destination segments, in file order.
+    pub fn segments(&self) -> &[Segment] {
+        &self.segs[..self.nsegs]
     }
 }
 
@@ -128,16 +168,14 @@ impl ReaderFiles {
     /// Read one request, recording its outcome in it. `bounce` is this thread's aligned scratch buffer.
     fn execute(&self, req: &mut ReadRequest, bounce: &mut [u8]) {
         let f = req.range.file as usize;
-        // SAFETY: see `ReadRequest`: `dst` is valid for `range.len` bytes and nobody else touches them during the
-        // batch.
-        let dst = unsafe { std::slice::from_raw_parts_mut(req.dst, req.range.len as usize) };
+        let segs = req.segments();
         let mut r = Err(io::Error::from_raw_os_error(libc::EINVAL));
         let mut tried_direct = false;
         if self.mode[f].load(Ordering::Acquire) != BUFFERED
             && let Some(df) = &self.direct[f]
         {
             tried_direct = true;
-            r = self.read_direct(df, req.range, dst, bounce).map(|n| (n, true));
+            r = self.read_direct(df, req.range, segs, bounce).map(|n| (n, true));
             match &r {
                 Ok(_) => {
                     let _ = self.mode[f].compare_exchange(
@@ -156,7 +194,7 @@ impl ReaderFiles {
             }
         }
         if !tried_direct {
-            r = self.buffered[f].read_exact_at(dst, req.range.offset).map(|_| (req.range.len, false));
+            r = preadv_exact(&self.buffered[f], segs, req.range.offset).map(|_| (req.range.len, false));
         }
         match r {
             Ok((n, direct)) => {
@@ -198,17 +236,24 @@ impl ReaderFiles {
         }
     }
 
-    /// Read `range` into `dst` through the O_DIRECT handle. Returns the bytes transferred from disk.
-    fn read_direct(&self, df: &File, range: FileRange, dst: &mut [u8], bounce: &mut [u8]) -> io::Result<u64> {
+    /// Read `range` into `segs` through the O_DIRECT handle. Returns the bytes transferred from disk.
+    fn read_direct(&self, df: &File, range: FileRange, segs: &[Segment], bounce: &mut [u8]) -> io::Result<u64> {
         if self.simulate_einval {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         let aligned = |x: u64| x.is_multiple_of(BLOCK);
-        if aligned(range.offset) && aligned(range.len) && aligned(dst.as_ptr() as u64) {
+        if let [seg] = segs
+            && aligned(range.offset)
+            && aligned(range.len)
+            && aligned(seg.dst as u64)
+        {
+            // SAFETY: see `ReadRequest`: the segment is valid for `len` bytes and nobody else touches them during
+            // the batch.
+            let dst = unsafe { std::slice::from_raw_parts_mut(seg.dst, seg.len) };
             let got = pread_direct(df, dst, range.offset, range.len as usize)?;
             return if got < range.len as usize { Err(short_read(range, got)) } else { Ok(got as u64) };
         }
-        // The aligned superset [start, end) of the range, through the bounce buffer.
+        // The aligned superset [start, end) of the range, through the bounce buffer, then scattered.
         let start = range.offset / BLOCK * BLOCK;
         let end = (range.offset + range.len).div_ceil(BLOCK) * BLOCK;
         let head = (range.offset - start) as usize;
@@ -218,9 +263,56 @@ impl ReaderFiles {
         if got < need {
             return Err(short_read(range, got.saturating_sub(head)));
         }
-        dst.copy_from_slice(&buf[head..need]);
+        let mut at = head;
+        for seg in segs {
+            // SAFETY: as above.
+            let dst = unsafe { std::slice::from_raw_parts_mut(seg.dst, seg.len) };
+            dst.copy_from_slice(&buf[at..at + seg.len]);
+            at += seg.len;
+        }
         Ok(got as u64)
     }
+}
+
+/// Buffered positioned read of `offset..` into `segs` in order (one `preadv`, with one iovec per segment, repeated
+/// only after a short transfer), until every segment is full.
+fn preadv_exact(f: &File, segs: &[Segment], mut offset: u64) -> io::Result<()> {
+    let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_SEGS];
+    for (v, s) in iov.iter_mut().zip(segs) {
+        *v = libc::iovec { iov_base: s.dst.cast(), iov_len: s.len };
+    }
+    let n = segs.len();
+    let mut first = 0;
+    while first < n && iov[first].iov_len == 0 {
+        first += 1;
+    }
+    while first < n {
+        let v = &iov[first..n];
+        // SAFETY: every iovec points at writable slot memory of its length (see `ReadRequest`).
+        let r = unsafe { libc::preadv(f.as_raw_fd(), v.as_ptr(), v.len() as libc::c_int, offset as libc::off_t) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "failed to fill whole buffer"));
+        }
+        let mut r = r as usize;
+        offset += r as u64;
+        while first < n && r >= iov[first].iov_len {
+            r -= iov[first].iov_len;
+            first += 1;
+        }
+        if r > 0 {
+            // SAFETY: r < iov_len, so the new base stays inside the segment.
+            iov[first].iov_base = unsafe { iov[first].iov_base.cast::<u8>().add(r) }.cast();
+            iov[first].iov_len -= r;
+        }
+    }
+    Ok(())
 }
 
 /// Positioned O_DIRECT reads into `buf` (aligned address, aligned length) from aligned `offset` until at least `need`
@@ -286,8 +378,8 @@ pub(crate) struct ExpertReader {
 }
 
 impl ExpertReader {
-    /// Open `paths` (a `TensorIndex`'s files) and start `opts.io_threads` I/O threads, each with a bounce buffer for ranges of up to
-    /// `max_range` bytes.
+    /// Open `paths` (a `TensorIndex`'s files) and start `opts.io_threads` I/O threads, each with a bounce buffer for
+    /// requests (single or coalesced) of up to `max_range` bytes.
     pub fn open(paths: &[PathBuf], opts: &ReadOptions, max_range: u64) -> Result<Self, StoreError> {
         let files = ReaderFiles::open(paths, opts)?;
         let shared = Arc::new(Shared {
@@ -304,7 +396,8 @@ impl ExpertReader {
             files,
         });
         let threads = opts.io_threads.max(1);
-        // The aligned superset of a range spans at most its length plus one block on each side.
+        // The aligned superset of a request spans at most its length plus one block on each side. Buffered reads
+        // (`preadv`) need no bounce buffer.
         let bounce_len = if opts.direct_io { (max_range.div_ceil(BLOCK) + 2) * BLOCK } else { 0 } as usize;
         let mut reader = ExpertReader { shared, workers: Vec::with_capacity(threads) };
         for i in 0..threads {
