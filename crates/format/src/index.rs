@@ -211,22 +211,13 @@ impl TensorIndex {
             Ok(b)
         };
         let data = read(t.data[i])?;
-        let err = |e: moestream_quant::QuantError| {
-            FormatError::invalid(self.file_path(t.data[i].file), format!("tensor {}: {e}", t.name))
+        let (scales, biases) = match (t.scales.get(i), t.biases.get(i)) {
+            (Some(&s), Some(&b)) => (read(s)?, read(b)?),
+            _ => (Vec::new(), Vec::new()),
         };
-        match t.encoding {
-            Encoding::Float(ft) => moestream_quant::decode_floats(ft, &data, out).map_err(err),
-            Encoding::Ggml(ty) => moestream_quant::ggml::dequantize(ty, &data, out).map_err(err),
-            Encoding::MlxAffine { params, scale_type } => {
-                let (rows, cols) = t.matrix_dims();
-                let groups = rows * (cols / params.group_size);
-                let mut scales = vec![0f32; groups];
-                let mut biases = vec![0f32; groups];
-                moestream_quant::decode_floats(scale_type, &read(t.scales[i])?, &mut scales).map_err(err)?;
-                moestream_quant::decode_floats(scale_type, &read(t.biases[i])?, &mut biases).map_err(err)?;
-                moestream_quant::mlx::dequantize(params, &data, &scales, &biases, cols, out).map_err(err)
-            }
-        }
+        t.encoding
+            .dequantize(&data, &scales, &biases, t.matrix_dims().1, out)
+            .map_err(|e| FormatError::invalid(self.file_path(t.data[i].file), format!("tensor {}: {e}", t.name)))
     }
 
     fn open_safetensors_dir(dir: &Path) -> Result<Self, FormatError> {

@@ -9,7 +9,7 @@ use moestream_cpu::ops::{
     attend_head, rmsnorm, rmsnorm_heads_inplace, rope_inv_freq, rope_neox, silu, softmax_inplace, top_k,
 };
 use moestream_cpu::{Dispatch, ThreadPool, WeightView};
-use moestream_format::{Architecture, Encoding, ModelConfig, TensorIndex};
+use moestream_format::{Architecture, ModelConfig, TensorIndex};
 use std::sync::Mutex;
 
 use moestream_store::{CacheSize, EvictionPolicy, ExpertStore, OwnedWeight, ReadOptions, ResidentWeights, StoreStats};
@@ -180,29 +180,21 @@ fn split_rows<'a>(w: &WeightView<'a>, a: usize) -> (WeightView<'a>, WeightView<'
     (top, bottom)
 }
 
-/// Decode row `r` of a resident matrix to f32 (embedding lookup).
+/// Decode row `r` of a resident matrix (embedding lookup).
 fn dequant_row(w: &OwnedWeight, r: usize, out: &mut [f32]) -> Result<(), ModelError> {
     let bad = |e: moestream_quant::QuantError| ModelError::Unsupported(format!("embedding row {r}: {e}"));
     let rb = w.encoding.row_bytes(w.cols).ok_or_else(|| ModelError::Unsupported("embedding row size".into()))?;
-    let row = &w.data.as_slice()[r * rb..(r + 1) * rb];
-    match w.encoding {
-        Encoding::Float(ft) => moestream_quant::decode_floats(ft, row, out).map_err(bad),
-        Encoding::Ggml(t) => moestream_quant::ggml::dequantize(t, row, out).map_err(bad),
-        Encoding::MlxAffine { params, scale_type } => {
-            let g = w.cols / params.group_size;
-            let sb = g * scale_type.size();
-            let mut sc = [0f32; 512];
-            let mut bi = [0f32; 512];
-            if g > sc.len() {
-                return Err(ModelError::Unsupported(format!("{g} groups per embedding row")));
-            }
-            moestream_quant::decode_floats(scale_type, &w.scales.as_slice()[r * sb..(r + 1) * sb], &mut sc[..g])
-                .map_err(bad)?;
-            moestream_quant::decode_floats(scale_type, &w.biases.as_slice()[r * sb..(r + 1) * sb], &mut bi[..g])
-                .map_err(bad)?;
-            moestream_quant::mlx::dequantize(params, row, &sc[..g], &bi[..g], w.cols, out).map_err(bad)
-        }
-    }
+    // Side buffers (MLX scales/biases) hold the same number of bytes per row.
+    let sb = w.scales.len() / w.rows.max(1);
+    w.encoding
+        .dequantize(
+            &w.data.as_slice()[r * rb..(r + 1) * rb],
+            &w.scales.as_slice()[r * sb..(r + 1) * sb],
+            &w.biases.as_slice()[r * sb..(r + 1) * sb],
+            w.cols,
+            out,
+        )
+        .map_err(bad)
 }
 
 impl Qwen3Moe {

@@ -39,6 +39,54 @@ impl Encoding {
         }
     }
 
+    /// Decode whole rows of `cols` elements stored in this encoding into `out` (its length fixes the row count).
+    /// `scales` and `biases` are the MLX side buffers as stored (ignored for other encodings). MLX group scales are
+    /// decoded through a fixed stack buffer, so this allocates nothing and has no limit on the row width.
+    pub fn dequantize(
+        &self,
+        data: &[u8],
+        scales: &[u8],
+        biases: &[u8],
+        cols: usize,
+        out: &mut [f32],
+    ) -> Result<(), QuantError> {
+        match *self {
+            Encoding::Float(ft) => decode_floats(ft, data, out),
+            Encoding::Ggml(ty) => ggml::dequantize(ty, data, out),
+            Encoding::MlxAffine { params, scale_type } => {
+                params.validate()?;
+                let g = params.group_size;
+                if cols == 0 || !cols.is_multiple_of(g) || !out.len().is_multiple_of(cols) {
+                    return Err(QuantError::PartialBlock { ty: "MLX affine rows", elems: out.len(), block: cols });
+                }
+                let groups = out.len() / g;
+                let sz = scale_type.size();
+                for (what, buf) in [("scales", scales), ("biases", biases)] {
+                    if buf.len() != groups * sz {
+                        return Err(QuantError::GroupCount { what, expected: groups, got: buf.len() / sz });
+                    }
+                }
+                if data.len() != params.packed_bytes(out.len()) {
+                    let expected = params.packed_bytes(out.len());
+                    return Err(QuantError::ByteLength { ty: "MLX affine packed", expected, got: data.len() });
+                }
+                // Groups are independent, so runs of up to CHUNK groups (crossing rows freely) decode alone.
+                const CHUNK: usize = 64;
+                let (mut sc, mut bi) = ([0f32; CHUNK], [0f32; CHUNK]);
+                let mut at = 0;
+                while at < groups {
+                    let n = CHUNK.min(groups - at);
+                    decode_floats(scale_type, &scales[at * sz..(at + n) * sz], &mut sc[..n])?;
+                    decode_floats(scale_type, &biases[at * sz..(at + n) * sz], &mut bi[..n])?;
+                    let packed = &data[params.packed_bytes(at * g)..params.packed_bytes((at + n) * g)];
+                    mlx::dequantize(params, packed, &sc[..n], &bi[..n], n * g, &mut out[at * g..(at + n) * g])?;
+                    at += n;
+                }
+                Ok(())
+            }
+        }
+    }
+
     pub fn name(&self) -> String {
         match self {
             Encoding::Float(f) => f.name().to_string(),

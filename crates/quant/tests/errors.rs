@@ -78,3 +78,29 @@ fn mlx_rejects_bad_params_and_lengths() {
         assert_eq!(got, Err(want.clone()), "quantize {p:?} {elems}/{inf}");
     }
 }
+
+/// `Encoding::dequantize` (chunked scale decoding, no allocation) equals `mlx::dequantize` with the scales decoded
+/// up front, on rows far wider than its 64-group chunk and with chunks that cross rows.
+#[test]
+fn encoding_dequantize_matches_mlx_on_wide_rows() {
+    use moestream_quant::{Encoding, FloatType, MlxAffine, encode_floats, mlx};
+    let p = MlxAffine { bits: 4, group_size: 32 };
+    let (rows, cols) = (3, 32 * 100);
+    let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 333.0).collect();
+    let groups = rows * cols / 32;
+    let (mut packed, mut sc, mut bi) = (vec![0u8; p.packed_bytes(w.len())], vec![0f32; groups], vec![0f32; groups]);
+    mlx::quantize(p, &w, cols, &mut packed, &mut sc, &mut bi).expect("quantize");
+    let (mut scb, mut bib) = (vec![0u8; groups * 2], vec![0u8; groups * 2]);
+    encode_floats(FloatType::BF16, &sc, &mut scb).expect("scales");
+    encode_floats(FloatType::BF16, &bi, &mut bib).expect("biases");
+    let (mut scd, mut bid) = (vec![0f32; groups], vec![0f32; groups]);
+    moestream_quant::decode_floats(FloatType::BF16, &scb, &mut scd).expect("decode");
+    moestream_quant::decode_floats(FloatType::BF16, &bib, &mut bid).expect("decode");
+    let mut want = vec![0f32; w.len()];
+    mlx::dequantize(p, &packed, &scd, &bid, cols, &mut want).expect("reference");
+    let mut got = vec![0f32; w.len()];
+    let enc = Encoding::MlxAffine { params: p, scale_type: FloatType::BF16 };
+    enc.dequantize(&packed, &scb, &bib, cols, &mut got).expect("encoding");
+    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(enc.dequantize(&packed, &scb[2..], &bib, cols, &mut got).is_err(), "short scales must be an error");
+}
