@@ -52,6 +52,8 @@ pub struct GenerationRequest {
     pub max_tokens: Option<usize>,
     /// Stop strings, matched on the output text; the match is not emitted.
     pub stop: Vec<String>,
+    /// Generate through end-of-sequence tokens (fixed-length outputs for benchmarks and tests).
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,6 +321,7 @@ struct Active {
     generated: usize,
     submitted: Instant,
     first_token: bool,
+    ignore_eos: bool,
 }
 
 enum Outcome {
@@ -414,6 +417,7 @@ impl Worker {
             generated: 0,
             submitted: p.submitted,
             first_token: false,
+            ignore_eos: p.req.ignore_eos,
         }
     }
 
@@ -446,7 +450,7 @@ impl Worker {
             a.first_token = true;
             c.observe_ttft(a.submitted.elapsed().as_secs_f64());
         }
-        if self.eos.contains(&tok) {
+        if !a.ignore_eos && self.eos.contains(&tok) {
             return Some(Outcome::Finished(FinishReason::Stop));
         }
         let delta = match a.decoder.push(&self.tokenizer, tok) {

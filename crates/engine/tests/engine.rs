@@ -44,6 +44,7 @@ fn greedy(prompt: &[u32], n: usize) -> GenerationRequest {
         sampling: SamplingParams { temperature: 0.0, ..Default::default() },
         max_tokens: Some(n),
         stop: Vec::new(),
+        ignore_eos: false,
     }
 }
 
@@ -153,7 +154,7 @@ fn concurrent_requests_are_isolated() {
 fn full_queue_is_refused_and_dropped_requests_cancel() {
     let f = fixture();
     let e = engine(&f, EngineOptions { ctx: 2048, parallel: 1, max_queued: 1, ..Default::default() });
-    let long = |n| GenerationRequest { max_tokens: Some(n), ..greedy(&PROMPT, n) };
+    let long = |n| GenerationRequest { ignore_eos: true, ..greedy(&PROMPT, n) };
     let mut a = e.submit(long(2000)).expect("first is admitted");
     let b = e.submit(long(2000)).expect("second waits");
     match e.submit(long(10)) {

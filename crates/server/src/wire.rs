@@ -54,6 +54,8 @@ pub struct SamplingFields {
     pub n: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
+    /// vLLM's extension: generate through end-of-sequence tokens.
+    pub ignore_eos: Option<bool>,
 }
 
 impl SamplingFields {
@@ -100,6 +102,7 @@ impl SamplingFields {
             },
             max_tokens,
             stop,
+            ignore_eos: self.ignore_eos.unwrap_or(false),
         })
     }
 

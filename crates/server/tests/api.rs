@@ -149,6 +149,7 @@ async fn full_queue_is_429() {
         sampling: SamplingParams { temperature: 0.0, ..Default::default() },
         max_tokens: Some(4000),
         stop: vec![],
+        ignore_eos: true,
     };
     let _busy = a.engine.submit(long).expect("first request takes the only session");
     let (s, v) = post(&a.app, "/v1/chat/completions", chat(json!({}))).await;
@@ -302,7 +303,7 @@ async fn client_disconnect_cancels_the_generation() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let server = tokio::spawn(moestream_server::serve(listener, a.app.clone()));
-    let body = chat(json!({"stream": true, "max_tokens": 4000})).to_string();
+    let body = chat(json!({"stream": true, "max_tokens": 4000, "ignore_eos": true})).to_string();
     let mut sock = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let req = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
