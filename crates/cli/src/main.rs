@@ -280,6 +280,9 @@ fn run() -> Result<()> {
                     m.forward(&mut sess, &[next], false, &mut logits)?;
                 }
             }
+            if let Some(t) = &tok {
+                write!(out, "{}", stream.finish(t)?)?;
+            }
             writeln!(out)?;
             let decode = t1.elapsed().as_secs_f64();
             if let (Some(p), Some(tr)) = (&trace_out, sess.trace()) {
