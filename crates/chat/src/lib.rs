@@ -4,12 +4,14 @@
 //!
 //! Everything here works on text and token ids. This crate does not run the model, does not open model weights
 //! (the GGUF metadata it reads comes through `format`'s `TensorIndex`) and knows no wire format: the server maps
-//! its OpenAI types onto [`template::TemplateInput`] and [`parse::Event`].
+//! its OpenAI types onto [`TemplateInput`] and back from the parsers' events.
 
 mod error;
 mod stream;
+pub mod template;
 mod tokenizer;
 
 pub use error::ChatError;
 pub use stream::StreamDecoder;
+pub use template::{ChatTemplate, TemplateInput};
 pub use tokenizer::{Specials, Tokenizer};
