@@ -7,11 +7,13 @@
 //! its OpenAI types onto [`TemplateInput`] and back from the parsers' events.
 
 mod error;
+pub mod parse;
 mod stream;
 pub mod template;
 mod tokenizer;
 
 pub use error::ChatError;
+pub use parse::{Event, OutputParser, ParserConfig};
 pub use stream::StreamDecoder;
 pub use template::{ChatTemplate, TemplateInput};
 pub use tokenizer::{Specials, Tokenizer};
