@@ -195,6 +195,46 @@ impl ChatTemplate {
     }
 }
 
+/// Messages as text-only chat templates (Qwen's among them) need them: `content` always a string. OpenAI
+/// clients send `"content": null` beside `tool_calls`, and content as a list of parts; transformers renders
+/// neither with Qwen3's template (it fails on both). `null` or a missing content becomes `""`; text parts are
+/// joined with `\n` (as vLLM does for string-content templates); any other part is an error naming its type.
+pub fn text_only_messages(messages: &Json) -> Result<Json, ChatError> {
+    let list = messages.as_array().ok_or_else(|| ChatError::TemplateInput("messages must be an array".into()))?;
+    let mut out = Vec::with_capacity(list.len());
+    for (i, m) in list.iter().enumerate() {
+        let Json::Object(obj) = m else {
+            return Err(ChatError::TemplateInput(format!("message {i} is not an object")));
+        };
+        let mut obj = obj.clone();
+        let text = match obj.get("content") {
+            None | Some(Json::Null) => String::new(),
+            Some(Json::String(s)) => s.clone(),
+            Some(Json::Array(parts)) => {
+                let mut texts = Vec::with_capacity(parts.len());
+                for p in parts {
+                    match (p["type"].as_str(), p["text"].as_str()) {
+                        (Some("text"), Some(t)) => texts.push(t),
+                        (ty, _) => {
+                            let ty = ty.unwrap_or("untyped");
+                            return Err(ChatError::TemplateInput(format!(
+                                "message {i}: content part of type `{ty}` is not supported (text only)"
+                            )));
+                        }
+                    }
+                }
+                texts.join("\n")
+            }
+            Some(other) => {
+                return Err(ChatError::TemplateInput(format!("message {i}: content must be a string, not {other}")));
+            }
+        };
+        obj.insert("content".into(), Json::String(text));
+        out.push(Json::Object(obj));
+    }
+    Ok(Json::Array(out))
+}
+
 fn json_value(v: &Json) -> Value {
     Value::from(minijinja::value::Serde(v))
 }

@@ -128,3 +128,32 @@ fn template_sources_and_errors() {
     let undefined = ChatTemplate::new("{{ nothing | tojson }}", None, None).expect("compile");
     assert!(matches!(undefined.render(&input), Err(ChatError::TemplateRender(_))));
 }
+
+#[test]
+fn openai_shaped_content_is_made_text_for_the_template() {
+    use moestream_chat::template::text_only_messages;
+    let q = qwen3();
+    let raw = json!([
+        {"role": "user", "content": [{"type": "text", "text": "Weather"}, {"type": "text", "text": "in Paris?"}]},
+        {"role": "assistant", "content": null, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "sunny"},
+    ]);
+    let empty = Map::new();
+    let input = |m| TemplateInput { messages: m, tools: None, add_generation_prompt: true, extra: &empty };
+    // As in transformers, the raw shape does not render (null + string, list.startswith) …
+    assert!(matches!(q.render(&input(&raw)), Err(ChatError::TemplateRender(_))));
+    // … and the text-only shape renders as the equivalent string messages do.
+    let fixed = text_only_messages(&raw).expect("text only");
+    let strings = json!([
+        {"role": "user", "content": "Weather\nin Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": raw[1]["tool_calls"]},
+        {"role": "tool", "tool_call_id": "c", "content": "sunny"},
+    ]);
+    assert_eq!(q.render(&input(&fixed)).expect("render"), q.render(&input(&strings)).expect("render"));
+    let image = json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]);
+    let e = text_only_messages(&image).expect_err("image");
+    assert!(e.to_string().contains("image_url"), "{e}");
+    assert!(text_only_messages(&json!([3])).is_err());
+    assert!(text_only_messages(&json!({"role": "user"})).is_err());
+}
