@@ -17,3 +17,17 @@ pub use parse::{Event, OutputParser, ParserConfig};
 pub use stream::StreamDecoder;
 pub use template::{ChatTemplate, TemplateInput};
 pub use tokenizer::{Specials, Tokenizer};
+
+#[cfg(test)]
+mod tests {
+    /// The server shares one tokenizer and template across request threads and moves parsers between tasks.
+    #[test]
+    fn shared_types_are_send_and_sync() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<crate::Tokenizer>();
+        send_sync::<crate::ChatTemplate>();
+        send_sync::<crate::StreamDecoder>();
+        send_sync::<crate::OutputParser>();
+        send_sync::<crate::ChatError>();
+    }
+}
