@@ -116,3 +116,18 @@ fn stream_decoder_holds_an_emoji_split_over_byte_tokens() {
     assert_eq!(shown, tok.decode(cut).expect("decode"));
     assert!(shown.ends_with('\u{fffd}'));
 }
+
+#[test]
+fn embedded_bytes_load_the_same_tokenizer_and_garbage_is_an_error() {
+    let bytes = std::fs::read(common::repo_path("assets/qwen3-tokenizer/tokenizer.json")).expect("asset");
+    let a = moestream_chat::Tokenizer::from_json_bytes(&bytes).expect("from bytes");
+    let b = qwen3_tokenizer();
+    let text = "<|im_start|>user\n你好 🚀 world<|im_end|>";
+    assert_eq!(a.encode(text).expect("encode"), b.encode(text).expect("encode"));
+    for bad in [&b"not json"[..], b"{}", b"", &bytes[..bytes.len() / 2]] {
+        let e = moestream_chat::Tokenizer::from_json_bytes(bad).expect_err("garbage");
+        assert!(e.to_string().contains("tokenizer"), "{e}");
+    }
+    // Ids the vocabulary does not have decode to nothing rather than failing or panicking.
+    assert_eq!(b.decode(&[u32::MAX, 151_935]).expect("decode"), "");
+}
