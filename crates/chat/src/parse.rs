@@ -70,6 +70,8 @@ pub struct OutputParser {
     strip_newlines: bool,
     /// Content right after a tool call: whitespace is a separator unless other text follows.
     after_tool_call: bool,
+    /// In a tool call: `held[..scanned]` is known to hold no complete close tag.
+    scanned: usize,
     next_index: usize,
     id_base: u64,
 }
@@ -84,6 +86,7 @@ impl OutputParser {
             strip_one_newline: starts_in_reasoning,
             strip_newlines: false,
             after_tool_call: false,
+            scanned: 0,
             next_index: 0,
             // Tool-call ids only need to be unique within a conversation; std's randomly keyed hasher gives a
             // per-process random value without a dependency.
@@ -212,7 +215,16 @@ impl OutputParser {
     }
 
     fn step_tool_call(&mut self, out: &mut Vec<Event>) -> bool {
-        let Some(at) = self.held.find(TOOL_CLOSE) else { return false };
+        // The body accumulates in `held`; only its tail can hold a close tag that this delta completed.
+        let mut from = self.scanned.min(self.held.len());
+        while !self.held.is_char_boundary(from) {
+            from -= 1;
+        }
+        let Some(at) = self.held[from..].find(TOOL_CLOSE).map(|i| i + from) else {
+            self.scanned = self.held.len().saturating_sub(TOOL_CLOSE.len() - 1);
+            return false;
+        };
+        self.scanned = 0;
         let body = self.held[..at].to_string();
         self.held.drain(..at + TOOL_CLOSE.len());
         self.mode = Mode::Content;
