@@ -21,7 +21,8 @@ KEY = "test-key"
 
 @pytest.fixture(scope="module")
 def server(ms):
-    model = ms.synth("gguf-q8_0")
+    # Qwen3's real tokenizer and chat template (tools, tool messages, thinking), with random weights.
+    model = ms.synth("gguf-q8_0", extra=("--tokenizer", "qwen3"))
     proc = subprocess.Popen(
         [str(ms.bin), "serve", "--model", str(model), "--port", "0", "--threads", "1", "--api-key", KEY,
          "--parallel", "2", "--ctx", "8192", "--model-name", "tiny"],

@@ -44,7 +44,7 @@ pub struct ServeArgs {
 /// Where the default synthetic model lives.
 fn default_model_path() -> Result<PathBuf> {
     let base = dirs::cache_dir().context("no user cache directory (set XDG_CACHE_HOME or HOME)")?;
-    Ok(base.join("moestream").join("default-model").join("tiny-qwen3-moe-q8_0.gguf"))
+    Ok(base.join("moestream").join("default-model").join("tiny-qwen3-moe-q8_0-qwen3-tokenizer.gguf"))
 }
 
 /// The default model: reused when it opens cleanly, else written again (to a temporary name, then renamed, so
@@ -58,11 +58,13 @@ fn ensure_default_model() -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(format!(".partial-{}.gguf", std::process::id()));
     eprintln!("writing the default synthetic model to {} (once)", path.display());
-    let opts = moestream_synth::SynthOptions::new(
+    let mut opts = moestream_synth::SynthOptions::new(
         moestream_synth::Preset::TinyQwen3Moe,
         moestream_synth::SynthFormat::GgufQ8_0,
         &tmp,
     );
+    // Qwen3's real tokenizer and chat template, so prompts, tools and thinking go through the real code paths.
+    opts.tokenizer = moestream_synth::SynthTokenizer::Qwen3;
     moestream_synth::synth(&opts).with_context(|| format!("synth {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(path)
@@ -85,8 +87,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     };
     if synthetic {
         eprintln!(
-            "no --model given: serving the synthetic tiny-qwen3-moe at {}. ITS WEIGHTS ARE RANDOM: the API works, \
-             the answers are meaningless.",
+            "no --model given: serving the synthetic tiny-qwen3-moe (Qwen3 tokenizer and chat template) at {}. ITS \
+             WEIGHTS ARE RANDOM: the API works, the answers are meaningless.",
             model_path.display()
         );
     }
@@ -95,6 +97,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let tokenizer = moestream_chat::Tokenizer::from_index(&index)?
         .with_context(|| format!("{} has no tokenizer; the server needs one", model_path.display()))?;
     let generation = moestream_format::generation::GenerationConfig::read(&index.root)?;
+    let template = moestream_chat::ChatTemplate::from_index(&index)?;
+    if template.is_none() {
+        eprintln!("warning: {} has no chat template; chat prompts use plain ChatML", model_path.display());
+    }
     pb.set_message(format!("loading trunk and expert cache of {}", model_path.display()));
     let model = a.engine.load_index(&index, &model_path)?;
     pb.set_message(format!("allocating {} sessions of {} positions", a.parallel, a.engine.ctx));
@@ -141,7 +147,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         println!("listening on http://{local} (model `{name}`; OpenAI API under /v1)");
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        moestream_server::serve(listener, moestream_server::router(engine, server_opts)).await?;
+        moestream_server::serve(listener, moestream_server::router(engine, template, server_opts)).await?;
         anyhow::Ok(())
     })
 }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use moestream_chat::{StreamDecoder, Tokenizer};
+use moestream_chat::{Specials, StreamDecoder, Tokenizer};
 use moestream_models::{Qwen3Moe, Session};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
@@ -133,6 +133,23 @@ impl Generation {
         self.rx.blocking_recv()
     }
 
+    /// A generation that replays `events` (then ends), for testing code that consumes generations without a
+    /// model.
+    pub fn scripted(events: Vec<Event>) -> Self {
+        let (tx, rx) = unbounded_channel();
+        let prompt_tokens = events
+            .iter()
+            .find_map(|e| match e {
+                Event::Finish { usage, .. } => Some(usage.prompt_tokens),
+                _ => None,
+            })
+            .unwrap_or(0);
+        for e in events {
+            let _ = tx.send(e);
+        }
+        Generation { id: 0, prompt_tokens, rx }
+    }
+
     /// Wait for the whole output.
     pub async fn collect(mut self) -> Result<Completed, EngineError> {
         let mut text = String::new();
@@ -190,13 +207,7 @@ impl Engine {
         let mut eos = model.config.eos_token_ids.clone();
         eos.extend(&opts.extra_eos);
         // Chat models end turns with these even where the config names only one.
-        for special in ["<|im_end|>", "<|endoftext|>"] {
-            if let Ok(ids) = tokenizer.encode(special)
-                && let [id] = ids[..]
-            {
-                eos.push(id);
-            }
-        }
+        eos.extend(["<|im_end|>", "<|endoftext|>"].iter().filter_map(|t| tokenizer.token_id(t)));
         eos.sort_unstable();
         eos.dedup();
         let sessions: Vec<Session> = (0..opts.parallel).map(|_| model.new_session(opts.ctx)).collect();
@@ -322,6 +333,8 @@ struct Active {
     submitted: Instant,
     first_token: bool,
     ignore_eos: bool,
+    /// A stop string ended the output (so nothing after it may be emitted).
+    stop_hit: bool,
 }
 
 enum Outcome {
@@ -411,13 +424,16 @@ impl Worker {
             prompt: p.req.prompt,
             prefilled: 0,
             logits: Vec::with_capacity(self.vocab),
-            decoder: StreamDecoder::new(),
+            // Special tokens (`<|im_end|>`) are control, not text; Qwen3's `<think>` and `<tool_call>` are not
+            // special and stay for the server's output parser.
+            decoder: StreamDecoder::with_specials(Specials::Skip),
             stop: StopMatcher::new(&p.req.stop),
             max_new,
             generated: 0,
             submitted: p.submitted,
             first_token: false,
             ignore_eos: p.req.ignore_eos,
+            stop_hit: false,
         }
     }
 
@@ -461,6 +477,7 @@ impl Worker {
             StopCheck::Continue(text) => send_text(&a.tx, text),
             StopCheck::Stop(text) => {
                 send_text(&a.tx, text);
+                a.stop_hit = true;
                 return Some(Outcome::Finished(FinishReason::Stop));
             }
         }
@@ -479,7 +496,19 @@ impl Worker {
         let c = &self.shared.counters;
         let usage = Usage { prompt_tokens: a.prompt.len(), completion_tokens: a.generated };
         match outcome {
-            Outcome::Finished(reason) => {
+            Outcome::Finished(mut reason) => {
+                // Bytes the decoder held (an incomplete character at the very end) still go through the stop
+                // matcher, unless a stop string already ended the output.
+                if reason == FinishReason::Length || !a.stop_hit {
+                    match a.decoder.finish(&self.tokenizer).map(|t| a.stop.push(&t)) {
+                        Ok(StopCheck::Continue(t)) => send_text(&a.tx, t),
+                        Ok(StopCheck::Stop(t)) => {
+                            send_text(&a.tx, t);
+                            reason = FinishReason::Stop;
+                        }
+                        Err(e) => tracing::warn!(id = a.id, "decoding the output's tail: {e}"),
+                    }
+                }
                 send_text(&a.tx, a.stop.flush());
                 let _ = a.tx.send(Event::Finish { reason, usage });
                 match reason {

@@ -11,7 +11,6 @@
 pub mod error;
 pub mod metrics;
 pub mod openai;
-pub mod parse;
 pub mod prompt;
 pub mod wire;
 
@@ -24,6 +23,7 @@ use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use moestream_chat::ChatTemplate;
 use moestream_engine::Engine;
 use serde_json::json;
 
@@ -49,6 +49,8 @@ impl Default for ServerOptions {
 
 pub struct AppState {
     pub engine: Arc<Engine>,
+    /// The model's chat template; `None` falls back to plain ChatML ([`prompt::chatml`]).
+    pub template: Option<ChatTemplate>,
     pub opts: ServerOptions,
     /// Unix seconds at start (the `created` of `/v1/models`).
     pub started: u64,
@@ -56,11 +58,12 @@ pub struct AppState {
 
 pub type SharedState = Arc<AppState>;
 
-/// The whole API as a router (tests drive it with `oneshot`; `serve` binds it).
-pub fn router(engine: Arc<Engine>, opts: ServerOptions) -> Router {
+/// The whole API as a router (tests drive it with `oneshot`; `serve` binds it). `template` is the model's chat
+/// template (`ChatTemplate::from_index`).
+pub fn router(engine: Arc<Engine>, template: Option<ChatTemplate>, opts: ServerOptions) -> Router {
     let limit = opts.max_body_bytes;
     let cors = opts.cors;
-    let state = Arc::new(AppState { engine, opts, started: unix_now() });
+    let state = Arc::new(AppState { engine, template, opts, started: unix_now() });
     let api = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))

@@ -15,15 +15,15 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Json, Response};
+use moestream_chat::{Event as Parsed, OutputParser, ParserConfig};
 use moestream_engine::{Event, FinishReason, Generation, Usage};
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
-use crate::parse::{OutputSplitter, Piece};
-use crate::prompt::{self, TemplateOptions};
+use crate::prompt::{chat_prompt, ends_in_think};
 use crate::wire::{
-    ApplyTemplateRequest, ChatMessage, ChatRequest, CompletionRequest, DetokenizeRequest, PromptField, TokenizeRequest,
-    parse_body, validate_messages,
+    ApplyTemplateRequest, ChatRequest, CompletionRequest, DetokenizeRequest, PromptField, TokenizeRequest, parse_body,
+    validate_messages,
 };
 use crate::{SharedState, body_bytes, unix_now};
 
@@ -36,19 +36,6 @@ fn usage_json(u: Usage) -> Value {
            "total_tokens": u.prompt_tokens + u.completion_tokens})
 }
 
-fn render_chat(
-    msgs: &[ChatMessage],
-    tools: Option<Vec<Value>>,
-    thinking: Option<bool>,
-    generation_prompt: bool,
-) -> String {
-    let values: Vec<Value> = msgs.iter().map(ChatMessage::to_template_value).collect();
-    prompt::render(
-        &values,
-        &TemplateOptions { tools, enable_thinking: thinking, add_generation_prompt: generation_prompt },
-    )
-}
-
 fn encode(s: &SharedState, text: &str) -> Result<Vec<u32>, ApiError> {
     s.engine.tokenizer().encode(text).map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e}")))
 }
@@ -59,42 +46,47 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let req = ChatRequest::parse(&body_bytes(body)?)?;
     validate_messages(&req.messages)?;
-    let thinking = req.enable_thinking();
-    let text = render_chat(&req.messages, req.tools.clone(), thinking, true);
+    let text =
+        chat_prompt(&s, &req.messages, req.tools.as_ref(), req.chat_template_kwargs.as_ref(), req.enable_thinking)?;
+    let parser = OutputParser::new(ParserConfig {
+        starts_in_reasoning: ends_in_think(&text),
+        reasoning: true,
+        // Without tools offered, `<tool_call>` text is content (as vLLM does).
+        tool_calls: req.tools.as_ref().is_some_and(|t| !t.is_empty()),
+    });
     let greq = req.sampling.to_request(encode(&s, &text)?)?;
     let generation = s.engine.submit(greq)?;
-    let chunks = ChatChunks {
-        id: new_id("chatcmpl"),
-        created: unix_now(),
-        model: s.opts.model_name.clone(),
-        splitter: OutputSplitter::new(thinking != Some(false)),
-        tool_calls: 0,
-        include_usage: req.sampling.include_usage(),
-    };
+    let chunks = ChatChunks::new(s.opts.model_name.clone(), parser, req.sampling.include_usage());
     if req.sampling.stream() {
-        let first = chunks.chunk(json!({"role": "assistant", "content": ""}), None);
-        return Ok(sse(generation, first, chunks));
+        return Ok(chat_sse(generation, chunks));
     }
-    chat_json(generation, chunks).await
+    Ok(Json(chat_json(generation, chunks).await?).into_response())
 }
 
-async fn chat_json(mut g: Generation, mut c: ChatChunks) -> Result<Response, ApiError> {
+/// The first SSE chunk, then the rest as the generation produces them.
+fn chat_sse(generation: Generation, chunks: ChatChunks) -> Response {
+    let first = chunks.chunk(json!({"role": "assistant", "content": ""}), None);
+    sse(generation, first, chunks)
+}
+
+/// The non-streaming `chat.completion` object.
+async fn chat_json(mut g: Generation, mut c: ChatChunks) -> Result<Value, ApiError> {
     let (mut content, mut reasoning, mut calls) = (String::new(), String::new(), Vec::new());
-    let mut take = |pieces: Vec<Piece>| {
+    let mut take = |pieces: Vec<Parsed>| {
         for p in pieces {
             match p {
-                Piece::Content(t) => content.push_str(&t),
-                Piece::Reasoning(t) => reasoning.push_str(&t),
-                Piece::ToolCall { name, arguments } => calls.push(json!({"id": new_id("call"), "type": "function",
+                Parsed::Content(t) => content.push_str(&t),
+                Parsed::Reasoning(t) => reasoning.push_str(&t),
+                Parsed::ToolCall { id, name, arguments, .. } => calls.push(json!({"id": id, "type": "function",
                     "function": {"name": name, "arguments": arguments}})),
             }
         }
     };
     let (reason, usage) = loop {
         match g.next_event().await {
-            Some(Event::Text(t)) => take(c.splitter.push(&t)),
+            Some(Event::Text(t)) => take(c.parser.push(&t)),
             Some(Event::Finish { reason, usage }) => {
-                take(c.splitter.finish());
+                take(c.parser.finish());
                 break (reason, usage);
             }
             Some(Event::Error(m)) => return Err(ApiError::internal(format!("generation failed: {m}"))),
@@ -109,12 +101,11 @@ async fn chat_json(mut g: Generation, mut c: ChatChunks) -> Result<Response, Api
     if !calls.is_empty() {
         message["tool_calls"] = Value::Array(calls);
     }
-    Ok(Json(json!({
+    Ok(json!({
         "id": c.id, "object": "chat.completion", "created": c.created, "model": c.model,
         "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
         "usage": usage_json(usage),
     }))
-    .into_response())
 }
 
 /// Turns engine events into the chunks of one SSE stream.
@@ -127,26 +118,32 @@ struct ChatChunks {
     id: String,
     created: u64,
     model: String,
-    splitter: OutputSplitter,
+    parser: OutputParser,
     tool_calls: usize,
     include_usage: bool,
 }
 
 impl ChatChunks {
+    fn new(model: String, parser: OutputParser, include_usage: bool) -> Self {
+        ChatChunks { id: new_id("chatcmpl"), created: unix_now(), model, parser, tool_calls: 0, include_usage }
+    }
+
     fn chunk(&self, delta: Value, finish: Option<&str>) -> String {
         json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
         .to_string()
     }
 
-    fn pieces(&mut self, pieces: Vec<Piece>, out: &mut VecDeque<String>) {
+    fn pieces(&mut self, pieces: Vec<Parsed>, out: &mut VecDeque<String>) {
         for p in pieces {
             let delta = match p {
-                Piece::Content(t) => json!({"content": t}),
-                Piece::Reasoning(t) => json!({"reasoning_content": t}),
-                Piece::ToolCall { name, arguments } => {
+                Parsed::Content(t) => json!({"content": t}),
+                Parsed::Reasoning(t) => json!({"reasoning_content": t}),
+                // A call is sent whole, in one chunk (name and complete arguments), which every OpenAI
+                // client's delta accumulator handles.
+                Parsed::ToolCall { index, id, name, arguments } => {
                     self.tool_calls += 1;
-                    json!({"tool_calls": [{"index": self.tool_calls - 1, "id": new_id("call"), "type": "function",
+                    json!({"tool_calls": [{"index": index, "id": id, "type": "function",
                         "function": {"name": name, "arguments": arguments}}]})
                 }
             };
@@ -157,12 +154,12 @@ impl ChatChunks {
 
 impl Chunker for ChatChunks {
     fn text(&mut self, t: &str, out: &mut VecDeque<String>) {
-        let p = self.splitter.push(t);
+        let p = self.parser.push(t);
         self.pieces(p, out);
     }
 
     fn finish(&mut self, reason: FinishReason, usage: Usage, out: &mut VecDeque<String>) {
-        let p = self.splitter.finish();
+        let p = self.parser.finish();
         self.pieces(p, out);
         let reason = if self.tool_calls > 0 { "tool_calls" } else { reason.as_str() };
         out.push_back(self.chunk(json!({}), Some(reason)));
@@ -327,16 +324,93 @@ pub async fn detokenize(
 }
 
 pub async fn apply_template(
-    State(_s): State<SharedState>,
+    State(s): State<SharedState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let req: ApplyTemplateRequest = parse_body(&body_bytes(body)?)?;
     validate_messages(&req.messages)?;
-    let thinking = req
-        .chat_template_kwargs
-        .as_ref()
-        .and_then(|k| k.get("enable_thinking"))
-        .and_then(Value::as_bool)
-        .or(req.enable_thinking);
-    Ok(Json(json!({"prompt": render_chat(&req.messages, req.tools.clone(), thinking, true)})))
+    let prompt =
+        chat_prompt(&s, &req.messages, req.tools.as_ref(), req.chat_template_kwargs.as_ref(), req.enable_thinking)?;
+    Ok(Json(json!({"prompt": prompt})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage() -> Usage {
+        Usage { prompt_tokens: 5, completion_tokens: 9 }
+    }
+
+    /// A model output with reasoning and a tool call, split mid-tag across engine events.
+    fn events() -> Vec<Event> {
+        let text = "<think>\nlet me look\n</think>\n\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \
+                    \"Paris\"}}\n</tool_call>";
+        let mut ev: Vec<Event> =
+            text.as_bytes().chunks(7).map(|c| Event::Text(String::from_utf8_lossy(c).into())).collect();
+        ev.push(Event::Finish { reason: FinishReason::Stop, usage: usage() });
+        ev
+    }
+
+    fn chunks(tools: bool) -> ChatChunks {
+        let parser = OutputParser::new(ParserConfig { starts_in_reasoning: false, reasoning: true, tool_calls: tools });
+        ChatChunks::new("m".into(), parser, true)
+    }
+
+    #[tokio::test]
+    async fn tool_calls_and_reasoning_in_the_json_answer() {
+        let v = chat_json(Generation::scripted(events()), chunks(true)).await.unwrap();
+        let c = &v["choices"][0];
+        assert_eq!(c["finish_reason"], "tool_calls");
+        assert_eq!(c["message"]["reasoning_content"], "let me look");
+        assert_eq!(c["message"]["content"], "");
+        let call = &c["message"]["tool_calls"][0];
+        assert_eq!(call["type"], "function");
+        assert!(call["id"].as_str().is_some_and(|s| !s.is_empty()));
+        assert_eq!(call["function"]["name"], "get_weather");
+        let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert_eq!(args, json!({"city": "Paris"}));
+        assert_eq!(v["usage"]["total_tokens"], 14);
+        // Without tools offered, the block stays content and the finish reason is the engine's.
+        let v = chat_json(Generation::scripted(events()), chunks(false)).await.unwrap();
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        assert!(v["choices"][0]["message"]["content"].as_str().unwrap().contains("<tool_call>"));
+    }
+
+    #[tokio::test]
+    async fn tool_calls_and_reasoning_stream_as_deltas() {
+        let resp = chat_sse(Generation::scripted(events()), chunks(true));
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        let data: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+        assert_eq!(data.last(), Some(&"[DONE]"));
+        let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+        let deltas: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"].get(0)).map(|c| &c["delta"]).collect();
+        let reasoning: String = deltas.iter().filter_map(|d| d["reasoning_content"].as_str()).collect();
+        assert_eq!(reasoning, "let me look");
+        let calls: Vec<&Value> = deltas.iter().filter_map(|d| d.get("tool_calls")).collect();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0][0]["index"], 0);
+        assert_eq!(calls[0][0]["function"]["name"], "get_weather");
+        let finish: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|c| c["choices"].get(0))
+            .map(|c| &c["finish_reason"])
+            .filter(|f| !f.is_null())
+            .collect();
+        assert_eq!(finish, vec!["tool_calls"]);
+        assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 9);
+    }
+
+    #[tokio::test]
+    async fn engine_errors_end_the_stream_with_an_error_body() {
+        let resp =
+            chat_sse(Generation::scripted(vec![Event::Text("a".into()), Event::Error("disk".into())]), chunks(false));
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert!(text.contains("\"type\":\"server_error\"") && text.contains("disk"), "{text}");
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        let e = chat_json(Generation::scripted(vec![Event::Error("disk".into())]), chunks(false)).await.unwrap_err();
+        assert_eq!(e.status, axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+    }
 }

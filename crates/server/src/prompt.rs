@@ -1,7 +1,53 @@
-//! Messages → prompt text. PLACEHOLDER: a plain ChatML (Qwen-style) formatter, until the `chat` crate's
-//! `ChatTemplate` (the model's own Jinja template) is merged and replaces it.
+//! Messages → prompt text: the model's own chat template (`moestream_chat::ChatTemplate`, rendered as
+//! transformers does), or, for a model that ships none, a plain Qwen-style ChatML formatter.
 
-use serde_json::Value;
+use moestream_chat::{ChatError, TemplateInput};
+use serde_json::{Map, Value};
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::wire::ChatMessage;
+
+/// The prompt of a chat request, ending with the assistant's generation prompt. `enable_thinking` (the
+/// top-level field) is passed to the template unless `kwargs` sets it.
+pub fn chat_prompt(
+    s: &AppState,
+    messages: &[ChatMessage],
+    tools: Option<&Vec<Value>>,
+    kwargs: Option<&Map<String, Value>>,
+    enable_thinking: Option<bool>,
+) -> Result<String, ApiError> {
+    let values: Vec<Value> = messages.iter().map(ChatMessage::to_template_value).collect();
+    let tools = tools.filter(|t| !t.is_empty()).map(|t| Value::Array(t.clone()));
+    let mut extra = kwargs.cloned().unwrap_or_default();
+    if let Some(t) = enable_thinking {
+        extra.entry("enable_thinking").or_insert(Value::Bool(t));
+    }
+    let Some(template) = &s.template else {
+        let thinking = extra.get("enable_thinking").and_then(Value::as_bool);
+        let o = TemplateOptions {
+            tools: tools.and_then(|t| t.as_array().cloned()),
+            enable_thinking: thinking,
+            add_generation_prompt: true,
+        };
+        return Ok(chatml(&values, &o));
+    };
+    let messages = Value::Array(values);
+    let input =
+        TemplateInput { messages: &messages, tools: tools.as_ref(), add_generation_prompt: true, extra: &extra };
+    template.render(&input).map_err(|e| match e {
+        ChatError::TemplateRejected(_) | ChatError::TemplateInput(_) => {
+            ApiError::bad_request("messages", e.to_string())
+        }
+        other => ApiError::internal(other.to_string()),
+    })
+}
+
+/// Whether the prompt leaves the model inside a reasoning block (templates that always think end the
+/// generation prompt with `<think>\n`), so the output parser starts in reasoning.
+pub fn ends_in_think(prompt: &str) -> bool {
+    prompt.trim_end().ends_with("<think>")
+}
 
 /// Options a template receives besides the messages.
 #[derive(Debug, Clone, Default)]
@@ -14,7 +60,7 @@ pub struct TemplateOptions {
 /// Render `messages` (HF-shaped JSON objects: role, content, tool_calls, …) the way Qwen3's template does for
 /// the common cases: tools listed in the system turn, tool results as `<tool_response>` user turns, and an empty
 /// think block when thinking is off.
-pub fn render(messages: &[Value], o: &TemplateOptions) -> String {
+pub fn chatml(messages: &[Value], o: &TemplateOptions) -> String {
     let mut s = String::new();
     let str_of = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
     let first_is_system = messages.first().is_some_and(|m| str_of(m, "role") == "system");
@@ -101,7 +147,7 @@ mod tests {
             enable_thinking: Some(false),
             add_generation_prompt: true,
         };
-        let p = render(&msgs, &o);
+        let p = chatml(&msgs, &o);
         assert!(p.starts_with("<|im_start|>system\n# Tools"), "{p}");
         assert!(p.contains("<|im_start|>user\nhi<|im_end|>\n"), "{p}");
         assert!(p.contains("<tool_call>\n{\"name\":\"f\",\"arguments\":{\"x\":1}}\n</tool_call><|im_end|>"), "{p}");

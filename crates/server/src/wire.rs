@@ -334,7 +334,6 @@ mod tests {
         assert_eq!(g.sampling.seed, Some(5));
         assert_eq!(g.stop, vec!["a", "b"]);
         assert_eq!(g.max_tokens, Some(7));
-        assert_eq!(r.enable_thinking(), Some(false));
         let bad = ChatRequest::parse(br#"{"messages": [], "n": 2}"#).unwrap();
         assert_eq!(bad.sampling.to_request(vec![1]).unwrap_err().param.as_deref(), Some("n"));
         let bad = ChatRequest::parse(br#"{"messages": [], "max_tokens": 0}"#).unwrap();

@@ -23,16 +23,23 @@ struct Api {
 }
 
 fn api(opts: EngineOptions, server: ServerOptions) -> Api {
+    api_with(opts, server, moestream_synth::SynthTokenizer::Synthetic)
+}
+
+fn api_with(opts: EngineOptions, server: ServerOptions, tokenizer: moestream_synth::SynthTokenizer) -> Api {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("m.gguf");
     let mut o = SynthOptions::new(Preset::TinyQwen3Moe, SynthFormat::GgufQ8_0, &path);
     o.progress = false;
+    o.tokenizer = tokenizer;
     synth(&o).expect("synth");
     let index = TensorIndex::open(&path).expect("index");
     let m = Qwen3Moe::load(&index, &ModelOptions { threads: 1, ..ModelOptions::default() }).expect("load");
     let t = moestream_chat::Tokenizer::from_index(&index).expect("tokenizer").expect("has one");
+    let template = moestream_chat::ChatTemplate::from_index(&index).expect("template");
+    assert!(template.is_some(), "synth writes a chat template");
     let engine = Arc::new(Engine::start(m, t, opts).expect("engine"));
-    Api { app: router(engine.clone(), server), engine, _dir: dir }
+    Api { app: router(engine.clone(), template, server), engine, _dir: dir }
 }
 
 fn default_api() -> Api {
@@ -267,16 +274,9 @@ async fn completions_tokenize_and_friends() {
     assert_eq!(pieces, "hello world");
     let (s, v) = post(&a.app, "/detokenize", json!({"tokens": [1, 99999999]})).await;
     assert_eq!((s, error_of(&v)["param"].clone()), (StatusCode::BAD_REQUEST, json!("tokens[1]")));
-    let (_, t) = post(
-        &a.app,
-        "/apply-template",
-        json!({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]}),
-    )
-    .await;
-    assert_eq!(
-        t["prompt"],
-        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
-    );
+    // The synthetic tokenizer's template is plain ChatML.
+    let (_, t) = post(&a.app, "/apply-template", json!({"messages": [{"role": "user", "content": "hi"}]})).await;
+    assert_eq!(t["prompt"], "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
     let (s, m) = call(&a.app, "GET", "/v1/models", "", None).await;
     assert_eq!(s, StatusCode::OK);
     let m: Value = serde_json::from_str(&m).unwrap();
@@ -336,4 +336,50 @@ async fn client_disconnect_cancels_the_generation() {
     let (s, _) = post(&a.app, "/v1/chat/completions", chat(json!({"max_tokens": 2}))).await;
     assert_eq!(s, StatusCode::OK);
     server.abort();
+}
+
+#[tokio::test]
+async fn qwen3_template_renders_tools_tool_calls_and_thinking() {
+    let a = api_with(
+        EngineOptions { ctx: 512, ..Default::default() },
+        ServerOptions::default(),
+        moestream_synth::SynthTokenizer::Qwen3,
+    );
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let messages = json!([
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]);
+    let (s, t) =
+        post(&a.app, "/apply-template", json!({"messages": messages, "tools": tools, "enable_thinking": false})).await;
+    assert_eq!(s, StatusCode::OK, "{t}");
+    let p = t["prompt"].as_str().unwrap();
+    assert!(p.starts_with("<|im_start|>system\n# Tools"), "{p}");
+    assert!(p.contains("\"name\": \"get_weather\""), "{p}");
+    assert!(
+        p.contains("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"),
+        "{p}"
+    );
+    assert!(p.contains("<tool_response>\nsunny\n</tool_response>"), "{p}");
+    assert!(p.ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\n"), "{p}");
+    // chat_template_kwargs wins over the top-level field.
+    let (_, t) = post(
+        &a.app,
+        "/apply-template",
+        json!({"messages": [{"role": "user", "content": "x"}], "enable_thinking": false,
+               "chat_template_kwargs": {"enable_thinking": true}}),
+    )
+    .await;
+    assert!(t["prompt"].as_str().unwrap().ends_with("<|im_start|>assistant\n"), "{t}");
+    let (s, v) = post(
+        &a.app,
+        "/v1/chat/completions",
+        json!({"messages": messages, "tools": tools, "tool_choice": "auto", "max_tokens": 4, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 50);
 }
