@@ -94,10 +94,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
     }
     let pb = spinner(format!("opening {}", model_path.display()));
     let index = moestream_format::TensorIndex::open(&model_path)?;
-    let tokenizer = moestream_chat::Tokenizer::from_index(&index)?
-        .with_context(|| format!("{} has no tokenizer; the server needs one", model_path.display()))?;
+    let (tokenizer, template) = match moestream_chat::Tokenizer::from_index(&index)? {
+        Some(t) => (t, moestream_chat::ChatTemplate::from_index(&index)?),
+        None => embedded_qwen3(&model_path, index.config.vocab_size)?,
+    };
     let generation = moestream_format::generation::GenerationConfig::read(&index.root)?;
-    let template = moestream_chat::ChatTemplate::from_index(&index)?;
     if template.is_none() {
         eprintln!("warning: {} has no chat template; chat prompts use plain ChatML", model_path.display());
     }
@@ -150,6 +151,28 @@ pub fn run(a: ServeArgs) -> Result<()> {
         moestream_server::serve(listener, moestream_server::router(engine, template, server_opts)).await?;
         anyhow::Ok(())
     })
+}
+
+/// Qwen3's tokenizer and chat template, built into the binary (`assets/qwen3-tokenizer/`), for a Qwen3 checkpoint
+/// that ships weights only. Refused when the model's vocabulary is smaller than the tokenizer's.
+fn embedded_qwen3(
+    model: &Path,
+    vocab: usize,
+) -> Result<(moestream_chat::Tokenizer, Option<moestream_chat::ChatTemplate>)> {
+    let tok = moestream_chat::Tokenizer::from_json_bytes(moestream_synth::tokenizer::QWEN3_TOKENIZER_JSON)?;
+    if vocab < tok.vocab_size() {
+        anyhow::bail!(
+            "{} has no tokenizer, and its vocabulary ({vocab}) is smaller than Qwen3's ({}), so the built-in Qwen3 \
+             tokenizer cannot stand in",
+            model.display(),
+            tok.vocab_size()
+        );
+    }
+    eprintln!("warning: {} has no tokenizer; using the built-in Qwen3 tokenizer and chat template", model.display());
+    let cfg = std::str::from_utf8(moestream_synth::tokenizer::QWEN3_TOKENIZER_CONFIG_JSON)
+        .context("built-in tokenizer_config.json is not UTF-8")?;
+    let template = moestream_chat::ChatTemplate::from_tokenizer_config(cfg, "<built-in qwen3 tokenizer_config.json>")?;
+    Ok((tok, template))
 }
 
 fn model_name(p: &Path) -> String {
