@@ -141,15 +141,13 @@ impl Sampler {
         self.cand.extend(
             logits.iter().enumerate().map(|(i, &l)| (i as u32, if l.is_nan() { f32::NEG_INFINITY } else { l })),
         );
-        // Descending by logit, ties by id, so the order (and the draw) is deterministic.
+        // Descending by logit (or probability: the map is monotonic), ties by id, so the order (and the draw) is
+        // deterministic.
         let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         let k = self.p.top_k;
         if k > 0 && k < self.cand.len() {
             self.cand.select_nth_unstable_by(k - 1, desc);
             self.cand.truncate(k);
-        }
-        let sorted = self.p.top_p < 1.0 || k > 0;
-        if sorted {
             self.cand.sort_unstable_by(desc);
         }
         let max = self.cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
@@ -170,17 +168,28 @@ impl Sampler {
         }
         if self.p.top_p < 1.0 {
             let want = self.p.top_p as f64 * total;
-            let mut acc = 0.0f64;
-            let mut keep = self.cand.len();
-            for (i, c) in self.cand.iter().enumerate() {
-                acc += c.1 as f64;
-                if acc >= want {
-                    keep = i + 1;
-                    break;
+            // The nucleus is usually a few tokens of a 150k vocabulary: sort only a growing top slice until its
+            // mass reaches `want`, instead of sorting everything every token.
+            let n = self.cand.len();
+            let mut m = 64.min(n);
+            let keep = loop {
+                if m < n && k == 0 {
+                    self.cand.select_nth_unstable_by(m - 1, desc);
                 }
-            }
-            self.cand.truncate(keep.max(1));
-            total = acc.min(total);
+                self.cand[..m].sort_unstable_by(desc);
+                let mut acc = 0.0f64;
+                let found = self.cand[..m].iter().position(|c| {
+                    acc += c.1 as f64;
+                    acc >= want
+                });
+                match found {
+                    Some(i) => break (i + 1, acc),
+                    None if m == n => break (n, acc),
+                    None => m = (m * 4).min(n),
+                }
+            };
+            self.cand.truncate(keep.0.max(1));
+            total = keep.1.min(total);
         }
         let mut u = self.rng.next_f64() * total;
         for c in &self.cand {
@@ -293,6 +302,31 @@ mod tests {
         assert_eq!(support(&params(|p| p.top_p = 0.3), 100), [3].into());
         // min_p 0.5: keep p >= 0.5·p(3): token 1 (e^-0.5 ≈ 0.61) stays, token 0 (e^-1 ≈ 0.37) goes.
         assert_eq!(support(&params(|p| p.min_p = 0.5), 200), [1, 3].into());
+    }
+
+    #[test]
+    fn top_p_over_a_large_vocabulary_grows_its_slice() {
+        // Logits falling with the id: the nucleus is a prefix of ids, thousands long (past the first 64-token slice).
+        let v = 5000;
+        let base: Vec<f32> = (0..v).map(|i| -(i as f32) * 0.0002).collect();
+        let probs: Vec<f64> = base.iter().map(|&l| (l as f64).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        let mut acc = 0.0;
+        let nucleus = probs.iter().position(|p| {
+            acc += p;
+            acc >= 0.5 * total
+        });
+        let nucleus = nucleus.unwrap() + 1;
+        assert!(nucleus > 1000);
+        let mut max_seen = 0;
+        for seed in 0..300 {
+            let mut s = Sampler::new(SamplingParams { top_p: 0.5, seed: Some(seed), ..Default::default() }, v, &[], 1);
+            let t = s.sample(&mut base.clone()) as usize;
+            assert!(t < nucleus + 1, "token {t} is outside the nucleus of {nucleus}");
+            max_seen = max_seen.max(t);
+        }
+        // Draws spread over the nucleus, not only its first slice.
+        assert!(max_seen > nucleus / 2, "{max_seen} of {nucleus}");
     }
 
     #[test]
