@@ -180,3 +180,15 @@ def test_disconnecting_client_stops_its_generation(client, server):
     # The server still answers.
     r = client.chat.completions.create(model="tiny", messages=MSGS, temperature=0, max_tokens=2)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_enable_thinking_reaches_the_template(client):
+    def prompt_tokens(**extra):
+        r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=1, temperature=0, **extra)
+        return r.usage.prompt_tokens
+
+    on = prompt_tokens()
+    # Qwen3's template writes an empty `<think>\n\n</think>\n\n` block when thinking is off.
+    off = prompt_tokens(extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert off > on
+    assert prompt_tokens(extra_body={"enable_thinking": False}) == off

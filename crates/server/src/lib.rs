@@ -88,13 +88,47 @@ pub fn router(engine: Arc<Engine>, template: Option<ChatTemplate>, opts: ServerO
     app
 }
 
-/// Serve `router` on `listener` until Ctrl-C.
+/// How long in-flight requests may run on after Ctrl-C or SIGTERM before the server stops anyway (a streaming
+/// generation can last minutes).
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serve `router` on `listener` until Ctrl-C or SIGTERM; then stop accepting, and give in-flight requests
+/// [`SHUTDOWN_GRACE`] to finish.
 pub async fn serve(listener: tokio::net::TcpListener, router: Router) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        let _ = tx.send(true);
+    });
+    let mut rx = rx;
+    tokio::select! {
+        r = server => r,
+        _ = async move {
+            let _ = rx.wait_for(|&stop| stop).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => Ok(()),
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 pub(crate) fn unix_now() -> u64 {
