@@ -146,6 +146,10 @@ struct EngineArgs {
     /// Context capacity of the session (KV cache positions).
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
+    /// Decode-time expert prefetch for the next MoE layer: `none`, `prev` (the previous token's experts) or
+    /// `lookahead` (the next router applied early). Never changes outputs.
+    #[arg(long, default_value = "none")]
+    prefetch: String,
 }
 
 impl EngineArgs {
@@ -170,6 +174,8 @@ impl EngineArgs {
         };
         opts.eviction = moestream_store::EvictionPolicy::parse(&self.eviction)
             .with_context(|| format!("--eviction `{}`: expected `lru` or `lfu:N`", self.eviction))?;
+        opts.prefetch = moestream_models::Prefetch::parse(&self.prefetch)
+            .with_context(|| format!("--prefetch `{}`: expected none, prev or lookahead", self.prefetch))?;
         opts.expert_cache = match self.cache_slots {
             Some(n) => moestream_store::CacheSize::Slots(n),
             None => parse_cache_size(&self.expert_cache)?,
@@ -325,6 +331,17 @@ fn run() -> Result<()> {
                 st.latency_percentile_us(50.0),
                 st.latency_percentile_us(99.0),
             );
+            if engine.prefetch != "none" {
+                eprintln!(
+                    "prefetch {}: {} experts read ahead ({:.1} MB), {} used, {} wasted; waited {:.1} ms on prefetch",
+                    engine.prefetch,
+                    st.prefetch_reads,
+                    st.prefetch_bytes as f64 / 1e6,
+                    st.prefetch_hits,
+                    st.prefetch_wasted,
+                    st.prefetch_wait_us as f64 / 1e3,
+                );
+            }
             eprintln!(
                 "prefill {} tokens: {:.2} tok/s; decode {} tokens: {:.2} tok/s{}",
                 tokens.len(),

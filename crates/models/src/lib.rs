@@ -7,7 +7,7 @@
 
 pub mod qwen3_moe;
 
-pub use qwen3_moe::{ModelOptions, MoeKernels, Qwen3Moe, Session};
+pub use qwen3_moe::{ModelOptions, MoeKernels, Prefetch, Qwen3Moe, Session};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

@@ -12,7 +12,9 @@ use moestream_cpu::{Dispatch, ThreadPool, WeightView};
 use moestream_format::{Architecture, ModelConfig, TensorIndex};
 use std::sync::Mutex;
 
-use moestream_store::{CacheSize, EvictionPolicy, ExpertStore, OwnedWeight, ReadOptions, ResidentWeights, StoreStats};
+use moestream_store::{
+    CacheSize, EvictionPolicy, ExpertStore, OwnedWeight, ReadOptions, ResidentWeights, StoreStats, WeightId,
+};
 
 use crate::ModelError;
 
@@ -34,6 +36,40 @@ pub struct ModelOptions {
     pub read: ReadOptions,
     /// Which slot a miss evicts.
     pub eviction: EvictionPolicy,
+    /// What decode reads ahead for the next MoE layer while this one computes.
+    pub prefetch: Prefetch,
+}
+
+/// Expert prefetch during decode (`--prefetch`): right after layer l's experts are resident, start reading a guess
+/// at what the next MoE layer will need, so the reads overlap layer l's expert matmuls and the next attention.
+/// Guesses only decide what is read early; `ensure` still decides what is used, so outputs never change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefetch {
+    None,
+    /// The experts the previous token chose in the next layer.
+    Prev,
+    /// The next layer's router applied to the current residual stream (normalised with the next layer's norm):
+    /// its top-k.
+    Lookahead,
+}
+
+impl Prefetch {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "none" => Some(Prefetch::None),
+            "prev" => Some(Prefetch::Prev),
+            "lookahead" => Some(Prefetch::Lookahead),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Prefetch::None => "none",
+            Prefetch::Prev => "prev",
+            Prefetch::Lookahead => "lookahead",
+        }
+    }
 }
 
 /// Decode-time MoE execution, the SwiftLM knobs `MLX_MOE_STACKED` and `MLX_MOE_FUSE_GATEUP`.
@@ -62,6 +98,7 @@ impl Default for ModelOptions {
             moe_kernels: MoeKernels::default(),
             read: ReadOptions::default(),
             eviction: EvictionPolicy::default_for_cache(),
+            prefetch: Prefetch::None,
         }
     }
 }
@@ -72,6 +109,14 @@ struct Layer {
     q_norm: Vec<f32>,
     k_norm: Vec<f32>,
     moe: bool,
+    // Resolved at load so the token path neither formats names nor hashes them.
+    wq: WeightId,
+    wk: WeightId,
+    wv: WeightId,
+    wo: WeightId,
+    /// MoE layers: the router. Dense layers: gate, up, down.
+    router: Option<WeightId>,
+    dense: Option<[WeightId; 3]>,
 }
 
 pub struct Qwen3Moe {
@@ -87,6 +132,12 @@ pub struct Qwen3Moe {
     top_k: usize,
     chunk: usize,
     kernels: MoeKernels,
+    prefetch: Prefetch,
+    embd: WeightId,
+    /// `output.weight`, or the embedding when tied.
+    head: WeightId,
+    /// Per layer: the next MoE layer after it, if any (the prefetch target).
+    next_moe: Vec<Option<usize>>,
 }
 
 /// One conversation's state: KV cache and scratch, sized at creation.
@@ -145,6 +196,14 @@ struct Scratch {
     offsets: Vec<u32>,
     scores: Vec<f32>,
     logits: Vec<f32>,
+    /// The last token's top-k per layer (`[layer × k]`), once `has_prev`: the `Prefetch::Prev` guess.
+    prev_topk: Vec<u32>,
+    has_prev: bool,
+    /// Look-ahead scratch: normalised residual, next router's logits, its top-k.
+    la_hn: Vec<f32>,
+    la_router: Vec<f32>,
+    la_idx: Vec<u32>,
+    la_w: Vec<f32>,
 }
 
 fn view(w: &OwnedWeight) -> WeightView<'_> {
@@ -213,20 +272,32 @@ impl Qwen3Moe {
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             let v = |n: &str| resident.vector(&format!("blk.{l}.{n}.weight")).map(<[f32]>::to_vec);
+            let w = |n: &str| resident.id(&format!("blk.{l}.{n}.weight"));
+            let moe = c.layer_is_moe(l);
             layers.push(Layer {
                 attn_norm: v("attn_norm")?,
                 ffn_norm: v("ffn_norm")?,
                 q_norm: v("attn_q_norm")?,
                 k_norm: v("attn_k_norm")?,
-                moe: c.layer_is_moe(l),
+                moe,
+                wq: w("attn_q")?,
+                wk: w("attn_k")?,
+                wv: w("attn_v")?,
+                wo: w("attn_output")?,
+                router: if moe { Some(w("ffn_gate_inp")?) } else { None },
+                dense: if moe { None } else { Some([w("ffn_gate")?, w("ffn_up")?, w("ffn_down")?]) },
             });
         }
         let output_norm = resident.vector("output_norm.weight")?.to_vec();
+        let embd = resident.id("token_embd.weight")?;
+        let head = resident.id("output.weight").unwrap_or(embd);
         let top_k = opts.top_k.unwrap_or(c.num_experts_per_tok);
         if top_k == 0 || top_k > c.num_experts {
             return Err(ModelError::Unsupported(format!("--top-k {top_k} outside 1..={}", c.num_experts)));
         }
         let rot = ((c.head_dim as f64 * c.partial_rotary_factor) as usize) & !1;
+        let c_layers = c.num_layers;
+        let moe_at: Vec<bool> = (0..c_layers).map(|l| c.layer_is_moe(l)).collect();
         Ok(Qwen3Moe {
             inv_freq: rope_inv_freq(c.rope_theta, rot),
             config: c,
@@ -239,6 +310,10 @@ impl Qwen3Moe {
             top_k,
             chunk: opts.prefill_chunk.max(1),
             kernels: opts.moe_kernels,
+            prefetch: opts.prefetch,
+            embd,
+            head,
+            next_moe: (0..c_layers).map(|l| (l + 1..c_layers).find(|&m| moe_at[m])).collect(),
         })
     }
 
@@ -308,6 +383,12 @@ impl Qwen3Moe {
                 // One row; grown only when a caller asks for every position's logits (a prefill-time request:
                 // a full chunk of rows would be 155 MB at Qwen3's vocabulary).
                 logits: vec![0.0; c.vocab_size],
+                prev_topk: vec![0; c.num_layers * k],
+                has_prev: false,
+                la_hn: vec![0.0; h],
+                la_router: vec![0.0; c.num_experts],
+                la_idx: vec![0; k],
+                la_w: vec![0.0; k],
             },
         }
     }
@@ -352,19 +433,19 @@ impl Qwen3Moe {
         let eps = c.rms_norm_eps as f32;
         let pos0 = sess.pos;
         let cap = sess.capacity;
-        let embd = self.resident.get("token_embd.weight")?;
+        let embd = self.resident.at(self.embd);
         for (t, &tok) in tokens.iter().enumerate() {
             dequant_row(embd, tok as usize, &mut sess.s.x[t * h..(t + 1) * h])?;
         }
         for (l, layer) in self.layers.iter().enumerate() {
-            let w = |n: &str| self.resident.get(&format!("blk.{l}.{n}.weight"));
+            let w = |id: WeightId| view(self.resident.at(id));
             let s = &mut sess.s;
             for t in 0..n {
                 rmsnorm(&s.x[t * h..(t + 1) * h], &layer.attn_norm, eps, &mut s.hn[t * h..(t + 1) * h]);
             }
-            self.matmul(&view(w("attn_q")?), &s.hn[..n * h], n, &mut s.q[..n * qd])?;
-            self.matmul(&view(w("attn_k")?), &s.hn[..n * h], n, &mut s.kk[..n * kvd])?;
-            self.matmul(&view(w("attn_v")?), &s.hn[..n * h], n, &mut s.vv[..n * kvd])?;
+            self.matmul(&w(layer.wq), &s.hn[..n * h], n, &mut s.q[..n * qd])?;
+            self.matmul(&w(layer.wk), &s.hn[..n * h], n, &mut s.kk[..n * kvd])?;
+            self.matmul(&w(layer.wv), &s.hn[..n * h], n, &mut s.vv[..n * kvd])?;
             let kbase = l * cap * kvd;
             for t in 0..n {
                 let q = &mut s.q[t * qd..(t + 1) * qd];
@@ -395,7 +476,7 @@ impl Qwen3Moe {
                     }
                 });
             }
-            self.matmul(&view(w("attn_output")?), &s.attn[..n * qd], n, &mut s.o[..n * h])?;
+            self.matmul(&w(layer.wo), &s.attn[..n * qd], n, &mut s.o[..n * h])?;
             for (x, o) in s.x[..n * h].iter_mut().zip(&s.o[..n * h]) {
                 *x += o;
             }
@@ -404,6 +485,9 @@ impl Qwen3Moe {
             }
             if layer.moe {
                 self.moe(l, &mut sess.s, n)?;
+                let k = self.top_k;
+                let s = &mut sess.s;
+                s.prev_topk[l * k..(l + 1) * k].copy_from_slice(&s.topk_idx[(n - 1) * k..n * k]);
                 let e = c.num_experts;
                 for &x in &sess.s.topk_idx[..n * self.top_k] {
                     sess.expert_counts[l * e + x as usize] += 1;
@@ -434,6 +518,7 @@ impl Qwen3Moe {
             }
         }
         sess.pos += n;
+        sess.s.has_prev = true;
         if logits {
             let s = &mut sess.s;
             let first = if all { 0 } else { n - 1 };
@@ -442,10 +527,7 @@ impl Qwen3Moe {
                 let (src, dst) = (t * h, (t - first) * h);
                 rmsnorm(&s.x[src..src + h], &self.output_norm, eps, &mut s.hn[dst..dst + h]);
             }
-            let head = match self.resident.get("output.weight") {
-                Ok(w) => w,
-                Err(_) => self.resident.get("token_embd.weight")?,
-            };
+            let head = self.resident.at(self.head);
             let v = c.vocab_size;
             if s.logits.len() < rows * v {
                 s.logits.resize(rows * v, 0.0);
@@ -467,19 +549,20 @@ impl Qwen3Moe {
     fn dense_mlp(&self, l: usize, s: &mut Scratch, n: usize) -> Result<(), ModelError> {
         let c = &self.config;
         let (h, im) = (c.hidden_size, c.intermediate_size);
-        let w = |p: &str| self.resident.get(&format!("blk.{l}.{p}.weight"));
-        self.matmul(&view(w("ffn_gate")?), &s.hn[..n * h], n, &mut s.gu[..n * im])?;
-        self.matmul(&view(w("ffn_up")?), &s.hn[..n * h], n, &mut s.act[..n * im])?;
+        let [gate, up, down] = self.layers[l].dense.expect("a dense layer has gate, up and down");
+        let w = |id: WeightId| view(self.resident.at(id));
+        self.matmul(&w(gate), &s.hn[..n * h], n, &mut s.gu[..n * im])?;
+        self.matmul(&w(up), &s.hn[..n * h], n, &mut s.act[..n * im])?;
         for (a, g) in s.act[..n * im].iter_mut().zip(&s.gu[..n * im]) {
             *a *= silu(*g);
         }
-        self.matmul(&view(w("ffn_down")?), &s.act[..n * im], n, &mut s.moe_out[..n * h])
+        self.matmul(&w(down), &s.act[..n * im], n, &mut s.moe_out[..n * h])
     }
 
     fn moe(&self, l: usize, s: &mut Scratch, n: usize) -> Result<(), ModelError> {
         let c = &self.config;
         let (h, e, im, k) = (c.hidden_size, c.num_experts, c.moe_intermediate_size, self.top_k);
-        let router = self.resident.get(&format!("blk.{l}.ffn_gate_inp.weight"))?;
+        let router = self.resident.at(self.layers[l].router.expect("a MoE layer has a router"));
         self.matmul(&view(router), &s.hn[..n * h], n, &mut s.router[..n * e])?;
         for t in 0..n {
             let r = &mut s.router[t * e..(t + 1) * e];
@@ -499,6 +582,22 @@ impl Qwen3Moe {
                 return Err(ModelError::Unsupported(format!("top-k {k} above 32")));
             }
             store.ensure(l, &s.topk_idx[..k], &mut slots[..k])?;
+            if let Some(nl) = self.next_moe[l] {
+                match self.prefetch {
+                    Prefetch::None => {}
+                    Prefetch::Prev if s.has_prev => store.prefetch(nl, &s.prev_topk[nl * k..(nl + 1) * k]),
+                    Prefetch::Prev => {}
+                    Prefetch::Lookahead => {
+                        // The residual stream as layer l's experts see it, normalised as layer nl would normalise
+                        // its own input: a cheap stand-in for nl's router input.
+                        rmsnorm(&s.x[..h], &self.layers[nl].ffn_norm, c.rms_norm_eps as f32, &mut s.la_hn);
+                        let r = self.resident.at(self.layers[nl].router.expect("a MoE layer has a router"));
+                        self.matmul(&view(r), &s.la_hn, 1, &mut s.la_router)?;
+                        top_k(&s.la_router, k, &mut s.la_idx, &mut s.la_w);
+                        store.prefetch(nl, &s.la_idx);
+                    }
+                }
+            }
             let layer = store.layer(l).ok_or_else(|| ModelError::Unsupported(format!("layer {l} has no experts")))?;
             let mut views_gu = [slot_view(layer.gate_up, slots[0], 2 * im, h); 32];
             let mut views_dn = [slot_view(layer.down, slots[0], h, im); 32];
@@ -564,39 +663,48 @@ impl Qwen3Moe {
             fill[x as usize] += 1;
         }
         s.moe_out[..n * h].fill(0.0);
+        // The chunk's experts in waves of up to one layer's slots: each wave's misses are read as one concurrent
+        // batch, every expert at most once per wave, and a cache of only top-k slots still works however many
+        // distinct experts the chunk routes to. Experts run in expert order, so results do not depend on the waves.
+        let mut used = [0u32; 1024];
+        let mut nused = 0;
         for ex in 0..e {
-            let (a, b) = (offs[ex] as usize, offs[ex + 1] as usize);
-            let cnt = b - a;
-            if cnt == 0 {
-                continue;
+            if offs[ex + 1] > offs[ex] {
+                used[nused] = ex as u32;
+                nused += 1;
             }
-            for (r, &pair) in s.order[a..b].iter().enumerate() {
-                let t = pair as usize / k;
-                s.xin[r * h..(r + 1) * h].copy_from_slice(&s.hn[t * h..(t + 1) * h]);
-            }
-            // One expert at a time, in expert order: each is read at most once per chunk, and a cache of top-k slots
-            // suffices however many distinct experts the chunk routes to.
-            let mut slot = [0u32; 1];
-            store.ensure(l, &[ex as u32], &mut slot)?;
+        }
+        let mut wave_slots = [0u32; 1024];
+        for wave in used[..nused].chunks(store.slots_per_layer().max(1)) {
+            store.ensure(l, wave, &mut wave_slots[..wave.len()])?;
             let layer = store.layer(l).ok_or_else(|| ModelError::Unsupported(format!("layer {l} has no experts")))?;
-            self.matmul(
-                &slot_view(layer.gate_up, slot[0], 2 * im, h),
-                &s.xin[..cnt * h],
-                cnt,
-                &mut s.gu[..cnt * 2 * im],
-            )?;
-            for r in 0..cnt {
-                let row = &s.gu[r * 2 * im..(r + 1) * 2 * im];
-                for i in 0..im {
-                    s.act[r * im + i] = silu(row[i]) * row[im + i];
+            for (&ex, &slot) in wave.iter().zip(&wave_slots) {
+                let ex = ex as usize;
+                let (a, b) = (offs[ex] as usize, offs[ex + 1] as usize);
+                let cnt = b - a;
+                for (r, &pair) in s.order[a..b].iter().enumerate() {
+                    let t = pair as usize / k;
+                    s.xin[r * h..(r + 1) * h].copy_from_slice(&s.hn[t * h..(t + 1) * h]);
                 }
-            }
-            self.matmul(&slot_view(layer.down, slot[0], h, im), &s.act[..cnt * im], cnt, &mut s.dn[..cnt * h])?;
-            for (r, &pair) in s.order[a..b].iter().enumerate() {
-                let t = pair as usize / k;
-                let wt = s.topk_w[pair as usize];
-                for (o, &v) in s.moe_out[t * h..(t + 1) * h].iter_mut().zip(&s.dn[r * h..(r + 1) * h]) {
-                    *o += wt * v;
+                self.matmul(
+                    &slot_view(layer.gate_up, slot, 2 * im, h),
+                    &s.xin[..cnt * h],
+                    cnt,
+                    &mut s.gu[..cnt * 2 * im],
+                )?;
+                for r in 0..cnt {
+                    let row = &s.gu[r * 2 * im..(r + 1) * 2 * im];
+                    for i in 0..im {
+                        s.act[r * im + i] = silu(row[i]) * row[im + i];
+                    }
+                }
+                self.matmul(&slot_view(layer.down, slot, h, im), &s.act[..cnt * im], cnt, &mut s.dn[..cnt * h])?;
+                for (r, &pair) in s.order[a..b].iter().enumerate() {
+                    let t = pair as usize / k;
+                    let wt = s.topk_w[pair as usize];
+                    for (o, &v) in s.moe_out[t * h..(t + 1) * h].iter_mut().zip(&s.dn[r * h..(r + 1) * h]) {
+                        *o += wt * v;
+                    }
                 }
             }
         }
