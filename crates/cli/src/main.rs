@@ -272,6 +272,7 @@ fn run() -> Result<()> {
             let t0 = std::time::Instant::now();
             m.forward(&mut sess, &tokens, false, &mut logits)?;
             let prefill = t0.elapsed().as_secs_f64();
+            let after_prefill = m.store_stats();
             let t1 = std::time::Instant::now();
             let mut out = std::io::stdout().lock();
             let mut stream = moestream_chat::StreamDecoder::new();
@@ -330,6 +331,18 @@ fn run() -> Result<()> {
                 st.direct_io.len(),
                 st.latency_percentile_us(50.0),
                 st.latency_percentile_us(99.0),
+            );
+            let steps = n.saturating_sub(1).max(1) as f64;
+            eprintln!(
+                "decode I/O stall per token: {:.1} ms on demand reads + {:.1} ms waiting for prefetch ({:.1} ms of \
+                 {:.1} ms per token)",
+                (st.read_wait_us - after_prefill.read_wait_us) as f64 / 1e3 / steps,
+                (st.prefetch_wait_us - after_prefill.prefetch_wait_us) as f64 / 1e3 / steps,
+                (st.read_wait_us + st.prefetch_wait_us - after_prefill.read_wait_us - after_prefill.prefetch_wait_us)
+                    as f64
+                    / 1e3
+                    / steps,
+                decode * 1e3 / steps,
             );
             if engine.prefetch != "none" {
                 eprintln!(

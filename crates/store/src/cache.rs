@@ -69,6 +69,9 @@ pub struct StoreStats {
     pub prefetch_wasted: u64,
     /// Time `ensure` spent waiting for a prefetch still in flight, in microseconds.
     pub prefetch_wait_us: u64,
+    /// Time `ensure` spent blocked on its own (demand) reads, in microseconds. With `prefetch_wait_us`, the I/O
+    /// stall the caller saw: what prefetch exists to shrink.
+    pub read_wait_us: u64,
 }
 
 impl StoreStats {
@@ -476,6 +479,7 @@ impl ExpertStore {
         let cache = self.layers[layer].as_mut().expect("MoE layer");
         plan_batch(cache, &self.batch_misses, &mut self.batch, t0);
         self.reader.run(&mut self.batch);
+        self.stats.read_wait_us += t0.elapsed().as_micros() as u64;
         let r = complete_batch(cache, &mut self.batch_misses, &mut self.batch, &mut self.stats, t0, true);
         for (d, a) in self.stats.direct_io.iter_mut().zip(self.reader.direct_active()) {
             *d = a;
