@@ -88,14 +88,16 @@ pub struct ResidentWeights {
 pub struct WeightId(u32);
 
 impl ResidentWeights {
-    /// Load every non-expert tensor. 1-D tensors (norms) are also decoded to f32, since every op reads them whole.
+    /// Load every non-expert tensor. 1-D tensors (norms) and conv1d kernels are decoded to f32 instead, since every
+    /// op reads them whole.
     pub fn load(index: &TensorIndex) -> Result<Self, StoreError> {
         let files = Files::open(index)?;
         let mut weights = Vec::new();
         let mut ids = HashMap::new();
         let mut vectors = HashMap::new();
         for t in index.tensors.values().filter(|t| !t.is_expert_stack()) {
-            if t.shape.len() == 1 {
+            // Norms and other per-channel vectors, and depthwise conv kernels: small, and read whole in f32.
+            if t.shape.len() == 1 || t.name.ends_with(".ssm_conv1d.weight") {
                 vectors.insert(t.name.clone(), index.load_f32(&t.name)?);
             } else {
                 ids.insert(t.name.clone(), WeightId(weights.len() as u32));
