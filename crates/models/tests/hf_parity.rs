@@ -77,12 +77,14 @@ fn qwen3_moe_matches_transformers_every_case() {
     }
 }
 
-/// The hybrids (Gated DeltaNet + gated attention + shared expert, zero-centred norms): a 72-token prompt as one
+/// The hybrids (Gated DeltaNet + gated attention + shared expert, zero-centred norms), in four layer patterns
+/// (period 2 and 3, two linear layers in a row, a dense first layer), 1 to 3 value heads per key head, per-expert
+/// and fused expert layouts, conv kernels of 3 and 4: a 71–75-token prompt as one
 /// prefill chunk and as three (conv and recurrent state carried across chunks), then decode one token at a time
 /// through the recurrent state; and streaming experts through the minimum cache with prefetch.
 #[test]
 fn hybrids_match_transformers() {
-    for case in ["qwen35moe_small", "qwen3next_small"] {
+    for case in ["qwen35moe_small", "qwen3next_small", "qwen35moe_r3_fused_layout", "qwen3next_dense_first"] {
         check(case, 2);
         check_with(case, ModelOptions { threads: 2, prefill_chunk: 32, ..ModelOptions::default() });
         check_with(
