@@ -784,21 +784,28 @@ impl Qwen3Moe {
                 l2norm_inplace(&mut ks[i * dk..(i + 1) * dk], 1e-6);
             }
             qs.iter_mut().for_each(|v| *v *= q_scale);
-            let o = &mut s.lin_o[t * vd..(t + 1) * vd];
-            for hh in 0..hv {
+            // Value heads are independent: one pool task each (the state, dk·dv floats per head, dominates).
+            let (qs, ks, vs) = (&*qs, &*ks, &*vs);
+            let ba = &s.lin_ba;
+            let o_all = SharedMut::new(&mut s.lin_o[t * vd..(t + 1) * vd]);
+            let st = SharedMut::new(rec);
+            self.pool.run(hv, &|hh| {
                 let i = hh / r;
-                let beta = sigmoid(s.lin_ba[beta_at + hh]);
-                let gg = g.neg_a[hh] * softplus(s.lin_ba[a_at + hh] + g.dt_bias[hh]);
+                let beta = sigmoid(ba[beta_at + hh]);
+                let gg = g.neg_a[hh] * softplus(ba[a_at + hh] + g.dt_bias[hh]);
+                // SAFETY: task `hh` alone touches state block `hh` and output block `hh`.
+                let (state, out) = unsafe { (st.slice(hh * dk * dv, dk * dv), o_all.slice(hh * dv, dv)) };
                 delta_rule_step(
-                    &mut rec[hh * dk * dv..(hh + 1) * dk * dv],
+                    state,
                     &qs[i * dk..(i + 1) * dk],
                     &ks[i * dk..(i + 1) * dk],
                     &vs[hh * dv..(hh + 1) * dv],
                     gg,
                     beta,
-                    &mut o[hh * dv..(hh + 1) * dv],
+                    out,
                 );
-            }
+            });
+            let o = &mut s.lin_o[t * vd..(t + 1) * vd];
             rmsnorm_gated_inplace(o, &s.lin_z[t * vd..(t + 1) * vd], &g.norm, eps);
         }
         self.matmul(&w(g.out), &s.lin_o[..n * vd], n, &mut s.o[..n * h])
