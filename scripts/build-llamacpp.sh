@@ -99,7 +99,7 @@ cmake -S "$SRC" -B "$BUILD" \
     -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_TOOLS=ON >/dev/null
 
 # --- build only the targets we need ---------------------------------------
-want=(llama-quantize llama-cli llama-simple llama-completion llama-bench llama-eval-callback llama-gguf)
+want=(llama-quantize llama-cli llama-simple llama-completion llama-bench llama-eval-callback llama-gguf llama-tokenize)
 avail="$(cmake --build "$BUILD" --target help 2>/dev/null || true)"
 targets=()
 for t in "${want[@]}"; do

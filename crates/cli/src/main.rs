@@ -39,6 +39,10 @@ enum Command {
         /// Largest safetensors shard, in MiB.
         #[arg(long, default_value_t = 4096)]
         shard_mib: u64,
+        /// synthetic (a small byte-level BPE) | qwen3 (Qwen3's real tokenizer and chat template; the vocabulary
+        /// grows to 151,936).
+        #[arg(long, default_value = "synthetic")]
+        tokenizer: String,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
@@ -202,7 +206,7 @@ fn main() {
 fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Synth { preset, format, out, seed, layers, expert_layout, shard_mib, quiet } => {
+        Command::Synth { preset, format, out, seed, layers, expert_layout, shard_mib, tokenizer, quiet } => {
             let preset = moestream_synth::Preset::from_name(&preset).with_context(|| {
                 let names: Vec<_> = moestream_synth::Preset::ALL.iter().map(|p| p.name()).collect();
                 format!("unknown preset `{preset}` (known: {})", names.join(", "))
@@ -216,6 +220,10 @@ fn run() -> Result<()> {
                 "fused" => moestream_synth::ExpertLayout::Fused,
                 other => bail!("unknown expert layout `{other}` (known: per-expert, fused)"),
             };
+            let tokenizer = moestream_synth::SynthTokenizer::from_name(&tokenizer).with_context(|| {
+                let names: Vec<_> = moestream_synth::SynthTokenizer::ALL.iter().map(|t| t.name()).collect();
+                format!("unknown tokenizer `{tokenizer}` (known: {})", names.join(", "))
+            })?;
             if shard_mib == 0 {
                 bail!("--shard-mib must be positive");
             }
@@ -224,6 +232,7 @@ fn run() -> Result<()> {
             opts.layers = layers;
             opts.expert_layout = expert_layout;
             opts.shard_bytes = shard_mib << 20;
+            opts.tokenizer = tokenizer;
             opts.progress = !quiet;
             let t0 = std::time::Instant::now();
             let s = moestream_synth::synth(&opts).with_context(|| format!("synth {}", opts.out.display()))?;
@@ -286,6 +295,9 @@ fn run() -> Result<()> {
                 if i + 1 < n {
                     m.forward(&mut sess, &[next], false, &mut logits)?;
                 }
+            }
+            if let Some(t) = &tok {
+                write!(out, "{}", stream.finish(t)?)?;
             }
             writeln!(out)?;
             let decode = t1.elapsed().as_secs_f64();

@@ -22,7 +22,7 @@ use moestream_format::config::ModelConfig;
 use serde_json::json;
 
 pub use plan::{PlannedTensor, Preset, plan};
-pub use tokenizer::SynthVocab;
+pub use tokenizer::{SynthTokenizer, SynthVocab};
 
 /// Output file families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +90,8 @@ pub struct SynthOptions {
     pub expert_layout: ExpertLayout,
     /// Largest safetensors shard before a new one starts.
     pub shard_bytes: u64,
+    /// Qwen3's real tokenizer raises the vocabulary (and so the embedding) to 151,936 rows.
+    pub tokenizer: SynthTokenizer,
     pub progress: bool,
 }
 
@@ -103,6 +105,7 @@ impl SynthOptions {
             layers: None,
             expert_layout: ExpertLayout::PerExpert,
             shard_bytes: 4 << 30,
+            tokenizer: SynthTokenizer::Synthetic,
             progress: false,
         }
     }
@@ -142,8 +145,9 @@ pub fn synth(opts: &SynthOptions) -> Result<SynthSummary, SynthError> {
     if opts.layers == Some(0) {
         return Err(SynthError::Invalid("--layers must be at least 1".into()));
     }
-    let vocab = SynthVocab::new(opts.preset.vocab_size());
-    let config = opts.preset.config(opts.layers, &vocab);
+    let vocab = opts.tokenizer.vocab(opts.preset.vocab_size())?;
+    let mut config = opts.preset.config(opts.layers, &vocab);
+    config.vocab_size = vocab.tokens.len();
     config.validate(&opts.out)?;
     let tensors = plan(&config);
     let total: u64 = tensors.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
@@ -307,8 +311,11 @@ fn write_side_files(dir: &Path, c: &ModelConfig, vocab: &SynthVocab, format: Syn
         std::fs::write(&p, text).map_err(io_err(&p))
     };
     write_json("config.json", &cfg)?;
-    write_json("tokenizer.json", &vocab.tokenizer_json())?;
-    write_json("tokenizer_config.json", &vocab.tokenizer_config_json())?;
+    let (tokenizer_json, tokenizer_config_json) = vocab.hf_files()?;
+    for (name, bytes) in [("tokenizer.json", tokenizer_json), ("tokenizer_config.json", tokenizer_config_json)] {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).map_err(io_err(&p))?;
+    }
     write_json(
         "generation_config.json",
         &json!({"bos_token_id": c.bos_token_id, "eos_token_id": [vocab.im_end, vocab.endoftext],

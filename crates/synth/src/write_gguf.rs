@@ -9,7 +9,7 @@ use moestream_quant::{FloatType, GgmlType};
 
 use crate::encode::{Target, encode_all};
 use crate::plan::PlannedTensor;
-use crate::tokenizer::{CHATML_TEMPLATE, SynthVocab};
+use crate::tokenizer::SynthVocab;
 use crate::{SynthError, SynthFormat, SynthOptions};
 
 /// llama.cpp's `llama_ftype` for the file's dominant type.
@@ -69,7 +69,7 @@ pub(crate) fn write(
         ("tokenizer.ggml.padding_token_id".into(), GgufValue::U32(vocab.endoftext)),
         ("tokenizer.ggml.bos_token_id".into(), GgufValue::U32(vocab.endoftext)),
         ("tokenizer.ggml.add_bos_token".into(), GgufValue::Bool(false)),
-        ("tokenizer.chat_template".into(), GgufValue::String(CHATML_TEMPLATE.into())),
+        ("tokenizer.chat_template".into(), GgufValue::String(vocab.chat_template.clone())),
     ];
     for (k, v) in kv {
         w.add_kv(&k, v)?;
