@@ -1,6 +1,7 @@
 //! `moestream`: the command-line front end. Each subcommand parses flags, calls a library crate and prints; the
 //! logic lives in the crates (`format`, `synth`, …), so that tests and the server reach the same code.
 
+mod info;
 mod inspect;
 
 use std::path::PathBuf;
@@ -55,6 +56,22 @@ enum Command {
         /// Also list every tensor.
         #[arg(long)]
         tensors: bool,
+    },
+    /// Dry run: the memory plan and the expected expert reads per decode token for an expert budget, from the
+    /// model's index alone (no weights are loaded).
+    Info {
+        model: PathBuf,
+        /// Expert cache budget: `all`, or a size such as `6GiB` (split over the MoE layers).
+        #[arg(long, default_value = "all")]
+        expert_cache: String,
+        /// Expert slots per MoE layer, instead of a byte budget.
+        #[arg(long, env = "MLX_MOE_CACHE_SLOTS")]
+        cache_slots: Option<usize>,
+        /// Context positions to size the KV cache for.
+        #[arg(long, default_value_t = 4096)]
+        ctx: usize,
+        #[arg(long)]
+        json: bool,
     },
     /// Print the logits of every position of a token sequence as JSON: {"tokens": [...], "logits": [[...], ...]}.
     Logits {
@@ -251,6 +268,13 @@ fn run() -> Result<()> {
             );
         }
         Command::Inspect { model, json, tensors } => inspect::run(&model, json, tensors)?,
+        Command::Info { model, expert_cache, cache_slots, ctx, json } => {
+            let size = match cache_slots {
+                Some(n) => moestream_store::CacheSize::Slots(n),
+                None => parse_cache_size(&expert_cache)?,
+            };
+            info::run(&model, size, ctx, json)?
+        }
         Command::Logits { model, tokens, engine } => {
             let m = engine.load(&model)?;
             let mut sess = m.new_session(engine.ctx.max(tokens.len()));
@@ -317,7 +341,7 @@ fn run() -> Result<()> {
             }
             let st = m.store_stats();
             eprintln!(
-                "memory: peak RSS {:.0} MB = trunk {:.0} MB + expert slots {:.0} MB + KV {:.0} MB + {:.0} MB other",
+                "memory: peak RSS {:.1} MB = trunk {:.1} MB + expert slots {:.1} MB + KV {:.1} MB + {:.1} MB other",
                 peak_rss_bytes() as f64 / 1e6,
                 m.resident_bytes() as f64 / 1e6,
                 m.expert_bytes() as f64 / 1e6,

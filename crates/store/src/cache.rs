@@ -98,6 +98,59 @@ impl StoreStats {
     }
 }
 
+/// What a cache size means for a model, computed from the index alone (nothing read, nothing allocated): the
+/// `moestream info` dry run, and the sizing `ExpertStore::open` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CachePlan {
+    pub slots_per_layer: usize,
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub moe_layers: usize,
+    /// Bytes of one expert (gate, up and down, with any scales and biases): one slot, and one miss's read.
+    pub slot_bytes: u64,
+}
+
+impl CachePlan {
+    pub fn new(index: &TensorIndex, size: CacheSize) -> Result<Self, StoreError> {
+        let c = &index.config;
+        let mut slot_bytes = 0u64;
+        let mut moe_layers = 0;
+        for l in (0..c.num_layers).filter(|&l| c.layer_is_moe(l)) {
+            moe_layers += 1;
+            let mut b = 0;
+            for p in ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"] {
+                let t = index.get(&format!("blk.{l}.{p}.weight"))?;
+                let r = t
+                    .expert(0)
+                    .ok_or_else(|| StoreError::Layout { tensor: t.name.clone(), msg: "no expert 0".into() })?;
+                b += r.bytes();
+            }
+            slot_bytes = slot_bytes.max(b);
+        }
+        let e = c.num_experts;
+        let slots = match size {
+            CacheSize::All => e,
+            CacheSize::Slots(n) => n,
+            CacheSize::Bytes(b) => (b / moe_layers.max(1) as u64 / slot_bytes.max(1)) as usize,
+        }
+        .min(e);
+        Ok(CachePlan { slots_per_layer: slots, num_experts: e, top_k: c.num_experts_per_tok, moe_layers, slot_bytes })
+    }
+
+    /// Slot memory over all MoE layers.
+    pub fn bytes(&self) -> u64 {
+        self.slot_bytes * (self.slots_per_layer * self.moe_layers) as u64
+    }
+
+    /// Expected expert misses per decode token if routing were uniform and independent from token to token (the
+    /// pessimistic case: trained models reuse experts): each of the k choices per layer misses with probability
+    /// `1 − slots/E`.
+    pub fn uniform_misses_per_token(&self) -> f64 {
+        let miss = 1.0 - self.slots_per_layer as f64 / self.num_experts.max(1) as f64;
+        (self.moe_layers * self.top_k) as f64 * miss
+    }
+}
+
 struct LayerCache {
     gate_up: SlotBuffer,
     down: SlotBuffer,
@@ -208,15 +261,8 @@ impl ExpertStore {
             per_layer_ranges.push(Some((g, u, d, ranges, spans)));
         }
         let e = c.num_experts;
-        let slots = match size {
-            CacheSize::All => e,
-            CacheSize::Slots(n) => n,
-            CacheSize::Bytes(b) => {
-                let per_layer = b / moe_layers.len().max(1) as u64;
-                (per_layer / slot_bytes.max(1)) as usize
-            }
-        }
-        .min(e);
+        // One rule for how a budget becomes slots, shared with the `info` dry run.
+        let slots = CachePlan::new(index, size)?.slots_per_layer;
         if slots < top_k {
             let need = top_k as u64 * slot_bytes * moe_layers.len() as u64;
             return Err(StoreError::Budget(format!(
