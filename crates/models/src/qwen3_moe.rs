@@ -196,10 +196,98 @@ pub struct Session {
     /// `[linear layer][value head][dk][dv]`, f32. Part of the conversation, like the KV cache.
     conv_state: Vec<f32>,
     rec_state: Vec<f32>,
+    /// KV row width (kv heads × head_dim).
+    kvd: usize,
     s: Scratch,
 }
 
+/// A conversation's state after its first `pos` tokens: the KV rows of every full-attention layer up to `pos`,
+/// and the Gated DeltaNet conv and recurrent state (which, unlike a KV cache, cannot be cut back to an earlier
+/// position, so a prompt cache must keep a snapshot). Restoring it into a session of the same model continues
+/// bit-identically to the session it was taken from.
+#[derive(Clone)]
+pub struct SessionSnapshot {
+    pub pos: usize,
+    /// Per full-attention layer, `pos` rows of keys then of values.
+    kv: Vec<f32>,
+    conv_state: Vec<f32>,
+    rec_state: Vec<f32>,
+    /// KV row width and layer count it was taken with, checked on restore.
+    kvd: usize,
+    full_layers: usize,
+}
+
+impl SessionSnapshot {
+    pub fn bytes(&self) -> u64 {
+        (self.kv.len() + self.conv_state.len() + self.rec_state.len()) as u64 * 4
+    }
+}
+
 impl Session {
+    /// Copy the state after the first `self.pos` tokens (allocates; not for the per-token path).
+    pub fn snapshot(&self) -> SessionSnapshot {
+        let (pos, cap, kvd) = (self.pos, self.capacity, self.kvd);
+        let full = self.k.len().checked_div(cap * kvd).unwrap_or(0);
+        let mut kv = Vec::with_capacity(2 * full * pos * kvd);
+        for l in 0..full {
+            let base = l * cap * kvd;
+            kv.extend_from_slice(&self.k[base..base + pos * kvd]);
+            kv.extend_from_slice(&self.v[base..base + pos * kvd]);
+        }
+        SessionSnapshot {
+            pos,
+            kv,
+            conv_state: self.conv_state.clone(),
+            rec_state: self.rec_state.clone(),
+            kvd,
+            full_layers: full,
+        }
+    }
+
+    /// Continue from `snap` (taken from a session of the same model): positions after `snap.pos` are forgotten.
+    pub fn restore(&mut self, snap: &SessionSnapshot) -> Result<(), ModelError> {
+        let (cap, kvd) = (self.capacity, self.kvd);
+        let full = self.k.len().checked_div(cap * kvd).unwrap_or(0);
+        if snap.kvd != kvd
+            || snap.full_layers != full
+            || snap.conv_state.len() != self.conv_state.len()
+            || snap.rec_state.len() != self.rec_state.len()
+        {
+            return Err(ModelError::Session("the snapshot was taken from a different model".into()));
+        }
+        if snap.pos > cap {
+            return Err(ModelError::ContextFull { needed: snap.pos, capacity: cap });
+        }
+        let n = snap.pos * kvd;
+        for l in 0..full {
+            let (base, at) = (l * cap * kvd, 2 * l * n);
+            self.k[base..base + n].copy_from_slice(&snap.kv[at..at + n]);
+            self.v[base..base + n].copy_from_slice(&snap.kv[at + n..at + 2 * n]);
+        }
+        self.conv_state.copy_from_slice(&snap.conv_state);
+        self.rec_state.copy_from_slice(&snap.rec_state);
+        self.pos = snap.pos;
+        // The prefetch guess from the previous token no longer applies.
+        self.s.has_prev = false;
+        Ok(())
+    }
+
+    /// Forget every position from `pos` on, for attention-only models (the KV cache is positional). Hybrids keep
+    /// a recurrent state that cannot be rewound: restore a snapshot instead.
+    pub fn rewind(&mut self, pos: usize) -> Result<(), ModelError> {
+        if !self.rec_state.is_empty() {
+            return Err(ModelError::Session(
+                "a hybrid model's recurrent state cannot be rewound; restore a snapshot instead".into(),
+            ));
+        }
+        if pos > self.pos {
+            return Err(ModelError::Session(format!("cannot rewind to {pos}: only {} positions exist", self.pos)));
+        }
+        self.pos = pos;
+        self.s.has_prev = false;
+        Ok(())
+    }
+
     /// Bytes of the KV cache (f32 keys and values for every layer and position).
     pub fn kv_bytes(&self) -> u64 {
         (self.k.len() + self.v.len() + self.conv_state.len() + self.rec_state.len()) as u64 * 4
@@ -488,6 +576,7 @@ impl Qwen3Moe {
             v: vec![0.0; n_full * capacity * kvd],
             conv_state: vec![0.0; n_lin * conv_ch * kern.saturating_sub(1)],
             rec_state: vec![0.0; n_lin * hv * dkv],
+            kvd,
             s: Scratch {
                 x: vec![0.0; t * h],
                 hn: vec![0.0; t * h],
