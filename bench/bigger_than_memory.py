@@ -72,6 +72,10 @@ def main():
     ap.add_argument("--llama-bin", default=os.path.join(ROOT, ".cache", "llamacpp", "bin"))
     ap.add_argument("--overhead-mib", type=int, default=768,
                     help="memory kept out of the expert budget for trunk scratch, KV, binary and page cache")
+    ap.add_argument("--prefetch", default="none",
+                    help="comma-separated moestream --prefetch modes to run at each limit (none, prev, lookahead)")
+    ap.add_argument("--skip-llama", action="store_true", help="run moestream only")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each moestream configuration")
     a = ap.parse_args()
     info = json.loads(subprocess.run([MS, "inspect", a.model, "--json"], capture_output=True, text=True,
                                      check=True).stdout)
@@ -88,32 +92,50 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for lim in a.limits.split(","):
         lb = size_bytes(lim)
-        rc, out, err = run([LIMITED, lim, os.path.join(a.llama_bin, "llama-bench"), "-m", a.model, "-p", "0",
-                            "-n", str(a.gen), "-t", str(a.threads), "-r", "1", "--repack", "0", "-o", "json"])
-        peak = re.search(r"peak usage (\d+) MiB", err)
-        if rc == 0:
-            ts = json.loads(out)[0]["avg_ts"]
-            print(f"| {lim} | llama.cpp mmap --repack 0 | {ts:.3f} | – | – | – | {peak.group(1) if peak else '?'} | |")
-        else:
-            print(f"| {lim} | llama.cpp mmap --repack 0 | failed (exit {rc}) | | | | {peak.group(1) if peak else '?'} | |")
+        if not a.skip_llama:
+            llama(a, lim)
         budget = lb - trunk - a.overhead_mib * (1 << 20)
-        cmd = [LIMITED, lim, MS, "run", "--model", a.model, "--tokens", "1,2,3,4,5,6,7,8", "-n", str(a.gen + 1),
-               "--threads", str(a.threads), "--expert-cache", f"{max(budget, 1) // (1 << 20)}MiB"]
-        rc, out, err = run(cmd)
-        peak = re.search(r"peak usage (\d+) MiB", err)
-        m = re.search(r"decode \d+ tokens: ([0-9.]+) tok/s", err)
-        h = re.search(r"hit rate ([0-9.]+)%", err)
-        if rc == 0 and m and h:
-            ts = float(m.group(1))
-            hit = float(h.group(1)) / 100
-            miss_bytes = (1 - hit) * routed
-            bound = bw * 1e9 / miss_bytes if miss_bytes > 0 else float("inf")
-            print(f"| {lim} | moestream --expert-cache {budget >> 20}MiB | {ts:.3f} | {100 * hit:.1f}% | "
-                  f"{miss_bytes / 1e6:.0f} | {bound:.2f} | {peak.group(1) if peak else '?'} | |")
-        else:
-            tail = err.strip().splitlines()[-3:]
-            print(f"| {lim} | moestream | failed (exit {rc}) | | | | {peak.group(1) if peak else '?'} | {' / '.join(tail)} |")
-        sys.stdout.flush()
+        for _ in range(a.repeat):
+            for pf in a.prefetch.split(","):
+                moestream(a, lim, budget, pf, routed, bw)
+
+
+def llama(a, lim):
+    rc, out, err = run([LIMITED, lim, os.path.join(a.llama_bin, "llama-bench"), "-m", a.model, "-p", "0",
+                        "-n", str(a.gen), "-t", str(a.threads), "-r", "1", "--repack", "0", "-o", "json"])
+    peak = re.search(r"peak usage (\d+) MiB", err)
+    if rc == 0:
+        ts = json.loads(out)[0]["avg_ts"]
+        print(f"| {lim} | llama.cpp mmap --repack 0 | {ts:.3f} | – | – | – | {peak.group(1) if peak else '?'} | |")
+    else:
+        print(f"| {lim} | llama.cpp mmap --repack 0 | failed (exit {rc}) | | | | {peak.group(1) if peak else '?'} | |")
+
+
+def moestream(a, lim, budget, pf, routed, bw):
+    cmd = [LIMITED, lim, MS, "run", "--model", a.model, "--tokens", "1,2,3,4,5,6,7,8", "-n", str(a.gen + 1),
+           "--threads", str(a.threads), "--expert-cache", f"{max(budget, 1) // (1 << 20)}MiB", "--prefetch", pf]
+    rc, out, err = run(cmd)
+    peak = re.search(r"peak usage (\d+) MiB", err)
+    m = re.search(r"decode \d+ tokens: ([0-9.]+) tok/s", err)
+    h = re.search(r"hit rate ([0-9.]+)%", err)
+    if rc == 0 and m and h:
+        ts = float(m.group(1))
+        hit = float(h.group(1)) / 100
+        miss_bytes = (1 - hit) * routed
+        bound = bw * 1e9 / miss_bytes if miss_bytes > 0 else float("inf")
+        rd = re.search(r"read ([0-9.]+) MB", err)
+        pfl = re.search(r"prefetch \w+: (\d+) experts read ahead \(([0-9.]+) MB\), (\d+) used, (\d+) wasted; "
+                        r"waited ([0-9.]+) ms", err)
+        note = f"all reads {float(rd.group(1)) / (a.gen + 9):.0f} MB/token" if rd else ""
+        if pfl:
+            note += (f"; prefetched {pfl.group(1)} ({pfl.group(3)} used, {pfl.group(4)} wasted), "
+                     f"waited {pfl.group(5)} ms")
+        print(f"| {lim} | moestream --expert-cache {budget >> 20}MiB --prefetch {pf} | {ts:.3f} | {100 * hit:.1f}% | "
+              f"{miss_bytes / 1e6:.0f} | {bound:.2f} | {peak.group(1) if peak else '?'} | {note} |")
+    else:
+        tail = err.strip().splitlines()[-3:]
+        print(f"| {lim} | moestream | failed (exit {rc}) | | | | {peak.group(1) if peak else '?'} | {' / '.join(tail)} |")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

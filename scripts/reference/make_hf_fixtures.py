@@ -96,6 +96,53 @@ def case_table():
     c.append(("qwen3moe_other_layout", "qwen3moe", dict(QWEN3MOE_BASE), 16, 1001, {"other_layout": True}))
     c.append(("qwen35moe_small", "qwen35moe", dict(HYBRID_COMMON), 72, 2001, {}))
     c.append(("qwen3next_small", "qwen3next", dict(HYBRID_COMMON, norm_topk_prob=True, decoder_sparse_step=1), 72, 3001, {}))
+    # Qwen3.5 with the real checkpoints' fused expert layout, a period-3 layer pattern, 3 value heads per key head,
+    # and head sizes unlike the defaults.
+    c.append(
+        (
+            "qwen35moe_r3_other_layout",
+            "qwen35moe",
+            dict(
+                HYBRID_COMMON,
+                num_hidden_layers=6,
+                layer_types=["linear_attention", "linear_attention", "full_attention"] * 2,
+                num_attention_heads=6,
+                num_key_value_heads=2,
+                head_dim=16,
+                linear_key_head_dim=8,
+                linear_value_head_dim=12,
+                linear_num_key_heads=2,
+                linear_num_value_heads=6,
+                linear_conv_kernel_dim=3,
+            ),
+            75,
+            2002,
+            {"other_layout": True},
+        )
+    )
+    # Qwen3-Next with a dense-MLP first layer, one value head per key head, and two linear layers in a row.
+    c.append(
+        (
+            "qwen3next_dense_first",
+            "qwen3next",
+            dict(
+                HYBRID_COMMON,
+                num_hidden_layers=5,
+                layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention", "full_attention"],
+                norm_topk_prob=True,
+                decoder_sparse_step=1,
+                mlp_only_layers=[0],
+                intermediate_size=48,
+                linear_num_key_heads=3,
+                linear_num_value_heads=3,
+                linear_key_head_dim=16,
+                linear_value_head_dim=16,
+            ),
+            71,
+            3002,
+            {},
+        )
+    )
     return c
 
 
@@ -467,7 +514,7 @@ def run_case(name, family, kw, plen, seed, extra, out_dir, tf_version, torch_ver
             assert layout != default_layout, (layout, default_layout)
             notes.append(f"written by this script in the {layout} layout (save_pretrained writes {default_layout})")
             # Name the case after the layout it actually holds.
-            new_name = "qwen3moe_" + layout.replace("-", "_") + "_layout"
+            new_name = name.replace("other_layout", layout.replace("-", "_") + "_layout")
             new_dir = os.path.join(out_dir, new_name)
             if os.path.exists(new_dir):
                 shutil.rmtree(new_dir)

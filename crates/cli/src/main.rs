@@ -1,6 +1,7 @@
 //! `moestream`: the command-line front end. Each subcommand parses flags, calls a library crate and prints; the
 //! logic lives in the crates (`format`, `synth`, …), so that tests and the server reach the same code.
 
+mod info;
 mod inspect;
 mod serve;
 
@@ -56,6 +57,22 @@ enum Command {
         /// Also list every tensor.
         #[arg(long)]
         tensors: bool,
+    },
+    /// Dry run: the memory plan and the expected expert reads per decode token for an expert budget, from the
+    /// model's index alone (no weights are loaded).
+    Info {
+        model: PathBuf,
+        /// Expert cache budget: `all`, or a size such as `6GiB` (split over the MoE layers).
+        #[arg(long, default_value = "all")]
+        expert_cache: String,
+        /// Expert slots per MoE layer, instead of a byte budget.
+        #[arg(long, env = "MLX_MOE_CACHE_SLOTS")]
+        cache_slots: Option<usize>,
+        /// Context positions to size the KV cache for.
+        #[arg(long, default_value_t = 4096)]
+        ctx: usize,
+        #[arg(long)]
+        json: bool,
     },
     /// Print the logits of every position of a token sequence as JSON: {"tokens": [...], "logits": [[...], ...]}.
     Logits {
@@ -162,6 +179,10 @@ struct EngineArgs {
     /// Context capacity of the session (KV cache positions).
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
+    /// Decode-time expert prefetch for the next MoE layer: `none`, `prev` (the previous token's experts) or
+    /// `lookahead` (the next router applied early). Never changes outputs.
+    #[arg(long, default_value = "none")]
+    prefetch: String,
 }
 
 impl EngineArgs {
@@ -194,6 +215,8 @@ impl EngineArgs {
         };
         opts.eviction = moestream_store::EvictionPolicy::parse(&self.eviction)
             .with_context(|| format!("--eviction `{}`: expected `lru` or `lfu:N`", self.eviction))?;
+        opts.prefetch = moestream_models::Prefetch::parse(&self.prefetch)
+            .with_context(|| format!("--prefetch `{}`: expected none, prev or lookahead", self.prefetch))?;
         opts.expert_cache = match self.cache_slots {
             Some(n) => moestream_store::CacheSize::Slots(n),
             None => parse_cache_size(&self.expert_cache)?,
@@ -273,6 +296,13 @@ fn run() -> Result<()> {
             );
         }
         Command::Inspect { model, json, tensors } => inspect::run(&model, json, tensors)?,
+        Command::Info { model, expert_cache, cache_slots, ctx, json } => {
+            let size = match cache_slots {
+                Some(n) => moestream_store::CacheSize::Slots(n),
+                None => parse_cache_size(&expert_cache)?,
+            };
+            info::run(&model, size, ctx, json)?
+        }
         Command::Logits { model, tokens, engine } => {
             let m = engine.load(&model)?;
             let mut sess = m.new_session(engine.ctx.max(tokens.len()));
@@ -303,6 +333,7 @@ fn run() -> Result<()> {
             let t0 = std::time::Instant::now();
             m.forward(&mut sess, &tokens, false, &mut logits)?;
             let prefill = t0.elapsed().as_secs_f64();
+            let after_prefill = m.store_stats();
             let t1 = std::time::Instant::now();
             let mut out = std::io::stdout().lock();
             let mut stream = moestream_chat::StreamDecoder::new();
@@ -338,7 +369,7 @@ fn run() -> Result<()> {
             }
             let st = m.store_stats();
             eprintln!(
-                "memory: peak RSS {:.0} MB = trunk {:.0} MB + expert slots {:.0} MB + KV {:.0} MB + {:.0} MB other",
+                "memory: peak RSS {:.1} MB = trunk {:.1} MB + expert slots {:.1} MB + KV {:.1} MB + {:.1} MB other",
                 peak_rss_bytes() as f64 / 1e6,
                 m.resident_bytes() as f64 / 1e6,
                 m.expert_bytes() as f64 / 1e6,
@@ -365,6 +396,29 @@ fn run() -> Result<()> {
                 st.latency_percentile_us(50.0),
                 st.latency_percentile_us(99.0),
             );
+            let steps = n.saturating_sub(1).max(1) as f64;
+            eprintln!(
+                "decode I/O stall per token: {:.1} ms on demand reads + {:.1} ms waiting for prefetch ({:.1} ms of \
+                 {:.1} ms per token)",
+                (st.read_wait_us - after_prefill.read_wait_us) as f64 / 1e3 / steps,
+                (st.prefetch_wait_us - after_prefill.prefetch_wait_us) as f64 / 1e3 / steps,
+                (st.read_wait_us + st.prefetch_wait_us - after_prefill.read_wait_us - after_prefill.prefetch_wait_us)
+                    as f64
+                    / 1e3
+                    / steps,
+                decode * 1e3 / steps,
+            );
+            if engine.prefetch != "none" {
+                eprintln!(
+                    "prefetch {}: {} experts read ahead ({:.1} MB), {} used, {} wasted; waited {:.1} ms on prefetch",
+                    engine.prefetch,
+                    st.prefetch_reads,
+                    st.prefetch_bytes as f64 / 1e6,
+                    st.prefetch_hits,
+                    st.prefetch_wasted,
+                    st.prefetch_wait_us as f64 / 1e3,
+                );
+            }
             eprintln!(
                 "prefill {} tokens: {:.2} tok/s; decode {} tokens: {:.2} tok/s{}",
                 tokens.len(),

@@ -5,6 +5,7 @@
 //! arrive as borrowed [`WeightView`]s over bytes someone else (the resident set, the expert store) holds, and
 //! the per-call paths do not allocate.
 
+pub mod gdn;
 pub mod matmul;
 pub mod ops;
 pub mod pool;

@@ -54,6 +54,7 @@ pub(crate) fn open_gguf(path: &Path) -> Result<TensorIndex, FormatError> {
                 data,
                 scales: Vec::new(),
                 biases: Vec::new(),
+                stored_shape: Vec::new(),
             },
         );
     }

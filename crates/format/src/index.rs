@@ -18,7 +18,7 @@ pub use moestream_quant::Encoding;
 use moestream_quant::{FloatType, MlxAffine};
 
 use crate::FormatError;
-use crate::config::{Architecture, ModelConfig};
+use crate::config::{Architecture, LayerAttention, ModelConfig};
 use crate::mlx::MlxQuantization;
 use crate::safetensors::{SafetensorsSet, StDtype, StTensor};
 
@@ -55,6 +55,10 @@ pub struct TensorEntry {
     /// MLX only: per-group scales and biases, with the same cardinality as `data`.
     pub scales: Vec<FileRange>,
     pub biases: Vec<FileRange>,
+    /// The shape as the file stores it, where it differs from `shape` only by unit dimensions (a conv1d kernel:
+    /// HF `[C, 1, K]`, MLX `[C, K, 1]`, GGUF `[C, K]`, all indexed as `[C, K]`). Models read conventions off it
+    /// (whether an HF-layout checkpoint still has zero-centred norms). Empty when equal to `shape`.
+    pub stored_shape: Vec<usize>,
 }
 
 /// The byte ranges of one expert of one projection.
@@ -274,6 +278,8 @@ struct SourceRef {
     path: PathBuf,
     tensor: StTensor,
     slot: ExpertSlot,
+    /// `tensor.shape` before any unit dimensions were squeezed out.
+    stored_shape: Vec<usize>,
 }
 
 #[derive(Default)]
@@ -326,6 +332,23 @@ fn map_hf_name(name: &str) -> Option<Vec<(String, Piece, ExpertSlot)>> {
         "self_attn.q_norm" => return blk("attn_q_norm", ExpertSlot::None),
         "self_attn.k_norm" => return blk("attn_k_norm", ExpertSlot::None),
         "mlp.gate" => return blk("ffn_gate_inp", ExpertSlot::None),
+        // Hybrid (Qwen3.5 / Qwen3-Next) layers, under llama.cpp's qwen35moe / qwen3next names where one exists.
+        "linear_attn.in_proj_qkv" => return blk("attn_qkv", ExpertSlot::None),
+        "linear_attn.in_proj_z" => return blk("attn_gate", ExpertSlot::None),
+        "linear_attn.in_proj_b" => return blk("ssm_beta", ExpertSlot::None),
+        "linear_attn.in_proj_a" => return blk("ssm_alpha", ExpertSlot::None),
+        "linear_attn.in_proj_qkvz" => return blk("ssm_in", ExpertSlot::None),
+        "linear_attn.in_proj_ba" => return blk("ssm_ba", ExpertSlot::None),
+        "linear_attn.conv1d" => return blk("ssm_conv1d", ExpertSlot::None),
+        "linear_attn.norm" => return blk("ssm_norm", ExpertSlot::None),
+        "linear_attn.out_proj" => return blk("ssm_out", ExpertSlot::None),
+        // GGUF stores −exp(A_log) as `ssm_a` and the bias as `ssm_dt.bias`; the HF originals keep their own names.
+        "linear_attn.A_log" => return blk("ssm_a_log", ExpertSlot::None),
+        "linear_attn.dt_bias" => return blk("ssm_dt_bias", ExpertSlot::None),
+        "mlp.shared_expert.gate_proj" => return blk("ffn_gate_shexp", ExpertSlot::None),
+        "mlp.shared_expert.up_proj" => return blk("ffn_up_shexp", ExpertSlot::None),
+        "mlp.shared_expert.down_proj" => return blk("ffn_down_shexp", ExpertSlot::None),
+        "mlp.shared_expert_gate" => return blk("ffn_gate_inp_shexp", ExpertSlot::None),
         "mlp.gate_proj" => return blk("ffn_gate", ExpertSlot::None),
         "mlp.up_proj" => return blk("ffn_up", ExpertSlot::None),
         "mlp.down_proj" => return blk("ffn_down", ExpertSlot::None),
@@ -366,8 +389,13 @@ impl<'c> Builder<'c> {
             return Ok(());
         };
         for (canon, piece, slot) in mapped {
+            let mut tensor = t.clone();
+            if canon.ends_with(".ssm_conv1d.weight") {
+                // Depthwise conv kernels come as [C, 1, K] (HF) or [C, K, 1] (MLX): the same bytes as [C, K].
+                tensor.shape.retain(|&d| d != 1);
+            }
             let entry = self.parts.entry(canon).or_default();
-            let r = SourceRef { file, path: path.to_path_buf(), tensor: t.clone(), slot };
+            let r = SourceRef { file, path: path.to_path_buf(), tensor, slot, stored_shape: t.shape.clone() };
             match piece {
                 Piece::Weight => entry.weight.push(r),
                 Piece::Scales => entry.scales.get_or_insert_with(Vec::new).push(r),
@@ -390,7 +418,7 @@ impl<'c> Builder<'c> {
                 // A tensor the architecture does not use (e.g. a dense MLP on a layer the config makes MoE).
                 // Hybrid architectures are indexed only partly until their issue lands; skip what we don't know.
                 let src = &p.weight.first().map(|s| (s.path.clone(), s.tensor.name.clone()));
-                if let (Some((path, tname)), Architecture::Qwen3Moe) = (src, self.config.architecture) {
+                if let Some((path, tname)) = src {
                     return Err(FormatError::invalid(
                         path,
                         format!(
@@ -437,6 +465,7 @@ fn build_entry(
     let first =
         p.weight.first().ok_or_else(|| FormatError::MissingTensor { path: root.into(), tensor: name.into() })?;
     let source = first.tensor.name.clone();
+    let stored_shape = if first.stored_shape != first.tensor.shape { first.stored_shape.clone() } else { Vec::new() };
     let mismatch = |s: &SourceRef, want: String| {
         FormatError::invalid(
             &s.path,
@@ -594,7 +623,7 @@ fn build_entry(
         None => Vec::new(),
     };
     let source = if p.weight.len() > 1 { format!("{source} (+{} more)", p.weight.len() - 1) } else { source };
-    Ok(TensorEntry { name: name.to_string(), source, shape, encoding, data, scales, biases })
+    Ok(TensorEntry { name: name.to_string(), source, shape, encoding, data, scales, biases, stored_shape })
 }
 
 /// The MLX module path of a source tensor name (`model.layers.0.mlp.gate.weight` → `model.layers.0.mlp.gate`).
@@ -614,13 +643,40 @@ pub fn expected_shapes(c: &ModelConfig) -> BTreeMap<String, Vec<usize>> {
         let mut put = |n: &str, s: Vec<usize>| m.insert(format!("blk.{i}.{n}.weight"), s);
         put("attn_norm", vec![h]);
         put("ffn_norm", vec![h]);
-        if c.architecture == Architecture::Qwen3Moe {
-            put("attn_q", vec![c.num_heads * d, h]);
+        let full = c.layer_types.get(i) != Some(&LayerAttention::LinearAttention);
+        if full {
+            // Hybrids gate attention per head: q_proj gives a query and a gate of d each.
+            let q_rows = if c.architecture.is_hybrid() { 2 * c.num_heads * d } else { c.num_heads * d };
+            put("attn_q", vec![q_rows, h]);
             put("attn_k", vec![c.num_kv_heads * d, h]);
             put("attn_v", vec![c.num_kv_heads * d, h]);
             put("attn_output", vec![h, c.num_heads * d]);
             put("attn_q_norm", vec![d]);
             put("attn_k_norm", vec![d]);
+        } else if let Some(la) = &c.linear {
+            let (hk, hv, dk, dv) = (la.num_key_heads, la.num_value_heads, la.key_head_dim, la.value_head_dim);
+            let conv = 2 * hk * dk + hv * dv;
+            if c.architecture == Architecture::Qwen3Next {
+                put("ssm_in", vec![2 * hk * dk + 2 * hv * dv, h]);
+                put("ssm_ba", vec![2 * hv, h]);
+            } else {
+                put("attn_qkv", vec![conv, h]);
+                put("attn_gate", vec![hv * dv, h]);
+                put("ssm_beta", vec![hv, h]);
+                put("ssm_alpha", vec![hv, h]);
+            }
+            put("ssm_conv1d", vec![conv, la.conv_kernel]);
+            put("ssm_a_log", vec![hv]);
+            put("ssm_dt_bias", vec![hv]);
+            put("ssm_norm", vec![dv]);
+            put("ssm_out", vec![h, hv * dv]);
+        }
+        if c.layer_is_moe(i) && c.shared_expert_intermediate_size > 0 {
+            let is = c.shared_expert_intermediate_size;
+            put("ffn_gate_shexp", vec![is, h]);
+            put("ffn_up_shexp", vec![is, h]);
+            put("ffn_down_shexp", vec![h, is]);
+            put("ffn_gate_inp_shexp", vec![1, h]);
         }
         if c.layer_is_moe(i) {
             let (e, im) = (c.num_experts, c.moe_intermediate_size);
@@ -640,8 +696,8 @@ pub fn expected_shapes(c: &ModelConfig) -> BTreeMap<String, Vec<usize>> {
 
 /// After building: every required tensor is present.
 pub(crate) fn check_expected(index: &TensorIndex) -> Result<(), FormatError> {
-    if index.config.architecture != Architecture::Qwen3Moe {
-        // Hybrid tensor sets are checked by their own issue's code; nothing here claims to cover them yet.
+    if index.gguf.is_some() && index.config.architecture.is_hybrid() {
+        // GGUF hybrids (qwen35moe, qwen3next) use llama.cpp's own tensor set, which this table does not describe.
         return Ok(());
     }
     for name in expected_shapes(&index.config).keys() {

@@ -16,6 +16,6 @@ pub mod mlx;
 pub mod pack;
 pub mod safetensors;
 
-pub use config::{Architecture, ModelConfig};
+pub use config::{Architecture, LayerAttention, ModelConfig};
 pub use error::FormatError;
 pub use index::{Encoding, ExpertRanges, FileRange, ModelFormat, TensorEntry, TensorIndex};

@@ -7,7 +7,7 @@
 
 pub mod qwen3_moe;
 
-pub use qwen3_moe::{ModelOptions, MoeKernels, Qwen3Moe, Session};
+pub use qwen3_moe::{ModelOptions, MoeKernels, Prefetch, Qwen3Moe, Session, SessionSnapshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -23,4 +23,6 @@ pub enum ModelError {
     BadToken { token: u32, vocab: usize },
     #[error("context full: {needed} positions needed, the session holds {capacity}")]
     ContextFull { needed: usize, capacity: usize },
+    #[error("session state: {0}")]
+    Session(String),
 }

@@ -1,18 +1,25 @@
-//! Qwen3-MoE (`qwen3_moe`): pre-norm decoder with GQA, per-head q/k RMSNorm before NeoX RoPE, and a softmax
-//! top-k router over SwiGLU experts (dense-MLP layers where `mlp_only_layers` / `decoder_sparse_step` say so).
+//! The Qwen3 MoE family: Qwen3-MoE (`qwen3_moe`), and the hybrids Qwen3.5-MoE (`qwen3_5_moe`) and Qwen3-Next
+//! (`qwen3_next`). A pre-norm decoder with GQA, per-head q/k RMSNorm before NeoX RoPE (partial for the hybrids),
+//! and a softmax top-k router over SwiGLU experts (dense-MLP layers where `mlp_only_layers` /
+//! `decoder_sparse_step` say so). The hybrids add: Gated DeltaNet layers (`cpu::gdn`) in place of attention on
+//! most layers, a per-head sigmoid output gate on full attention, a shared expert with a sigmoid gate, and
+//! zero-centred RMSNorms (`1 + w`, folded into the weights at load when the file has not already done so).
 //!
 //! Decode (one token) runs each MoE layer as two gathered passes over the token's k expert slots: gate+up fused
 //! with SwiGLU, then down with the router weights. Prefill groups the chunk's tokens by expert (as ggml's
 //! `mul_mat_id`) and runs one GEMM per expert, so each expert's bytes are walked once per chunk.
 
+use moestream_cpu::gdn::{conv1d_silu_step, delta_rule_step, l2norm_inplace, rmsnorm_gated_inplace, sigmoid, softplus};
 use moestream_cpu::ops::{
     attend_head, rmsnorm, rmsnorm_heads_inplace, rope_inv_freq, rope_neox, silu, softmax_inplace, top_k,
 };
 use moestream_cpu::{Dispatch, ThreadPool, WeightView};
-use moestream_format::{Architecture, ModelConfig, TensorIndex};
+use moestream_format::{Architecture, LayerAttention, ModelConfig, TensorIndex};
 use std::sync::Mutex;
 
-use moestream_store::{CacheSize, EvictionPolicy, ExpertStore, OwnedWeight, ReadOptions, ResidentWeights, StoreStats};
+use moestream_store::{
+    CacheSize, EvictionPolicy, ExpertStore, OwnedWeight, ReadOptions, ResidentWeights, StoreStats, WeightId,
+};
 
 use crate::ModelError;
 
@@ -34,6 +41,40 @@ pub struct ModelOptions {
     pub read: ReadOptions,
     /// Which slot a miss evicts.
     pub eviction: EvictionPolicy,
+    /// What decode reads ahead for the next MoE layer while this one computes.
+    pub prefetch: Prefetch,
+}
+
+/// Expert prefetch during decode (`--prefetch`): right after layer l's experts are resident, start reading a guess
+/// at what the next MoE layer will need, so the reads overlap layer l's expert matmuls and the next attention.
+/// Guesses only decide what is read early; `ensure` still decides what is used, so outputs never change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefetch {
+    None,
+    /// The experts the previous token chose in the next layer.
+    Prev,
+    /// The next layer's router applied to the current residual stream (normalised with the next layer's norm):
+    /// its top-k.
+    Lookahead,
+}
+
+impl Prefetch {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "none" => Some(Prefetch::None),
+            "prev" => Some(Prefetch::Prev),
+            "lookahead" => Some(Prefetch::Lookahead),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Prefetch::None => "none",
+            Prefetch::Prev => "prev",
+            Prefetch::Lookahead => "lookahead",
+        }
+    }
 }
 
 /// Decode-time MoE execution, the SwiftLM knobs `MLX_MOE_STACKED` and `MLX_MOE_FUSE_GATEUP`.
@@ -62,6 +103,7 @@ impl Default for ModelOptions {
             moe_kernels: MoeKernels::default(),
             read: ReadOptions::default(),
             eviction: EvictionPolicy::default_for_cache(),
+            prefetch: Prefetch::None,
         }
     }
 }
@@ -69,9 +111,52 @@ impl Default for ModelOptions {
 struct Layer {
     attn_norm: Vec<f32>,
     ffn_norm: Vec<f32>,
-    q_norm: Vec<f32>,
-    k_norm: Vec<f32>,
     moe: bool,
+    mixer: Mixer,
+    // Weights are resolved to ids at load so the token path neither formats names nor hashes them.
+    /// MoE layers: the router. Dense layers: gate, up, down.
+    router: Option<WeightId>,
+    dense: Option<[WeightId; 3]>,
+    /// Hybrids: the shared expert (gate, up, down) and its `[1, H]` sigmoid gate.
+    shared: Option<([WeightId; 3], WeightId)>,
+}
+
+/// What mixes tokens in a layer.
+enum Mixer {
+    /// Softmax attention over the KV cache (`kv`: this layer's index among the full-attention layers). `gated`:
+    /// q_proj yields a query and a sigmoid output gate per head (the hybrids).
+    Full {
+        wq: WeightId,
+        wk: WeightId,
+        wv: WeightId,
+        wo: WeightId,
+        q_norm: Vec<f32>,
+        k_norm: Vec<f32>,
+        gated: bool,
+        kv: usize,
+    },
+    Linear(Box<Gdn>),
+}
+
+/// A Gated DeltaNet layer. Projections are either separate (Qwen3.5: qkv, z, b, a) or fused per key head
+/// (Qwen3-Next: `[q | k | v·r | z·r]` and `[b·r | a·r]`), which `gdn` unpacks into the separate layout per token.
+struct Gdn {
+    /// Index among the linear layers: which conv and recurrent state this layer owns in a `Session`.
+    state: usize,
+    proj: GdnProj,
+    /// `[C, K]` depthwise conv kernel over the qkv channels.
+    conv: Vec<f32>,
+    /// `−exp(A_log)` per value head.
+    neg_a: Vec<f32>,
+    dt_bias: Vec<f32>,
+    /// Gated RMSNorm weight (`dv`, plain, not zero-centred).
+    norm: Vec<f32>,
+    out: WeightId,
+}
+
+enum GdnProj {
+    Separate { qkv: WeightId, z: WeightId, b: WeightId, a: WeightId },
+    Fused { qkvz: WeightId, ba: WeightId },
 }
 
 pub struct Qwen3Moe {
@@ -87,6 +172,12 @@ pub struct Qwen3Moe {
     top_k: usize,
     chunk: usize,
     kernels: MoeKernels,
+    prefetch: Prefetch,
+    embd: WeightId,
+    /// `output.weight`, or the embedding when tied.
+    head: WeightId,
+    /// Per layer: the next MoE layer after it, if any (the prefetch target).
+    next_moe: Vec<Option<usize>>,
 }
 
 /// One conversation's state: KV cache and scratch, sized at creation.
@@ -98,15 +189,108 @@ pub struct Session {
     /// When enabled: every token's top-k choices per MoE layer, in order (`[token][layer][k]`, dense layers
     /// skipped), for cache-policy studies. Off by default; it grows with the sequence.
     trace: Option<Vec<u32>>,
+    /// KV cache of the full-attention layers, `[full layer][position][kv heads × d]`.
     k: Vec<f32>,
     v: Vec<f32>,
+    /// Gated DeltaNet state of the linear layers: conv history `[linear layer][C][K−1]` and the recurrent state
+    /// `[linear layer][value head][dk][dv]`, f32. Part of the conversation, like the KV cache.
+    conv_state: Vec<f32>,
+    rec_state: Vec<f32>,
+    /// KV row width (kv heads × head_dim).
+    kvd: usize,
     s: Scratch,
 }
 
+/// A conversation's state after its first `pos` tokens: the KV rows of every full-attention layer up to `pos`,
+/// and the Gated DeltaNet conv and recurrent state (which, unlike a KV cache, cannot be cut back to an earlier
+/// position, so a prompt cache must keep a snapshot). Restoring it into a session of the same model continues
+/// bit-identically to the session it was taken from.
+#[derive(Clone)]
+pub struct SessionSnapshot {
+    pub pos: usize,
+    /// Per full-attention layer, `pos` rows of keys then of values.
+    kv: Vec<f32>,
+    conv_state: Vec<f32>,
+    rec_state: Vec<f32>,
+    /// KV row width and layer count it was taken with, checked on restore.
+    kvd: usize,
+    full_layers: usize,
+}
+
+impl SessionSnapshot {
+    pub fn bytes(&self) -> u64 {
+        (self.kv.len() + self.conv_state.len() + self.rec_state.len()) as u64 * 4
+    }
+}
+
 impl Session {
+    /// Copy the state after the first `self.pos` tokens (allocates; not for the per-token path).
+    pub fn snapshot(&self) -> SessionSnapshot {
+        let (pos, cap, kvd) = (self.pos, self.capacity, self.kvd);
+        let full = self.k.len().checked_div(cap * kvd).unwrap_or(0);
+        let mut kv = Vec::with_capacity(2 * full * pos * kvd);
+        for l in 0..full {
+            let base = l * cap * kvd;
+            kv.extend_from_slice(&self.k[base..base + pos * kvd]);
+            kv.extend_from_slice(&self.v[base..base + pos * kvd]);
+        }
+        SessionSnapshot {
+            pos,
+            kv,
+            conv_state: self.conv_state.clone(),
+            rec_state: self.rec_state.clone(),
+            kvd,
+            full_layers: full,
+        }
+    }
+
+    /// Continue from `snap` (taken from a session of the same model): positions after `snap.pos` are forgotten.
+    pub fn restore(&mut self, snap: &SessionSnapshot) -> Result<(), ModelError> {
+        let (cap, kvd) = (self.capacity, self.kvd);
+        let full = self.k.len().checked_div(cap * kvd).unwrap_or(0);
+        if snap.kvd != kvd
+            || snap.full_layers != full
+            || snap.conv_state.len() != self.conv_state.len()
+            || snap.rec_state.len() != self.rec_state.len()
+        {
+            return Err(ModelError::Session("the snapshot was taken from a different model".into()));
+        }
+        if snap.pos > cap {
+            return Err(ModelError::ContextFull { needed: snap.pos, capacity: cap });
+        }
+        let n = snap.pos * kvd;
+        for l in 0..full {
+            let (base, at) = (l * cap * kvd, 2 * l * n);
+            self.k[base..base + n].copy_from_slice(&snap.kv[at..at + n]);
+            self.v[base..base + n].copy_from_slice(&snap.kv[at + n..at + 2 * n]);
+        }
+        self.conv_state.copy_from_slice(&snap.conv_state);
+        self.rec_state.copy_from_slice(&snap.rec_state);
+        self.pos = snap.pos;
+        // The prefetch guess from the previous token no longer applies.
+        self.s.has_prev = false;
+        Ok(())
+    }
+
+    /// Forget every position from `pos` on, for attention-only models (the KV cache is positional). Hybrids keep
+    /// a recurrent state that cannot be rewound: restore a snapshot instead.
+    pub fn rewind(&mut self, pos: usize) -> Result<(), ModelError> {
+        if !self.rec_state.is_empty() {
+            return Err(ModelError::Session(
+                "a hybrid model's recurrent state cannot be rewound; restore a snapshot instead".into(),
+            ));
+        }
+        if pos > self.pos {
+            return Err(ModelError::Session(format!("cannot rewind to {pos}: only {} positions exist", self.pos)));
+        }
+        self.pos = pos;
+        self.s.has_prev = false;
+        Ok(())
+    }
+
     /// Bytes of the KV cache (f32 keys and values for every layer and position).
     pub fn kv_bytes(&self) -> u64 {
-        (self.k.len() + self.v.len()) as u64 * 4
+        (self.k.len() + self.v.len() + self.conv_state.len() + self.rec_state.len()) as u64 * 4
     }
 
     /// How often each expert of each layer was chosen so far, `[layer × n_experts]` row-major.
@@ -128,6 +312,18 @@ impl Session {
 struct Scratch {
     x: Vec<f32>,
     hn: Vec<f32>,
+    /// Gated attention: q_proj's raw `[query | gate]` per head, and the gates de-interleaved.
+    qg: Vec<f32>,
+    gate: Vec<f32>,
+    /// Gated DeltaNet: the input projection(s) for the chunk (qkv then z, or Qwen3-Next's fused qkvz), z, b and
+    /// a (`[b | a]` per token), one token's qkv channels through the conv, and the chunk's outputs.
+    lin_in: Vec<f32>,
+    lin_z: Vec<f32>,
+    lin_ba: Vec<f32>,
+    lin_qkv: Vec<f32>,
+    lin_o: Vec<f32>,
+    /// Shared expert gate logit per token.
+    sh_gate: Vec<f32>,
     q: Vec<f32>,
     kk: Vec<f32>,
     vv: Vec<f32>,
@@ -145,6 +341,14 @@ struct Scratch {
     offsets: Vec<u32>,
     scores: Vec<f32>,
     logits: Vec<f32>,
+    /// The last token's top-k per layer (`[layer × k]`), once `has_prev`: the `Prefetch::Prev` guess.
+    prev_topk: Vec<u32>,
+    has_prev: bool,
+    /// Look-ahead scratch: normalised residual, next router's logits, its top-k.
+    la_hn: Vec<f32>,
+    la_router: Vec<f32>,
+    la_idx: Vec<u32>,
+    la_w: Vec<f32>,
 }
 
 fn view(w: &OwnedWeight) -> WeightView<'_> {
@@ -201,32 +405,102 @@ impl Qwen3Moe {
     /// Load the trunk and every expert (all resident).
     pub fn load(index: &TensorIndex, opts: &ModelOptions) -> Result<Self, ModelError> {
         let c = index.config.clone();
-        if c.architecture != Architecture::Qwen3Moe {
+        if c.architecture.is_hybrid() && index.gguf.is_some() {
             return Err(ModelError::Unsupported(format!(
-                "{}: architecture {} is not supported yet (Qwen3-MoE only)",
+                "{}: GGUF {} files (llama.cpp's hybrid tensor layout) are not supported yet; use the HF or MLX \
+                 checkpoint",
                 index.root.display(),
                 c.architecture.model_type()
             )));
         }
         let resident = ResidentWeights::load(index)?;
         let experts = Mutex::new(ExpertStore::open_with_policy(index, opts.expert_cache, &opts.read, opts.eviction)?);
+        // HF hybrid checkpoints keep RMSNorm weights zero-centred (`1 + w`); MLX and GGUF conversions have added the
+        // 1 already. The conv kernel's stored layout tells them apart: HF keeps PyTorch's `[C, 1, K]`.
+        let plus_one = c.architecture.is_hybrid()
+            && index
+                .tensors
+                .iter()
+                .any(|(n, t)| n.ends_with(".ssm_conv1d.weight") && t.stored_shape.len() == 3 && t.stored_shape[1] == 1);
+        let shift = |mut v: Vec<f32>| {
+            if plus_one {
+                v.iter_mut().for_each(|x| *x += 1.0);
+            }
+            v
+        };
         let mut layers = Vec::with_capacity(c.num_layers);
+        let (mut n_full, mut n_lin) = (0, 0);
         for l in 0..c.num_layers {
             let v = |n: &str| resident.vector(&format!("blk.{l}.{n}.weight")).map(<[f32]>::to_vec);
+            let w = |n: &str| resident.id(&format!("blk.{l}.{n}.weight"));
+            let moe = c.layer_is_moe(l);
+            let mixer = if c.layer_types.get(l) == Some(&LayerAttention::LinearAttention) {
+                let la = c.linear.as_ref().ok_or_else(|| {
+                    ModelError::Unsupported(format!("layer {l} is linear attention but the config has no linear_*"))
+                })?;
+                let proj = if c.architecture == Architecture::Qwen3Next {
+                    GdnProj::Fused { qkvz: w("ssm_in")?, ba: w("ssm_ba")? }
+                } else {
+                    GdnProj::Separate { qkv: w("attn_qkv")?, z: w("attn_gate")?, b: w("ssm_beta")?, a: w("ssm_alpha")? }
+                };
+                let conv = v("ssm_conv1d")?;
+                let ch = 2 * la.num_key_heads * la.key_head_dim + la.num_value_heads * la.value_head_dim;
+                if conv.len() != ch * la.conv_kernel {
+                    return Err(ModelError::Unsupported(format!(
+                        "blk.{l}.ssm_conv1d: {} values, expected {ch} channels × kernel {}",
+                        conv.len(),
+                        la.conv_kernel
+                    )));
+                }
+                let gdn = Gdn {
+                    state: n_lin,
+                    proj,
+                    conv,
+                    neg_a: v("ssm_a_log")?.iter().map(|a| -a.exp()).collect(),
+                    dt_bias: v("ssm_dt_bias")?,
+                    norm: v("ssm_norm")?,
+                    out: w("ssm_out")?,
+                };
+                n_lin += 1;
+                Mixer::Linear(Box::new(gdn))
+            } else {
+                n_full += 1;
+                Mixer::Full {
+                    wq: w("attn_q")?,
+                    wk: w("attn_k")?,
+                    wv: w("attn_v")?,
+                    wo: w("attn_output")?,
+                    q_norm: shift(v("attn_q_norm")?),
+                    k_norm: shift(v("attn_k_norm")?),
+                    gated: c.architecture.is_hybrid(),
+                    kv: n_full - 1,
+                }
+            };
+            let shared = if moe && c.shared_expert_intermediate_size > 0 {
+                Some(([w("ffn_gate_shexp")?, w("ffn_up_shexp")?, w("ffn_down_shexp")?], w("ffn_gate_inp_shexp")?))
+            } else {
+                None
+            };
             layers.push(Layer {
-                attn_norm: v("attn_norm")?,
-                ffn_norm: v("ffn_norm")?,
-                q_norm: v("attn_q_norm")?,
-                k_norm: v("attn_k_norm")?,
-                moe: c.layer_is_moe(l),
+                attn_norm: shift(v("attn_norm")?),
+                ffn_norm: shift(v("ffn_norm")?),
+                moe,
+                mixer,
+                router: if moe { Some(w("ffn_gate_inp")?) } else { None },
+                dense: if moe { None } else { Some([w("ffn_gate")?, w("ffn_up")?, w("ffn_down")?]) },
+                shared,
             });
         }
-        let output_norm = resident.vector("output_norm.weight")?.to_vec();
+        let output_norm = shift(resident.vector("output_norm.weight")?.to_vec());
+        let embd = resident.id("token_embd.weight")?;
+        let head = resident.id("output.weight").unwrap_or(embd);
         let top_k = opts.top_k.unwrap_or(c.num_experts_per_tok);
         if top_k == 0 || top_k > c.num_experts {
             return Err(ModelError::Unsupported(format!("--top-k {top_k} outside 1..={}", c.num_experts)));
         }
         let rot = ((c.head_dim as f64 * c.partial_rotary_factor) as usize) & !1;
+        let c_layers = c.num_layers;
+        let moe_at: Vec<bool> = (0..c_layers).map(|l| c.layer_is_moe(l)).collect();
         Ok(Qwen3Moe {
             inv_freq: rope_inv_freq(c.rope_theta, rot),
             config: c,
@@ -239,6 +513,10 @@ impl Qwen3Moe {
             top_k,
             chunk: opts.prefill_chunk.max(1),
             kernels: opts.moe_kernels,
+            prefetch: opts.prefetch,
+            embd,
+            head,
+            next_moe: (0..c_layers).map(|l| (l + 1..c_layers).find(|&m| moe_at[m])).collect(),
         })
     }
 
@@ -277,18 +555,39 @@ impl Qwen3Moe {
         let t = self.chunk;
         let (h, d) = (c.hidden_size, c.head_dim);
         let (qd, kvd) = (c.num_heads * d, c.num_kv_heads * d);
-        let inter = c.moe_intermediate_size.max(c.intermediate_size);
+        let inter = c.moe_intermediate_size.max(c.intermediate_size).max(c.shared_expert_intermediate_size);
         let k = self.top_k;
+        let n_full = self.layers.iter().filter(|l| matches!(l.mixer, Mixer::Full { .. })).count();
+        let n_lin = self.layers.len() - n_full;
+        let gated = c.architecture.is_hybrid();
+        let (conv_ch, kern, hv, dkv, lin_in, hvdv) = match &c.linear {
+            Some(la) => {
+                let (hk, hv, dk, dv) = (la.num_key_heads, la.num_value_heads, la.key_head_dim, la.value_head_dim);
+                (2 * hk * dk + hv * dv, la.conv_kernel, hv, dk * dv, 2 * hk * dk + 2 * hv * dv, hv * dv)
+            }
+            None => (0, 1, 0, 0, 0, 0),
+        };
         Session {
             pos: 0,
             capacity,
             expert_counts: vec![0; c.num_layers * c.num_experts],
             trace: None,
-            k: vec![0.0; c.num_layers * capacity * kvd],
-            v: vec![0.0; c.num_layers * capacity * kvd],
+            k: vec![0.0; n_full * capacity * kvd],
+            v: vec![0.0; n_full * capacity * kvd],
+            conv_state: vec![0.0; n_lin * conv_ch * kern.saturating_sub(1)],
+            rec_state: vec![0.0; n_lin * hv * dkv],
+            kvd,
             s: Scratch {
                 x: vec![0.0; t * h],
                 hn: vec![0.0; t * h],
+                qg: vec![0.0; if gated { t * 2 * qd } else { 0 }],
+                gate: vec![0.0; if gated { t * qd } else { 0 }],
+                lin_in: vec![0.0; t * lin_in],
+                lin_z: vec![0.0; t * hvdv],
+                lin_ba: vec![0.0; t * 2 * hv],
+                lin_qkv: vec![0.0; conv_ch],
+                lin_o: vec![0.0; t * hvdv],
+                sh_gate: vec![0.0; t],
                 q: vec![0.0; t * qd],
                 kk: vec![0.0; t * kvd],
                 vv: vec![0.0; t * kvd],
@@ -308,6 +607,12 @@ impl Qwen3Moe {
                 // One row; grown only when a caller asks for every position's logits (a prefill-time request:
                 // a full chunk of rows would be 155 MB at Qwen3's vocabulary).
                 logits: vec![0.0; c.vocab_size],
+                prev_topk: vec![0; c.num_layers * k],
+                has_prev: false,
+                la_hn: vec![0.0; h],
+                la_router: vec![0.0; c.num_experts],
+                la_idx: vec![0; k],
+                la_w: vec![0.0; k],
             },
         }
     }
@@ -346,56 +651,22 @@ impl Qwen3Moe {
     fn forward_chunk(&self, sess: &mut Session, tokens: &[u32], logits: bool, all: bool) -> Result<(), ModelError> {
         let c = &self.config;
         let n = tokens.len();
-        let (h, d) = (c.hidden_size, c.head_dim);
-        let (nh, nkv) = (c.num_heads, c.num_kv_heads);
-        let (qd, kvd) = (nh * d, nkv * d);
+        let h = c.hidden_size;
         let eps = c.rms_norm_eps as f32;
-        let pos0 = sess.pos;
-        let cap = sess.capacity;
-        let embd = self.resident.get("token_embd.weight")?;
+        let embd = self.resident.at(self.embd);
         for (t, &tok) in tokens.iter().enumerate() {
             dequant_row(embd, tok as usize, &mut sess.s.x[t * h..(t + 1) * h])?;
         }
         for (l, layer) in self.layers.iter().enumerate() {
-            let w = |n: &str| self.resident.get(&format!("blk.{l}.{n}.weight"));
             let s = &mut sess.s;
             for t in 0..n {
                 rmsnorm(&s.x[t * h..(t + 1) * h], &layer.attn_norm, eps, &mut s.hn[t * h..(t + 1) * h]);
             }
-            self.matmul(&view(w("attn_q")?), &s.hn[..n * h], n, &mut s.q[..n * qd])?;
-            self.matmul(&view(w("attn_k")?), &s.hn[..n * h], n, &mut s.kk[..n * kvd])?;
-            self.matmul(&view(w("attn_v")?), &s.hn[..n * h], n, &mut s.vv[..n * kvd])?;
-            let kbase = l * cap * kvd;
-            for t in 0..n {
-                let q = &mut s.q[t * qd..(t + 1) * qd];
-                rmsnorm_heads_inplace(q, &layer.q_norm, eps);
-                rope_neox(q, d, &self.inv_freq, pos0 + t);
-                let k = &mut s.kk[t * kvd..(t + 1) * kvd];
-                rmsnorm_heads_inplace(k, &layer.k_norm, eps);
-                rope_neox(k, d, &self.inv_freq, pos0 + t);
-                let at = kbase + (pos0 + t) * kvd;
-                sess.k[at..at + kvd].copy_from_slice(k);
-                sess.v[at..at + kvd].copy_from_slice(&s.vv[t * kvd..(t + 1) * kvd]);
+            match &layer.mixer {
+                Mixer::Full { .. } => self.attention(layer, sess, n)?,
+                Mixer::Linear(g) => self.gdn(g, sess, n)?,
             }
-            {
-                let scale = 1.0 / (d as f32).sqrt();
-                let kc = &sess.k[kbase..kbase + cap * kvd];
-                let vc = &sess.v[kbase..kbase + cap * kvd];
-                let q = &s.q;
-                // One task per head, each walking the chunk's tokens in order, so each task owns one scores row.
-                let scores = SharedMut::new(&mut s.scores);
-                let attn = SharedMut::new(&mut s.attn);
-                self.pool.run(nh, &|hd| {
-                    // SAFETY: head `hd` owns scores row `hd` and the `hd` column block of every attn row; no
-                    // other task writes them.
-                    let sc = unsafe { scores.slice(hd * cap, cap) };
-                    for t in 0..n {
-                        let o = unsafe { attn.slice(t * qd + hd * d, d) };
-                        attend_head(&q[t * qd..(t + 1) * qd], kc, vc, pos0 + t + 1, hd, nh, nkv, d, scale, sc, o);
-                    }
-                });
-            }
-            self.matmul(&view(w("attn_output")?), &s.attn[..n * qd], n, &mut s.o[..n * h])?;
+            let s = &mut sess.s;
             for (x, o) in s.x[..n * h].iter_mut().zip(&s.o[..n * h]) {
                 *x += o;
             }
@@ -404,6 +675,12 @@ impl Qwen3Moe {
             }
             if layer.moe {
                 self.moe(l, &mut sess.s, n)?;
+                if let Some((w, gate)) = layer.shared {
+                    self.shared_expert(w, gate, &mut sess.s, n)?;
+                }
+                let k = self.top_k;
+                let s = &mut sess.s;
+                s.prev_topk[l * k..(l + 1) * k].copy_from_slice(&s.topk_idx[(n - 1) * k..n * k]);
                 let e = c.num_experts;
                 for &x in &sess.s.topk_idx[..n * self.top_k] {
                     sess.expert_counts[l * e + x as usize] += 1;
@@ -434,6 +711,7 @@ impl Qwen3Moe {
             }
         }
         sess.pos += n;
+        sess.s.has_prev = true;
         if logits {
             let s = &mut sess.s;
             let first = if all { 0 } else { n - 1 };
@@ -442,15 +720,209 @@ impl Qwen3Moe {
                 let (src, dst) = (t * h, (t - first) * h);
                 rmsnorm(&s.x[src..src + h], &self.output_norm, eps, &mut s.hn[dst..dst + h]);
             }
-            let head = match self.resident.get("output.weight") {
-                Ok(w) => w,
-                Err(_) => self.resident.get("token_embd.weight")?,
-            };
+            let head = self.resident.at(self.head);
             let v = c.vocab_size;
             if s.logits.len() < rows * v {
                 s.logits.resize(rows * v, 0.0);
             }
             self.matmul(&view(head), &s.hn[..rows * h], rows, &mut s.logits[..rows * v])?;
+        }
+        Ok(())
+    }
+
+    /// Softmax attention of the chunk (input `s.hn`, output `s.o`), appending its keys and values to the cache.
+    fn attention(&self, layer: &Layer, sess: &mut Session, n: usize) -> Result<(), ModelError> {
+        let Mixer::Full { wq, wk, wv, wo, q_norm, k_norm, gated, kv } = &layer.mixer else {
+            unreachable!("attention() is only called for full-attention layers")
+        };
+        let c = &self.config;
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let (nh, nkv) = (c.num_heads, c.num_kv_heads);
+        let (qd, kvd) = (nh * d, nkv * d);
+        let eps = c.rms_norm_eps as f32;
+        let (pos0, cap) = (sess.pos, sess.capacity);
+        let w = |id: WeightId| view(self.resident.at(id));
+        let s = &mut sess.s;
+        if *gated {
+            // q_proj gives [query | gate] per head; split them so the rest is plain attention.
+            self.matmul(&w(*wq), &s.hn[..n * h], n, &mut s.qg[..n * 2 * qd])?;
+            for t in 0..n {
+                for hd in 0..nh {
+                    let src = &s.qg[t * 2 * qd + hd * 2 * d..t * 2 * qd + (hd + 1) * 2 * d];
+                    s.q[t * qd + hd * d..t * qd + (hd + 1) * d].copy_from_slice(&src[..d]);
+                    s.gate[t * qd + hd * d..t * qd + (hd + 1) * d].copy_from_slice(&src[d..]);
+                }
+            }
+        } else {
+            self.matmul(&w(*wq), &s.hn[..n * h], n, &mut s.q[..n * qd])?;
+        }
+        self.matmul(&w(*wk), &s.hn[..n * h], n, &mut s.kk[..n * kvd])?;
+        self.matmul(&w(*wv), &s.hn[..n * h], n, &mut s.vv[..n * kvd])?;
+        let kbase = kv * cap * kvd;
+        for t in 0..n {
+            let q = &mut s.q[t * qd..(t + 1) * qd];
+            rmsnorm_heads_inplace(q, q_norm, eps);
+            rope_neox(q, d, &self.inv_freq, pos0 + t);
+            let k = &mut s.kk[t * kvd..(t + 1) * kvd];
+            rmsnorm_heads_inplace(k, k_norm, eps);
+            rope_neox(k, d, &self.inv_freq, pos0 + t);
+            let at = kbase + (pos0 + t) * kvd;
+            sess.k[at..at + kvd].copy_from_slice(k);
+            sess.v[at..at + kvd].copy_from_slice(&s.vv[t * kvd..(t + 1) * kvd]);
+        }
+        {
+            let scale = 1.0 / (d as f32).sqrt();
+            let kc = &sess.k[kbase..kbase + cap * kvd];
+            let vc = &sess.v[kbase..kbase + cap * kvd];
+            let q = &s.q;
+            // One task per head, each walking the chunk's tokens in order, so each task owns one scores row.
+            let scores = SharedMut::new(&mut s.scores);
+            let attn = SharedMut::new(&mut s.attn);
+            self.pool.run(nh, &|hd| {
+                // SAFETY: head `hd` owns scores row `hd` and the `hd` column block of every attn row; no
+                // other task writes them.
+                let sc = unsafe { scores.slice(hd * cap, cap) };
+                for t in 0..n {
+                    let o = unsafe { attn.slice(t * qd + hd * d, d) };
+                    attend_head(&q[t * qd..(t + 1) * qd], kc, vc, pos0 + t + 1, hd, nh, nkv, d, scale, sc, o);
+                }
+            });
+        }
+        if *gated {
+            for (a, &g) in s.attn[..n * qd].iter_mut().zip(&s.gate[..n * qd]) {
+                *a *= sigmoid(g);
+            }
+        }
+        self.matmul(&w(*wo), &s.attn[..n * qd], n, &mut s.o[..n * h])
+    }
+
+    /// A Gated DeltaNet layer over the chunk (input `s.hn`, output `s.o`), token by token through the session's
+    /// conv and recurrent state.
+    fn gdn(&self, g: &Gdn, sess: &mut Session, n: usize) -> Result<(), ModelError> {
+        let c = &self.config;
+        let la = c.linear.as_ref().expect("linear layers have a linear config");
+        let h = c.hidden_size;
+        let (hk, hv, dk, dv) = (la.num_key_heads, la.num_value_heads, la.key_head_dim, la.value_head_dim);
+        let (kern, r) = (la.conv_kernel, hv / hk);
+        let (kd, vd) = (hk * dk, hv * dv);
+        let ch = 2 * kd + vd;
+        let eps = c.rms_norm_eps as f32;
+        let w = |id: WeightId| view(self.resident.at(id));
+        let s = &mut sess.s;
+        // Projections for the whole chunk. Separate: qkv rows into lin_in, z, and [b | a] per token. Fused: qkvz
+        // into lin_in and [b·r | a·r] per key head into lin_ba, unpacked per token below.
+        let in_w = match &g.proj {
+            GdnProj::Separate { qkv, z, b, a } => {
+                self.matmul(&w(*qkv), &s.hn[..n * h], n, &mut s.lin_in[..n * ch])?;
+                self.matmul(&w(*z), &s.hn[..n * h], n, &mut s.lin_z[..n * vd])?;
+                // b and a land in separate halves of lin_ba: [n × hv] then [n × hv].
+                let (bb, aa) = s.lin_ba[..2 * n * hv].split_at_mut(n * hv);
+                self.matmul(&w(*b), &s.hn[..n * h], n, bb)?;
+                self.matmul(&w(*a), &s.hn[..n * h], n, aa)?;
+                ch
+            }
+            GdnProj::Fused { qkvz, ba } => {
+                self.matmul(&w(*qkvz), &s.hn[..n * h], n, &mut s.lin_in[..n * (ch + vd)])?;
+                self.matmul(&w(*ba), &s.hn[..n * h], n, &mut s.lin_ba[..n * 2 * hv])?;
+                ch + vd
+            }
+        };
+        let conv_len = ch * (kern - 1);
+        let conv_state = &mut sess.conv_state[g.state * conv_len..(g.state + 1) * conv_len];
+        let rec = &mut sess.rec_state[g.state * hv * dk * dv..(g.state + 1) * hv * dk * dv];
+        let q_scale = 1.0 / (dk as f32).sqrt();
+        for t in 0..n {
+            let row = &s.lin_in[t * in_w..(t + 1) * in_w];
+            let qkv = &mut s.lin_qkv[..ch];
+            let (beta_at, a_at);
+            match g.proj {
+                GdnProj::Separate { .. } => {
+                    qkv.copy_from_slice(row);
+                    (beta_at, a_at) = (t * hv, n * hv + t * hv);
+                }
+                GdnProj::Fused { .. } => {
+                    // Per key head i: [q_i | k_i | v_i (r heads) | z_i (r heads)] → qkv layout and z.
+                    let grp = 2 * dk + 2 * r * dv;
+                    for i in 0..hk {
+                        let b = &row[i * grp..(i + 1) * grp];
+                        qkv[i * dk..(i + 1) * dk].copy_from_slice(&b[..dk]);
+                        qkv[kd + i * dk..kd + (i + 1) * dk].copy_from_slice(&b[dk..2 * dk]);
+                        qkv[2 * kd + i * r * dv..2 * kd + (i + 1) * r * dv]
+                            .copy_from_slice(&b[2 * dk..2 * dk + r * dv]);
+                        s.lin_z[t * vd + i * r * dv..t * vd + (i + 1) * r * dv].copy_from_slice(&b[2 * dk + r * dv..]);
+                    }
+                    // [b·r | a·r] per key head → b and a in value-head order, in place in a small shuffle.
+                    let ba = &mut s.lin_ba[t * 2 * hv..(t + 1) * 2 * hv];
+                    let mut tmp = [0f32; 256];
+                    if 2 * hv > tmp.len() {
+                        return Err(ModelError::Unsupported(format!("{hv} linear value heads above 128")));
+                    }
+                    for i in 0..hk {
+                        tmp[i * r..(i + 1) * r].copy_from_slice(&ba[i * 2 * r..i * 2 * r + r]);
+                        tmp[hv + i * r..hv + (i + 1) * r].copy_from_slice(&ba[i * 2 * r + r..(i + 1) * 2 * r]);
+                    }
+                    ba.copy_from_slice(&tmp[..2 * hv]);
+                    (beta_at, a_at) = (t * 2 * hv, t * 2 * hv + hv);
+                }
+            }
+            conv1d_silu_step(qkv, &g.conv, conv_state, kern);
+            let (qs, rest) = qkv.split_at_mut(kd);
+            let (ks, vs) = rest.split_at_mut(kd);
+            for i in 0..hk {
+                l2norm_inplace(&mut qs[i * dk..(i + 1) * dk], 1e-6);
+                l2norm_inplace(&mut ks[i * dk..(i + 1) * dk], 1e-6);
+            }
+            qs.iter_mut().for_each(|v| *v *= q_scale);
+            // Value heads are independent: one pool task each (the state, dk·dv floats per head, dominates).
+            let (qs, ks, vs) = (&*qs, &*ks, &*vs);
+            let ba = &s.lin_ba;
+            let o_all = SharedMut::new(&mut s.lin_o[t * vd..(t + 1) * vd]);
+            let st = SharedMut::new(rec);
+            self.pool.run(hv, &|hh| {
+                let i = hh / r;
+                let beta = sigmoid(ba[beta_at + hh]);
+                let gg = g.neg_a[hh] * softplus(ba[a_at + hh] + g.dt_bias[hh]);
+                // SAFETY: task `hh` alone touches state block `hh` and output block `hh`.
+                let (state, out) = unsafe { (st.slice(hh * dk * dv, dk * dv), o_all.slice(hh * dv, dv)) };
+                delta_rule_step(
+                    state,
+                    &qs[i * dk..(i + 1) * dk],
+                    &ks[i * dk..(i + 1) * dk],
+                    &vs[hh * dv..(hh + 1) * dv],
+                    gg,
+                    beta,
+                    out,
+                );
+            });
+            let o = &mut s.lin_o[t * vd..(t + 1) * vd];
+            rmsnorm_gated_inplace(o, &s.lin_z[t * vd..(t + 1) * vd], &g.norm, eps);
+        }
+        self.matmul(&w(g.out), &s.lin_o[..n * vd], n, &mut s.o[..n * h])
+    }
+
+    /// Add the shared expert, scaled per token by `sigmoid(gate · x)`, to `s.moe_out` (input `s.hn`).
+    fn shared_expert(
+        &self,
+        [gate, up, down]: [WeightId; 3],
+        gw: WeightId,
+        s: &mut Scratch,
+        n: usize,
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        let (h, is) = (c.hidden_size, c.shared_expert_intermediate_size);
+        let w = |id: WeightId| view(self.resident.at(id));
+        self.matmul(&w(gate), &s.hn[..n * h], n, &mut s.gu[..n * is])?;
+        self.matmul(&w(up), &s.hn[..n * h], n, &mut s.act[..n * is])?;
+        for (a, g) in s.act[..n * is].iter_mut().zip(&s.gu[..n * is]) {
+            *a *= silu(*g);
+        }
+        self.matmul(&w(down), &s.act[..n * is], n, &mut s.dn[..n * h])?;
+        self.matmul(&w(gw), &s.hn[..n * h], n, &mut s.sh_gate[..n])?;
+        for t in 0..n {
+            let sg = sigmoid(s.sh_gate[t]);
+            for (o, &v) in s.moe_out[t * h..(t + 1) * h].iter_mut().zip(&s.dn[t * h..(t + 1) * h]) {
+                *o += sg * v;
+            }
         }
         Ok(())
     }
@@ -467,19 +939,20 @@ impl Qwen3Moe {
     fn dense_mlp(&self, l: usize, s: &mut Scratch, n: usize) -> Result<(), ModelError> {
         let c = &self.config;
         let (h, im) = (c.hidden_size, c.intermediate_size);
-        let w = |p: &str| self.resident.get(&format!("blk.{l}.{p}.weight"));
-        self.matmul(&view(w("ffn_gate")?), &s.hn[..n * h], n, &mut s.gu[..n * im])?;
-        self.matmul(&view(w("ffn_up")?), &s.hn[..n * h], n, &mut s.act[..n * im])?;
+        let [gate, up, down] = self.layers[l].dense.expect("a dense layer has gate, up and down");
+        let w = |id: WeightId| view(self.resident.at(id));
+        self.matmul(&w(gate), &s.hn[..n * h], n, &mut s.gu[..n * im])?;
+        self.matmul(&w(up), &s.hn[..n * h], n, &mut s.act[..n * im])?;
         for (a, g) in s.act[..n * im].iter_mut().zip(&s.gu[..n * im]) {
             *a *= silu(*g);
         }
-        self.matmul(&view(w("ffn_down")?), &s.act[..n * im], n, &mut s.moe_out[..n * h])
+        self.matmul(&w(down), &s.act[..n * im], n, &mut s.moe_out[..n * h])
     }
 
     fn moe(&self, l: usize, s: &mut Scratch, n: usize) -> Result<(), ModelError> {
         let c = &self.config;
         let (h, e, im, k) = (c.hidden_size, c.num_experts, c.moe_intermediate_size, self.top_k);
-        let router = self.resident.get(&format!("blk.{l}.ffn_gate_inp.weight"))?;
+        let router = self.resident.at(self.layers[l].router.expect("a MoE layer has a router"));
         self.matmul(&view(router), &s.hn[..n * h], n, &mut s.router[..n * e])?;
         for t in 0..n {
             let r = &mut s.router[t * e..(t + 1) * e];
@@ -499,6 +972,22 @@ impl Qwen3Moe {
                 return Err(ModelError::Unsupported(format!("top-k {k} above 32")));
             }
             store.ensure(l, &s.topk_idx[..k], &mut slots[..k])?;
+            if let Some(nl) = self.next_moe[l] {
+                match self.prefetch {
+                    Prefetch::None => {}
+                    Prefetch::Prev if s.has_prev => store.prefetch(nl, &s.prev_topk[nl * k..(nl + 1) * k]),
+                    Prefetch::Prev => {}
+                    Prefetch::Lookahead => {
+                        // The residual stream as layer l's experts see it, normalised as layer nl would normalise
+                        // its own input: a cheap stand-in for nl's router input.
+                        rmsnorm(&s.x[..h], &self.layers[nl].ffn_norm, c.rms_norm_eps as f32, &mut s.la_hn);
+                        let r = self.resident.at(self.layers[nl].router.expect("a MoE layer has a router"));
+                        self.matmul(&view(r), &s.la_hn, 1, &mut s.la_router)?;
+                        top_k(&s.la_router, k, &mut s.la_idx, &mut s.la_w);
+                        store.prefetch(nl, &s.la_idx);
+                    }
+                }
+            }
             let layer = store.layer(l).ok_or_else(|| ModelError::Unsupported(format!("layer {l} has no experts")))?;
             let mut views_gu = [slot_view(layer.gate_up, slots[0], 2 * im, h); 32];
             let mut views_dn = [slot_view(layer.down, slots[0], h, im); 32];
@@ -564,39 +1053,48 @@ impl Qwen3Moe {
             fill[x as usize] += 1;
         }
         s.moe_out[..n * h].fill(0.0);
+        // The chunk's experts in waves of up to one layer's slots: each wave's misses are read as one concurrent
+        // batch, every expert at most once per wave, and a cache of only top-k slots still works however many
+        // distinct experts the chunk routes to. Experts run in expert order, so results do not depend on the waves.
+        let mut used = [0u32; 1024];
+        let mut nused = 0;
         for ex in 0..e {
-            let (a, b) = (offs[ex] as usize, offs[ex + 1] as usize);
-            let cnt = b - a;
-            if cnt == 0 {
-                continue;
+            if offs[ex + 1] > offs[ex] {
+                used[nused] = ex as u32;
+                nused += 1;
             }
-            for (r, &pair) in s.order[a..b].iter().enumerate() {
-                let t = pair as usize / k;
-                s.xin[r * h..(r + 1) * h].copy_from_slice(&s.hn[t * h..(t + 1) * h]);
-            }
-            // One expert at a time, in expert order: each is read at most once per chunk, and a cache of top-k slots
-            // suffices however many distinct experts the chunk routes to.
-            let mut slot = [0u32; 1];
-            store.ensure(l, &[ex as u32], &mut slot)?;
+        }
+        let mut wave_slots = [0u32; 1024];
+        for wave in used[..nused].chunks(store.slots_per_layer().max(1)) {
+            store.ensure(l, wave, &mut wave_slots[..wave.len()])?;
             let layer = store.layer(l).ok_or_else(|| ModelError::Unsupported(format!("layer {l} has no experts")))?;
-            self.matmul(
-                &slot_view(layer.gate_up, slot[0], 2 * im, h),
-                &s.xin[..cnt * h],
-                cnt,
-                &mut s.gu[..cnt * 2 * im],
-            )?;
-            for r in 0..cnt {
-                let row = &s.gu[r * 2 * im..(r + 1) * 2 * im];
-                for i in 0..im {
-                    s.act[r * im + i] = silu(row[i]) * row[im + i];
+            for (&ex, &slot) in wave.iter().zip(&wave_slots) {
+                let ex = ex as usize;
+                let (a, b) = (offs[ex] as usize, offs[ex + 1] as usize);
+                let cnt = b - a;
+                for (r, &pair) in s.order[a..b].iter().enumerate() {
+                    let t = pair as usize / k;
+                    s.xin[r * h..(r + 1) * h].copy_from_slice(&s.hn[t * h..(t + 1) * h]);
                 }
-            }
-            self.matmul(&slot_view(layer.down, slot[0], h, im), &s.act[..cnt * im], cnt, &mut s.dn[..cnt * h])?;
-            for (r, &pair) in s.order[a..b].iter().enumerate() {
-                let t = pair as usize / k;
-                let wt = s.topk_w[pair as usize];
-                for (o, &v) in s.moe_out[t * h..(t + 1) * h].iter_mut().zip(&s.dn[r * h..(r + 1) * h]) {
-                    *o += wt * v;
+                self.matmul(
+                    &slot_view(layer.gate_up, slot, 2 * im, h),
+                    &s.xin[..cnt * h],
+                    cnt,
+                    &mut s.gu[..cnt * 2 * im],
+                )?;
+                for r in 0..cnt {
+                    let row = &s.gu[r * 2 * im..(r + 1) * 2 * im];
+                    for i in 0..im {
+                        s.act[r * im + i] = silu(row[i]) * row[im + i];
+                    }
+                }
+                self.matmul(&slot_view(layer.down, slot, h, im), &s.act[..cnt * im], cnt, &mut s.dn[..cnt * h])?;
+                for (r, &pair) in s.order[a..b].iter().enumerate() {
+                    let t = pair as usize / k;
+                    let wt = s.topk_w[pair as usize];
+                    for (o, &v) in s.moe_out[t * h..(t + 1) * h].iter_mut().zip(&s.dn[r * h..(r + 1) * h]) {
+                        *o += wt * v;
+                    }
                 }
             }
         }

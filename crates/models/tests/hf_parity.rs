@@ -32,6 +32,10 @@ fn rel_err(ours: &[f32], theirs: &[f32]) -> f64 {
 }
 
 fn check(case: &str, threads: usize) {
+    check_with(case, ModelOptions { threads, ..ModelOptions::default() });
+}
+
+fn check_with(case: &str, opts: ModelOptions) {
     let d = dir(case);
     let r: Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("reference.json")).expect("reference")).expect("json");
@@ -41,11 +45,10 @@ fn check(case: &str, threads: usize) {
         r["greedy_tokens"].as_array().expect("greedy").iter().map(|v| v.as_u64().unwrap() as u32).collect();
     let reference = read_f32(&d.join(r["logits_file"].as_str().expect("logits_file")));
     let index = TensorIndex::open(&d).expect("index");
-    let opts = ModelOptions { threads, ..ModelOptions::default() };
     let m = Qwen3Moe::load(&index, &opts).expect("load");
     let v = m.config.vocab_size;
 
-    let mut sess = m.new_session(64);
+    let mut sess = m.new_session(prompt.len() + greedy.len() + 1);
     let mut logits = Vec::new();
     m.forward(&mut sess, &prompt, true, &mut logits).expect("prefill");
     for (t, (ours, theirs)) in logits.chunks(v).zip(reference.chunks(v)).enumerate() {
@@ -71,6 +74,29 @@ fn check(case: &str, threads: usize) {
 fn qwen3_moe_matches_transformers_every_case() {
     for case in CASES {
         check(case, 2);
+    }
+}
+
+/// The hybrids (Gated DeltaNet + gated attention + shared expert, zero-centred norms), in four layer patterns
+/// (period 2 and 3, two linear layers in a row, a dense first layer), 1 to 3 value heads per key head, per-expert
+/// and fused expert layouts, conv kernels of 3 and 4: a 71–75-token prompt as one
+/// prefill chunk and as three (conv and recurrent state carried across chunks), then decode one token at a time
+/// through the recurrent state; and streaming experts through the minimum cache with prefetch.
+#[test]
+fn hybrids_match_transformers() {
+    for case in ["qwen35moe_small", "qwen3next_small", "qwen35moe_r3_fused_layout", "qwen3next_dense_first"] {
+        check(case, 2);
+        check_with(case, ModelOptions { threads: 2, prefill_chunk: 32, ..ModelOptions::default() });
+        check_with(
+            case,
+            ModelOptions {
+                threads: 1,
+                prefill_chunk: 7,
+                expert_cache: moestream_store::CacheSize::Slots(2),
+                prefetch: moestream_models::Prefetch::Lookahead,
+                ..ModelOptions::default()
+            },
+        );
     }
 }
 

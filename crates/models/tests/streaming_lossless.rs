@@ -3,7 +3,7 @@
 
 use moestream_cpu::ops::argmax;
 use moestream_format::TensorIndex;
-use moestream_models::{ModelOptions, MoeKernels, Qwen3Moe};
+use moestream_models::{ModelOptions, MoeKernels, Prefetch, Qwen3Moe};
 use moestream_store::{CacheSize, EvictionPolicy, ReadOptions};
 use moestream_synth::{Preset, SynthFormat, SynthOptions, synth};
 
@@ -88,6 +88,31 @@ fn every_cache_size_gives_identical_logits() {
                 );
             }
         }
+        // Prefetch reads guesses early; `ensure` still decides what is used, so a wrong guess changes nothing.
+        for prefetch in [Prefetch::Prev, Prefetch::Lookahead] {
+            for slots in [k, k + 1, index.config.num_experts] {
+                let opts = ModelOptions {
+                    threads: 2,
+                    expert_cache: CacheSize::Slots(slots),
+                    prefetch,
+                    ..ModelOptions::default()
+                };
+                let m = Qwen3Moe::load(&index, &opts).expect("load");
+                let got = trace(&m);
+                assert!(
+                    got.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{}: prefetch {prefetch:?} at {slots} slots changed the logits",
+                    format.name()
+                );
+                let st = m.store_stats();
+                if slots < index.config.num_experts {
+                    assert!(st.prefetch_reads > 0, "{}: {prefetch:?} at {slots} slots never read ahead", format.name());
+                    assert!(st.prefetch_hits + st.prefetch_wasted <= st.prefetch_reads, "{st:?}");
+                } else {
+                    assert_eq!(st.prefetch_reads, 0, "{}: everything resident, yet prefetched", format.name());
+                }
+            }
+        }
         // A byte budget resolves to slots the same way.
         let per_slot = load(CacheSize::Slots(k)).expert_bytes() / k as u64;
         let m = load(CacheSize::Bytes(per_slot * (k as u64 + 1)));
@@ -110,46 +135,104 @@ fn a_cache_below_top_k_is_a_clear_error() {
     }
 }
 
-/// The same at Qwen3-30B-A3B's real width (one layer, 128 experts, top-8): a prefill and 4 decode steps are
-/// bit-identical with every expert resident, with the minimum cache of 8 slots, per-expert calls and split
-/// gate/up, and LRU.
+/// The same at Qwen3-30B-A3B's real width (128 experts, top-8, two layers so prefetch has a next layer): a
+/// 6-token prefill and 4 decode steps are bit-identical with every expert resident, with the minimum cache of 8
+/// slots, per-expert calls and split gate/up, LRU, and each prefetch mode; for GGUF Q4_0 and MLX 4-bit.
 #[test]
 fn real_width_streaming_is_lossless() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("m.gguf");
-    let mut o = SynthOptions::new(Preset::Qwen3_30bA3b, SynthFormat::GgufQ4_0, &path);
-    o.layers = Some(1);
-    synth(&o).expect("synth");
-    let index = TensorIndex::open(&path).expect("index");
-    let run = |opts: ModelOptions| {
-        let m = Qwen3Moe::load(&index, &ModelOptions { threads: 2, ..opts }).expect("load");
-        let prompt: Vec<u32> = (0..6u32).map(|i| i * 20011 % 150_000).collect();
-        let mut s = m.new_session(16);
-        let mut out = Vec::new();
-        m.forward(&mut s, &prompt, true, &mut out).expect("prefill");
-        let v = m.config.vocab_size;
-        let mut last = out[out.len() - v..].to_vec();
-        for _ in 0..4 {
-            let next = argmax(&last);
-            m.forward(&mut s, &[next], false, &mut last).expect("decode");
-            out.extend_from_slice(&last);
+    for format in [SynthFormat::GgufQ4_0, SynthFormat::MlxQ4] {
+        let path = dir.path().join(format.name());
+        let mut o = SynthOptions::new(Preset::Qwen3_30bA3b, format, &path);
+        o.layers = Some(2);
+        synth(&o).expect("synth");
+        let index = TensorIndex::open(&path).expect("index");
+        let run = |opts: ModelOptions| {
+            let m = Qwen3Moe::load(&index, &ModelOptions { threads: 2, ..opts }).expect("load");
+            let prompt: Vec<u32> = (0..6u32).map(|i| i * 20011 % 150_000).collect();
+            let mut s = m.new_session(16);
+            let mut out = Vec::new();
+            m.forward(&mut s, &prompt, true, &mut out).expect("prefill");
+            let v = m.config.vocab_size;
+            let mut last = out[out.len() - v..].to_vec();
+            for _ in 0..4 {
+                let next = argmax(&last);
+                m.forward(&mut s, &[next], false, &mut last).expect("decode");
+                out.extend_from_slice(&last);
+            }
+            (out, m.store_stats())
+        };
+        let (reference, _) = run(ModelOptions::default());
+        let min = || ModelOptions { expert_cache: CacheSize::Slots(8), ..ModelOptions::default() };
+        let variants = [
+            min(),
+            ModelOptions {
+                moe_kernels: MoeKernels { stacked: false, fuse_gate_up: false },
+                eviction: EvictionPolicy::Lru,
+                ..min()
+            },
+            ModelOptions { prefetch: Prefetch::Prev, ..min() },
+            ModelOptions { prefetch: Prefetch::Lookahead, expert_cache: CacheSize::Slots(12), ..min() },
+        ];
+        for opts in variants {
+            let label = format!(
+                "{} {:?} {:?} {:?} {:?}",
+                format.name(),
+                opts.expert_cache,
+                opts.moe_kernels,
+                opts.eviction,
+                opts.prefetch
+            );
+            let prefetching = opts.prefetch != Prefetch::None;
+            let (got, st) = run(opts);
+            assert!(st.misses > 0, "{label}: never missed");
+            assert!(!prefetching || st.prefetch_reads > 0, "{label}: never read ahead");
+            assert!(got.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits()), "{label} changed the logits");
         }
-        (out, m.store_stats())
-    };
-    let (reference, _) = run(ModelOptions::default());
-    let variants = [
-        ModelOptions { expert_cache: CacheSize::Slots(8), ..ModelOptions::default() },
-        ModelOptions {
-            expert_cache: CacheSize::Slots(8),
-            moe_kernels: MoeKernels { stacked: false, fuse_gate_up: false },
-            eviction: EvictionPolicy::Lru,
-            ..ModelOptions::default()
-        },
-    ];
-    for opts in variants {
-        let label = format!("{:?} {:?} {:?}", opts.expert_cache, opts.moe_kernels, opts.eviction);
-        let (got, st) = run(opts);
-        assert!(st.misses > 0, "{label}: never missed");
-        assert!(got.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits()), "{label} changed the logits");
+    }
+}
+
+/// The hybrids (Qwen3.5-MoE, Qwen3-Next; the transformers fixtures, 8 experts top-2): a 40-token prefill in chunks
+/// of 16 and 8 decode steps are bit-identical with every expert resident and at 2, 3 and 5 slots, in every kernel
+/// mode and prefetch mode.
+#[test]
+fn hybrid_streaming_is_lossless() {
+    for case in ["qwen35moe_small", "qwen3next_small"] {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf").join(case);
+        let index = TensorIndex::open(&dir).expect("index");
+        let run = |opts: ModelOptions| {
+            let m = Qwen3Moe::load(&index, &ModelOptions { threads: 2, prefill_chunk: 16, ..opts }).expect("load");
+            let prompt: Vec<u32> = (0..40u32).map(|i| (i * 97 + 5) % 256).collect();
+            let mut s = m.new_session(64);
+            let mut out = Vec::new();
+            m.forward(&mut s, &prompt, true, &mut out).expect("prefill");
+            let mut last = out[out.len() - 256..].to_vec();
+            for _ in 0..8 {
+                let next = argmax(&last);
+                m.forward(&mut s, &[next], false, &mut last).expect("decode");
+                out.extend_from_slice(&last);
+            }
+            (out, m.store_stats())
+        };
+        let (reference, _) = run(ModelOptions::default());
+        for slots in [2, 3, 5] {
+            for (stacked, fuse_gate_up) in [(true, true), (true, false), (false, false)] {
+                for prefetch in [Prefetch::None, Prefetch::Prev, Prefetch::Lookahead] {
+                    let opts = ModelOptions {
+                        expert_cache: CacheSize::Slots(slots),
+                        moe_kernels: MoeKernels { stacked, fuse_gate_up },
+                        prefetch,
+                        ..ModelOptions::default()
+                    };
+                    let (got, st) = run(opts);
+                    let label = format!("{case}: {slots} slots stacked={stacked} fuse={fuse_gate_up} {prefetch:?}");
+                    assert!(st.misses > 0, "{label}: never missed");
+                    assert!(
+                        got.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{label} changed the logits"
+                    );
+                }
+            }
+        }
     }
 }

@@ -59,6 +59,19 @@ pub struct StoreStats {
     /// Expert read latencies (from the start of the batch until the last range of that expert is in place), log2-microsecond buckets: bucket b counts reads that took
     /// [2^b, 2^(b+1)) µs (bucket 0 also holds < 1 µs).
     pub latency_us_log2: [u64; 32],
+    /// Experts read ahead of need by `prefetch` (successfully); their bytes and reads are also in `bytes_read*` and
+    /// `reads`.
+    pub prefetch_reads: u64,
+    pub prefetch_bytes: u64,
+    /// Hits on a prefetched expert, its first use since the prefetch read it (also counted in `hits`).
+    pub prefetch_hits: u64,
+    /// Prefetched experts evicted before any use: wrong guesses.
+    pub prefetch_wasted: u64,
+    /// Time `ensure` spent waiting for a prefetch still in flight, in microseconds.
+    pub prefetch_wait_us: u64,
+    /// Time `ensure` spent blocked on its own (demand) reads, in microseconds. With `prefetch_wait_us`, the I/O
+    /// stall the caller saw: what prefetch exists to shrink.
+    pub read_wait_us: u64,
 }
 
 impl StoreStats {
@@ -85,6 +98,59 @@ impl StoreStats {
     }
 }
 
+/// What a cache size means for a model, computed from the index alone (nothing read, nothing allocated): the
+/// `moestream info` dry run, and the sizing `ExpertStore::open` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CachePlan {
+    pub slots_per_layer: usize,
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub moe_layers: usize,
+    /// Bytes of one expert (gate, up and down, with any scales and biases): one slot, and one miss's read.
+    pub slot_bytes: u64,
+}
+
+impl CachePlan {
+    pub fn new(index: &TensorIndex, size: CacheSize) -> Result<Self, StoreError> {
+        let c = &index.config;
+        let mut slot_bytes = 0u64;
+        let mut moe_layers = 0;
+        for l in (0..c.num_layers).filter(|&l| c.layer_is_moe(l)) {
+            moe_layers += 1;
+            let mut b = 0;
+            for p in ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"] {
+                let t = index.get(&format!("blk.{l}.{p}.weight"))?;
+                let r = t
+                    .expert(0)
+                    .ok_or_else(|| StoreError::Layout { tensor: t.name.clone(), msg: "no expert 0".into() })?;
+                b += r.bytes();
+            }
+            slot_bytes = slot_bytes.max(b);
+        }
+        let e = c.num_experts;
+        let slots = match size {
+            CacheSize::All => e,
+            CacheSize::Slots(n) => n,
+            CacheSize::Bytes(b) => (b / moe_layers.max(1) as u64 / slot_bytes.max(1)) as usize,
+        }
+        .min(e);
+        Ok(CachePlan { slots_per_layer: slots, num_experts: e, top_k: c.num_experts_per_tok, moe_layers, slot_bytes })
+    }
+
+    /// Slot memory over all MoE layers.
+    pub fn bytes(&self) -> u64 {
+        self.slot_bytes * (self.slots_per_layer * self.moe_layers) as u64
+    }
+
+    /// Expected expert misses per decode token if routing were uniform and independent from token to token (the
+    /// pessimistic case: trained models reuse experts): each of the k choices per layer misses with probability
+    /// `1 − slots/E`.
+    pub fn uniform_misses_per_token(&self) -> f64 {
+        let miss = 1.0 - self.slots_per_layer as f64 / self.num_experts.max(1) as f64;
+        (self.moe_layers * self.top_k) as f64 * miss
+    }
+}
+
 struct LayerCache {
     gate_up: SlotBuffer,
     down: SlotBuffer,
@@ -96,6 +162,8 @@ struct LayerCache {
     expert_slot: Vec<u32>,
     /// Recency and (for LFU) decayed use counts; decides victims.
     policy: PolicyState,
+    /// Per slot: filled by a prefetch and not used since (for the prefetch hit/waste counts).
+    prefetched: Vec<bool>,
 }
 
 /// The expert slot buffers of one MoE layer, as the kernels see them.
@@ -121,6 +189,12 @@ pub struct ExpertStore {
     /// Reused per batch, reserved at open for the largest batch: no allocation on the token path.
     batch: Vec<ReadRequest>,
     batch_misses: Vec<Miss>,
+    /// The prefetch batch: submitted by `prefetch`, in flight on the reader until `finish_prefetch`. Kept apart from
+    /// `batch` because the reader writes into it while the caller computes.
+    pf_batch: Vec<ReadRequest>,
+    pf_misses: Vec<Miss>,
+    /// The layer and start time of the prefetch in flight.
+    pf_in_flight: Option<(usize, Instant)>,
     slots_per_layer: usize,
     num_experts: usize,
     bytes: u64,
@@ -187,15 +261,8 @@ impl ExpertStore {
             per_layer_ranges.push(Some((g, u, d, ranges, spans)));
         }
         let e = c.num_experts;
-        let slots = match size {
-            CacheSize::All => e,
-            CacheSize::Slots(n) => n,
-            CacheSize::Bytes(b) => {
-                let per_layer = b / moe_layers.len().max(1) as u64;
-                (per_layer / slot_bytes.max(1)) as usize
-            }
-        }
-        .min(e);
+        // One rule for how a budget becomes slots, shared with the `info` dry run.
+        let slots = CachePlan::new(index, size)?.slots_per_layer;
         if slots < top_k {
             let need = top_k as u64 * slot_bytes * moe_layers.len() as u64;
             return Err(StoreError::Budget(format!(
@@ -227,6 +294,7 @@ impl ExpertStore {
                 slot_expert: vec![EMPTY; slots],
                 expert_slot: vec![EMPTY; e],
                 policy: PolicyState::new(eviction, slots, e),
+                prefetched: vec![false; slots],
             }));
         }
         let reader = ExpertReader::open(&index.files, read, max_range)?;
@@ -235,6 +303,9 @@ impl ExpertStore {
             reader,
             batch: Vec::with_capacity(slots * ranges_per_expert),
             batch_misses: Vec::with_capacity(slots),
+            pf_batch: Vec::with_capacity(slots * ranges_per_expert),
+            pf_misses: Vec::with_capacity(slots),
+            pf_in_flight: None,
             slots_per_layer: slots,
             num_experts: e,
             bytes,
@@ -307,6 +378,7 @@ impl ExpertStore {
                 self.slots_per_layer
             )));
         }
+        self.finish_prefetch();
         self.clock += 1;
         let clock = self.clock;
         let e = self.num_experts;
@@ -322,6 +394,9 @@ impl ExpertStore {
             let s = cache.expert_slot[x as usize];
             if s != EMPTY {
                 cache.policy.on_hit(s as usize, clock);
+                if std::mem::take(&mut cache.prefetched[s as usize]) {
+                    self.stats.prefetch_hits += 1;
+                }
                 slots[j] = s;
             } else {
                 slots[j] = EMPTY;
@@ -353,6 +428,9 @@ impl ExpertStore {
                 cache.expert_slot[old as usize] = EMPTY;
                 cache.slot_expert[victim] = EMPTY;
             }
+            if std::mem::take(&mut cache.prefetched[victim]) {
+                self.stats.prefetch_wasted += 1;
+            }
             // Pins the slot for the rest of this call, so the next miss cannot pick it.
             cache.policy.on_fill(victim, experts[j], clock);
             self.batch_misses.push(Miss {
@@ -373,60 +451,158 @@ impl ExpertStore {
         r
     }
 
+    /// Start reading those of `experts` (a guess at what `layer` will need next) that are not resident, into
+    /// victim slots, and return without waiting: the reads overlap whatever the caller computes next. The next
+    /// `ensure` (of any layer) first waits for them and maps the experts that arrived. A guess is only a hint:
+    /// invalid ids are ignored, at most `slots_per_layer` experts are taken, a failed read just leaves its slot
+    /// empty (a later `ensure` that needs the expert reads it again and reports any error), and nothing it does
+    /// can change which bytes an `ensure` returns. It never evicts one of `experts`.
+    pub fn prefetch(&mut self, layer: usize, experts: &[u32]) {
+        self.finish_prefetch();
+        let e = self.num_experts;
+        let Some(cache) = self.layers.get_mut(layer).and_then(Option::as_mut) else { return };
+        self.clock += 1;
+        let clock = self.clock;
+        self.pf_misses.clear();
+        let now = Instant::now();
+        for (j, &x) in experts.iter().take(self.slots_per_layer).enumerate() {
+            if x as usize >= e || cache.expert_slot[x as usize] != EMPTY {
+                continue;
+            }
+            if self.pf_misses.iter().any(|m| m.expert == x) {
+                continue;
+            }
+            let held = |s: usize| cache.policy.slot_expert(s).is_some_and(|y| experts.contains(&y));
+            let Some(victim) = cache.policy.victim(clock, |s| cache.policy.is_pinned(s, clock) || held(s)) else {
+                break;
+            };
+            let old = cache.slot_expert[victim];
+            if old != EMPTY {
+                cache.expert_slot[old as usize] = EMPTY;
+                cache.slot_expert[victim] = EMPTY;
+            }
+            if std::mem::take(&mut cache.prefetched[victim]) {
+                self.stats.prefetch_wasted += 1;
+            }
+            cache.policy.on_prefetch(victim, x, clock);
+            self.pf_misses.push(Miss { expert: x, slot: victim as u32, at: j as u32, done: now, failed: false });
+        }
+        if self.pf_misses.is_empty() {
+            return;
+        }
+        plan_batch(cache, &self.pf_misses, &mut self.pf_batch, now);
+        // SAFETY: `pf_batch` and the destination slots (unmapped above, so no `ensure` or `layer` view hands them
+        // out) are left alone until `finish_prefetch`, which every `ensure`, `prefetch` and drop calls first.
+        unsafe { self.reader.submit(&mut self.pf_batch) };
+        self.pf_in_flight = Some((layer, now));
+    }
+
+    /// Wait for the prefetch in flight, if any, and map the experts that arrived.
+    fn finish_prefetch(&mut self) {
+        let Some((layer, t0)) = self.pf_in_flight.take() else { return };
+        let w = Instant::now();
+        self.reader.wait();
+        self.stats.prefetch_wait_us += w.elapsed().as_micros() as u64;
+        let cache = self.layers[layer].as_mut().expect("prefetch targets a MoE layer");
+        // A failed guess is not an error: its slot stays empty, and a demand read will report a real failure.
+        let _ = complete_batch(cache, &mut self.pf_misses, &mut self.pf_batch, &mut self.stats, t0, false);
+        for m in &self.pf_misses {
+            if !m.failed {
+                cache.prefetched[m.slot as usize] = true;
+                self.stats.prefetch_reads += 1;
+            }
+        }
+        let misses = &self.pf_misses;
+        self.stats.prefetch_bytes +=
+            self.pf_batch.iter().filter(|r| !misses[r.tag as usize].failed).map(|r| r.range.len).sum::<u64>();
+    }
+
     /// Read the experts of `batch_misses` into their slots (which are already unmapped) as one concurrent batch.
     /// Experts whose reads all succeeded are mapped; the others stay empty (marked `failed`) and the first error
     /// is returned.
     fn read_batch(&mut self, layer: usize) -> Result<(), StoreError> {
         let t0 = Instant::now();
         let cache = self.layers[layer].as_mut().expect("MoE layer");
-        self.batch.clear();
-        for (tag, m) in self.batch_misses.iter().enumerate() {
-            let [g, u, d] = cache.ranges[m.expert as usize];
-            let s = m.slot as usize;
-            let first = self.batch.len();
-            cache.gate_up.plan_fill(&[g, u], s, tag as u32, t0, &mut self.batch);
-            cache.down.plan_fill(&[d], s, tag as u32, t0, &mut self.batch);
-            if let Some(span) = cache.spans[m.expert as usize] {
-                coalesce(&mut self.batch, first, span, tag as u32, t0);
-            }
-        }
+        plan_batch(cache, &self.batch_misses, &mut self.batch, t0);
         self.reader.run(&mut self.batch);
-        let mut first_err = None;
-        for req in &mut self.batch {
-            let m = &mut self.batch_misses[req.tag as usize];
-            m.done = m.done.max(req.done_at);
-            if let Some(e) = req.error.take() {
-                m.failed = true;
-                first_err.get_or_insert(e);
-                continue;
-            }
-            self.stats.reads += 1;
-            self.stats.reads_direct += req.direct as u64;
-            self.stats.bytes_read += req.range.len;
-            self.stats.bytes_read_disk += req.disk_bytes;
-        }
-        self.stats.read_batches += 1;
-        for m in &self.batch_misses {
-            let s = m.slot as usize;
-            if m.failed {
-                // Not cached: a later call reads it again, and the slot is the first to be reused.
-                cache.slot_expert[s] = EMPTY;
-                cache.policy.on_clear(s);
-                continue;
-            }
-            cache.slot_expert[s] = m.expert;
-            cache.expert_slot[m.expert as usize] = s as u32;
-            let us = m.done.saturating_duration_since(t0).as_micros() as u64;
-            let b = (64 - us.leading_zeros()).saturating_sub(1).min(31) as usize;
-            self.stats.latency_us_log2[b] += 1;
-        }
+        self.stats.read_wait_us += t0.elapsed().as_micros() as u64;
+        let r = complete_batch(cache, &mut self.batch_misses, &mut self.batch, &mut self.stats, t0, true);
         for (d, a) in self.stats.direct_io.iter_mut().zip(self.reader.direct_active()) {
             *d = a;
         }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(()),
+        r
+    }
+}
+
+impl Drop for ExpertStore {
+    fn drop(&mut self) {
+        // The reader may still be writing a prefetch into slot memory that `layers` frees.
+        self.reader.wait();
+    }
+}
+
+/// The read requests for `misses` (each into its slot's buffers), coalesced per expert where its ranges are
+/// adjacent in one file.
+fn plan_batch(cache: &mut LayerCache, misses: &[Miss], batch: &mut Vec<ReadRequest>, t0: Instant) {
+    batch.clear();
+    for (tag, m) in misses.iter().enumerate() {
+        let [g, u, d] = cache.ranges[m.expert as usize];
+        let s = m.slot as usize;
+        let first = batch.len();
+        cache.gate_up.plan_fill(&[g, u], s, tag as u32, t0, batch);
+        cache.down.plan_fill(&[d], s, tag as u32, t0, batch);
+        if let Some(span) = cache.spans[m.expert as usize] {
+            coalesce(batch, first, span, tag as u32, t0);
         }
+    }
+}
+
+/// After the reader ran `batch`: count it, map the experts whose reads all succeeded, clear the slots of the
+/// others (marked `failed`), and return the first error. `demand` batches also record read latencies.
+fn complete_batch(
+    cache: &mut LayerCache,
+    misses: &mut [Miss],
+    batch: &mut [ReadRequest],
+    stats: &mut StoreStats,
+    t0: Instant,
+    demand: bool,
+) -> Result<(), StoreError> {
+    let mut first_err = None;
+    for req in batch.iter_mut() {
+        let m = &mut misses[req.tag as usize];
+        m.done = m.done.max(req.done_at);
+        if let Some(e) = req.error.take() {
+            m.failed = true;
+            first_err.get_or_insert(e);
+            continue;
+        }
+        stats.reads += 1;
+        stats.reads_direct += req.direct as u64;
+        stats.bytes_read += req.range.len;
+        stats.bytes_read_disk += req.disk_bytes;
+    }
+    if demand {
+        stats.read_batches += 1;
+    }
+    for m in misses.iter() {
+        let s = m.slot as usize;
+        if m.failed {
+            // Not cached: a later call reads it again, and the slot is the first to be reused.
+            cache.slot_expert[s] = EMPTY;
+            cache.policy.on_clear(s);
+            continue;
+        }
+        cache.slot_expert[s] = m.expert;
+        cache.expert_slot[m.expert as usize] = s as u32;
+        if demand {
+            let us = m.done.saturating_duration_since(t0).as_micros() as u64;
+            let b = (64 - us.leading_zeros()).saturating_sub(1).min(31) as usize;
+            stats.latency_us_log2[b] += 1;
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 

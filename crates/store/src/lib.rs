@@ -15,10 +15,10 @@ mod reader;
 mod resident;
 
 pub use aligned::AlignedBuf;
-pub use cache::{CacheSize, ExpertLayer, ExpertStore, StoreStats};
+pub use cache::{CachePlan, CacheSize, ExpertLayer, ExpertStore, StoreStats};
 pub use policy::EvictionPolicy;
 pub use reader::{BLOCK, ReadOptions};
-pub use resident::{OwnedWeight, ResidentWeights, SlotBuffer};
+pub use resident::{OwnedWeight, ResidentWeights, SlotBuffer, WeightId};
 
 use std::path::PathBuf;
 

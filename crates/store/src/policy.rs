@@ -168,6 +168,13 @@ impl PolicyState {
         self.bump(expert);
     }
 
+    /// `expert` is being read into `slot` ahead of need (a prefetch) by the call at `clock`: pinned for that call,
+    /// but no use is counted, so a wrong guess does not look popular. A later hit counts the use.
+    pub fn on_prefetch(&mut self, slot: usize, expert: u32, clock: u64) {
+        self.last_used[slot] = clock;
+        self.slot_expert[slot] = expert;
+    }
+
     /// `slot` lost its expert without a replacement (a failed read): it becomes an empty, unpinned slot. The
     /// expert's LFU history is kept.
     pub fn on_clear(&mut self, slot: usize) {

@@ -426,6 +426,19 @@ impl ExpertReader {
     /// Execute every request of `reqs` on the I/O threads and return when all have finished (successfully or
     /// not: check each request's `error`). Allocates nothing.
     pub fn run(&mut self, reqs: &mut [ReadRequest]) {
+        // SAFETY: `reqs` is borrowed mutably until `wait` below returns, which is before this call ends.
+        unsafe { self.submit(reqs) };
+        self.wait();
+    }
+
+    /// Start executing `reqs` on the I/O threads and return at once (the prefetch path). A batch still in flight is
+    /// waited for first: one batch runs at a time.
+    ///
+    /// # Safety
+    /// Until `wait` (or the next `submit`/`run`) returns, the caller must keep `reqs` alive and not touch it, and must
+    /// not read or write the destination bytes of its requests, nor free them.
+    pub unsafe fn submit(&mut self, reqs: &mut [ReadRequest]) {
+        self.wait();
         if reqs.is_empty() {
             return;
         }
@@ -435,6 +448,11 @@ impl ExpertReader {
         b.next = 0;
         b.remaining = reqs.len();
         self.shared.work.notify_all();
+    }
+
+    /// Wait until the batch in flight (if any) has finished.
+    pub fn wait(&mut self) {
+        let mut b = self.shared.lock();
         while b.remaining > 0 {
             b = self.shared.done.wait(b).unwrap_or_else(PoisonError::into_inner);
         }
@@ -446,6 +464,8 @@ impl ExpertReader {
 
 impl Drop for ExpertReader {
     fn drop(&mut self) {
+        // A batch in flight writes into memory its submitter owns: let it land before the threads go.
+        self.wait();
         self.shared.lock().shutdown = true;
         self.shared.work.notify_all();
         for h in self.workers.drain(..) {

@@ -76,28 +76,51 @@ impl OwnedWeight {
 
 /// The dense trunk: every tensor that is not a routed expert, resident for the life of the model.
 pub struct ResidentWeights {
-    weights: HashMap<String, OwnedWeight>,
+    weights: Vec<OwnedWeight>,
+    /// Name → index into `weights`. Models resolve names to `WeightId`s once at load, so the token path does no
+    /// string formatting or hashing.
+    ids: HashMap<String, WeightId>,
     vectors: HashMap<String, Vec<f32>>,
 }
 
+/// A resident 2-D weight, resolved once by name (`ResidentWeights::id`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WeightId(u32);
+
 impl ResidentWeights {
-    /// Load every non-expert tensor. 1-D tensors (norms) are also decoded to f32, since every op reads them whole.
+    /// Load every non-expert tensor. 1-D tensors (norms) and conv1d kernels are decoded to f32 instead, since every
+    /// op reads them whole.
     pub fn load(index: &TensorIndex) -> Result<Self, StoreError> {
         let files = Files::open(index)?;
-        let mut weights = HashMap::new();
+        let mut weights = Vec::new();
+        let mut ids = HashMap::new();
         let mut vectors = HashMap::new();
         for t in index.tensors.values().filter(|t| !t.is_expert_stack()) {
-            if t.shape.len() == 1 {
+            // Norms and other per-channel vectors, and depthwise conv kernels: small, and read whole in f32.
+            if t.shape.len() == 1 || t.name.ends_with(".ssm_conv1d.weight") {
                 vectors.insert(t.name.clone(), index.load_f32(&t.name)?);
             } else {
-                weights.insert(t.name.clone(), OwnedWeight::load(&files, t)?);
+                ids.insert(t.name.clone(), WeightId(weights.len() as u32));
+                weights.push(OwnedWeight::load(&files, t)?);
             }
         }
-        Ok(ResidentWeights { weights, vectors })
+        Ok(ResidentWeights { weights, ids, vectors })
     }
 
     pub fn get(&self, name: &str) -> Result<&OwnedWeight, StoreError> {
-        self.weights.get(name).ok_or_else(|| StoreError::Layout { tensor: name.into(), msg: "not resident".into() })
+        self.id(name).map(|id| self.at(id))
+    }
+
+    /// The id of 2-D weight `name`, for `at`.
+    pub fn id(&self, name: &str) -> Result<WeightId, StoreError> {
+        self.ids
+            .get(name)
+            .copied()
+            .ok_or_else(|| StoreError::Layout { tensor: name.into(), msg: "not resident".into() })
+    }
+
+    pub fn at(&self, id: WeightId) -> &OwnedWeight {
+        &self.weights[id.0 as usize]
     }
 
     pub fn vector(&self, name: &str) -> Result<&[f32], StoreError> {
@@ -108,7 +131,7 @@ impl ResidentWeights {
     }
 
     pub fn bytes(&self) -> u64 {
-        let w: u64 = self.weights.values().map(|w| (w.data.len() + w.scales.len() + w.biases.len()) as u64).sum();
+        let w: u64 = self.weights.iter().map(|w| (w.data.len() + w.scales.len() + w.biases.len()) as u64).sum();
         w + self.vectors.values().map(|v| v.len() as u64 * 4).sum::<u64>()
     }
 }

@@ -152,6 +152,12 @@ pub fn synth(opts: &SynthOptions) -> Result<SynthSummary, SynthError> {
     let tensors = plan(&config);
     let total: u64 = tensors.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
     let bar = progress_bar(opts.progress, total);
+    if opts.format.is_gguf() && config.architecture.is_hybrid() {
+        return Err(SynthError::Invalid(format!(
+            "{}: GGUF output for the Qwen3.5 presets is not supported yet; use hf-bf16, hf-f32, mlx-q4 or mlx-q8",
+            opts.preset.name()
+        )));
+    }
     let files = if opts.format.is_gguf() {
         if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(io_err(parent))?;
@@ -179,6 +185,57 @@ fn progress_bar(show: bool, total_elems: u64) -> indicatif::ProgressBar {
         bar.set_style(style);
     }
     bar
+}
+
+/// The Qwen3.5 layout of config.json: the text model's fields nested under `text_config` (with the hybrid
+/// fields), the quantization block and a few identity fields at the top, as the released checkpoints have it.
+fn hybrid_config(c: &ModelConfig, flat: serde_json::Value) -> serde_json::Value {
+    let mut text = flat;
+    let la = c.linear.as_ref();
+    let layer_types: Vec<&str> = c
+        .layer_types
+        .iter()
+        .map(|t| match t {
+            moestream_format::config::LayerAttention::FullAttention => "full_attention",
+            moestream_format::config::LayerAttention::LinearAttention => "linear_attention",
+        })
+        .collect();
+    let top_q = text.as_object_mut().and_then(|o| {
+        o.remove("architectures");
+        let q = o.remove("quantization");
+        o.remove("quantization_config");
+        q
+    });
+    for (k, v) in [
+        ("model_type", json!("qwen3_5_moe_text")),
+        ("layer_types", json!(layer_types)),
+        ("linear_num_key_heads", json!(la.map(|l| l.num_key_heads))),
+        ("linear_num_value_heads", json!(la.map(|l| l.num_value_heads))),
+        ("linear_key_head_dim", json!(la.map(|l| l.key_head_dim))),
+        ("linear_value_head_dim", json!(la.map(|l| l.value_head_dim))),
+        ("linear_conv_kernel_dim", json!(la.map(|l| l.conv_kernel))),
+        ("shared_expert_intermediate_size", json!(c.shared_expert_intermediate_size)),
+        (
+            "rope_parameters",
+            json!({"rope_type": "default", "rope_theta": c.rope_theta,
+                                   "partial_rotary_factor": c.partial_rotary_factor}),
+        ),
+        ("full_attention_interval", json!(4)),
+    ] {
+        text[k] = v;
+    }
+    let mut root = json!({
+        "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+        "model_type": "qwen3_5_moe",
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "text_config": text,
+        "moestream_synthetic": "random weights: this model's output is meaningless",
+    });
+    if let Some(q) = top_q {
+        root["quantization"] = q.clone();
+        root["quantization_config"] = q;
+    }
+    root
 }
 
 /// config.json, tokenizer files and generation_config.json for HF/MLX directories.
@@ -232,16 +289,21 @@ fn write_side_files(dir: &Path, c: &ModelConfig, vocab: &SynthVocab, format: Syn
             "mode": "affine",
         });
         let mut q = q.as_object().cloned().unwrap_or_default();
+        let prefix = write_st::prefix(c, true);
         for i in 0..c.num_layers {
             if c.layer_is_moe(i) {
-                q.insert(
-                    format!("model.layers.{i}.mlp.gate"),
-                    json!({"group_size": write_st::MLX_GROUP, "bits": write_st::MLX_ROUTER_BITS}),
-                );
+                let router = json!({"group_size": write_st::MLX_GROUP, "bits": write_st::MLX_ROUTER_BITS});
+                q.insert(format!("{prefix}layers.{i}.mlp.gate"), router.clone());
+                if c.shared_expert_intermediate_size > 0 {
+                    q.insert(format!("{prefix}layers.{i}.mlp.shared_expert_gate"), router);
+                }
             }
         }
         cfg["quantization"] = serde_json::Value::Object(q.clone());
         cfg["quantization_config"] = serde_json::Value::Object(q);
+    }
+    if c.architecture.is_hybrid() {
+        cfg = hybrid_config(c, cfg);
     }
     let write_json = |name: &str, v: &serde_json::Value| -> Result<(), SynthError> {
         let p = dir.join(name);

@@ -1,7 +1,7 @@
 //! What a synthetic model contains: presets → config, config → the list of canonical tensors with their logical
 //! shapes and how to fill them.
 
-use moestream_format::config::{Architecture, LayerAttention, ModelConfig};
+use moestream_format::config::{Architecture, LayerAttention, LinearAttentionConfig, ModelConfig};
 
 use crate::rng::SplitMix64;
 
@@ -19,6 +19,11 @@ pub enum Fill {
         fan_in: usize,
     },
     Embedding,
+    /// Uniform on `[lo, hi)` (Gated DeltaNet's `A_log` and `dt_bias`).
+    Range {
+        lo: f32,
+        hi: f32,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -28,6 +33,9 @@ pub struct PlannedTensor {
     /// Logical shape, outermost first; stacked experts have the expert count first.
     pub shape: Vec<usize>,
     pub fill: Fill,
+    /// Subtracted from every generated value: a writer's storage convention (HF hybrids store RMSNorm weights
+    /// zero-centred, `w − 1`), so the model's effective weights are the same in every format.
+    pub stored_offset: f32,
 }
 
 impl PlannedTensor {
@@ -71,6 +79,13 @@ impl PlannedTensor {
             Fill::Linear { fan_in } => rng.fill_uniform(out, (3.0 / fan_in as f32).sqrt()),
             Fill::Router { fan_in } => rng.fill_uniform(out, 4.0 * (3.0 / fan_in as f32).sqrt()),
             Fill::Embedding => rng.fill_uniform(out, 1.0),
+            Fill::Range { lo, hi } => {
+                rng.fill_uniform(out, (hi - lo) / 2.0);
+                out.iter_mut().for_each(|x| *x += (hi + lo) / 2.0);
+            }
+        }
+        if self.stored_offset != 0.0 {
+            out.iter_mut().for_each(|x| *x -= self.stored_offset);
         }
     }
 }
@@ -85,16 +100,38 @@ pub enum Preset {
     TinyQwen3Moe,
     /// Qwen3-30B-A3B's real shapes: 48 layers, hidden 2048, 128 experts top-8, moe_intermediate 768.
     Qwen3_30bA3b,
+    /// The Qwen3.5 hybrid (Gated DeltaNet + gated attention every 4th layer + shared expert), tiny: 4 layers,
+    /// hidden 256, 8 experts top-2.
+    TinyQwen35Moe,
+    /// Qwen3.5-35B-A3B's real shapes: 40 layers, hidden 2048, 16/2 heads of 256, GDN 16 key / 32 value heads of
+    /// 128, 256 experts top-8 + 1 shared, moe_intermediate 512, vocab 248320.
+    Qwen35_35bA3b,
+    /// Qwen3.5-122B-A10B's real shapes: 48 layers, hidden 3072, 32/2 heads of 256, GDN 16 key / 64 value heads of
+    /// 128, 256 experts top-8 + 1 shared, moe_intermediate 1024, vocab 248320.
+    Qwen35_122bA10b,
 }
 
 impl Preset {
-    pub const ALL: [Preset; 2] = [Preset::TinyQwen3Moe, Preset::Qwen3_30bA3b];
+    pub const ALL: [Preset; 5] = [
+        Preset::TinyQwen3Moe,
+        Preset::Qwen3_30bA3b,
+        Preset::TinyQwen35Moe,
+        Preset::Qwen35_35bA3b,
+        Preset::Qwen35_122bA10b,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Preset::TinyQwen3Moe => "tiny-qwen3-moe",
             Preset::Qwen3_30bA3b => "qwen3-30b-a3b",
+            Preset::TinyQwen35Moe => "tiny-qwen3.5-moe",
+            Preset::Qwen35_35bA3b => "qwen3.5-35b-a3b",
+            Preset::Qwen35_122bA10b => "qwen3.5-122b-a10b",
         }
+    }
+
+    pub fn is_hybrid(self) -> bool {
+        matches!(self, Preset::TinyQwen35Moe | Preset::Qwen35_35bA3b | Preset::Qwen35_122bA10b)
     }
 
     pub fn from_name(s: &str) -> Option<Preset> {
@@ -156,11 +193,26 @@ impl Preset {
                 bos_token_id: None,
                 eos_token_ids: Vec::new(),
             },
+            Preset::TinyQwen35Moe => hybrid(256, 4, (4, 2, 64), (2, 4, 64), 8, 2, 128, TINY_VOCAB, 4096),
+            Preset::Qwen35_35bA3b => hybrid(2048, 40, (16, 2, 256), (16, 32, 128), 256, 8, 512, 248_320, 262_144),
+            Preset::Qwen35_122bA10b => hybrid(3072, 48, (32, 2, 256), (16, 64, 128), 256, 8, 1024, 248_320, 262_144),
         };
         if let Some(l) = layers {
             c.num_layers = l;
         }
-        c.layer_types = vec![LayerAttention::FullAttention; c.num_layers];
+        c.layer_types = if c.architecture.is_hybrid() {
+            // Every 4th layer is full attention; a model cut to fewer than 4 layers keeps its last one full, so
+            // short real-width files still have both kinds.
+            let mut t = LayerAttention::hybrid_pattern(c.num_layers, 4);
+            if c.num_layers < 4
+                && let Some(last) = t.last_mut()
+            {
+                *last = LayerAttention::FullAttention;
+            }
+            t
+        } else {
+            vec![LayerAttention::FullAttention; c.num_layers]
+        };
         c.bos_token_id = Some(vocab.endoftext);
         c.eos_token_ids = vec![vocab.im_end];
         c
@@ -168,28 +220,99 @@ impl Preset {
 
     pub fn vocab_size(self) -> usize {
         match self {
-            Preset::TinyQwen3Moe => TINY_VOCAB,
+            Preset::TinyQwen3Moe | Preset::TinyQwen35Moe => TINY_VOCAB,
             Preset::Qwen3_30bA3b => 151_936,
+            Preset::Qwen35_35bA3b | Preset::Qwen35_122bA10b => 248_320,
         }
+    }
+}
+
+/// A Qwen3.5-MoE text config: `(heads, kv heads, head_dim)` of full attention, `(key heads, value heads, dim)` of
+/// Gated DeltaNet (key and value heads share one dim here, as in the released models), θ 1e7, partial RoPE 0.25,
+/// one shared expert as wide as a routed one.
+#[allow(clippy::too_many_arguments)]
+fn hybrid(
+    hidden: usize,
+    layers: usize,
+    (nh, nkv, d): (usize, usize, usize),
+    (hk, hv, dl): (usize, usize, usize),
+    experts: usize,
+    top_k: usize,
+    moe_i: usize,
+    vocab: usize,
+    max_pos: usize,
+) -> ModelConfig {
+    ModelConfig {
+        architecture: Architecture::Qwen35Moe,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: nh,
+        num_kv_heads: nkv,
+        head_dim: d,
+        vocab_size: vocab,
+        intermediate_size: 0,
+        moe_intermediate_size: moe_i,
+        num_experts: experts,
+        num_experts_per_tok: top_k,
+        norm_topk_prob: true,
+        decoder_sparse_step: 1,
+        mlp_only_layers: Vec::new(),
+        shared_expert_intermediate_size: moe_i,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10_000_000.0,
+        partial_rotary_factor: 0.25,
+        max_position_embeddings: max_pos,
+        tie_word_embeddings: false,
+        layer_types: Vec::new(),
+        linear: Some(LinearAttentionConfig {
+            num_key_heads: hk,
+            num_value_heads: hv,
+            key_head_dim: dl,
+            value_head_dim: dl,
+            conv_kernel: 4,
+        }),
+        bos_token_id: None,
+        eos_token_ids: Vec::new(),
     }
 }
 
 const TINY_VOCAB: usize = 1024;
 
-/// Every tensor of a Qwen3-MoE model, in canonical names, in a fixed order (trunk first, then layer by layer).
+/// Every tensor of a Qwen3-MoE or Qwen3.5-MoE model, in canonical names, in a fixed order (trunk first, then layer by layer).
 pub fn plan(c: &ModelConfig) -> Vec<PlannedTensor> {
     let (h, d, v) = (c.hidden_size, c.head_dim, c.vocab_size);
-    let t = |name: String, shape: Vec<usize>, fill| PlannedTensor { name, shape, fill };
+    let t = |name: String, shape: Vec<usize>, fill| PlannedTensor { name, shape, fill, stored_offset: 0.0 };
     let mut out = vec![t("token_embd.weight".into(), vec![v, h], Fill::Embedding)];
     for i in 0..c.num_layers {
         let b = |n: &str| format!("blk.{i}.{n}.weight");
         out.push(t(b("attn_norm"), vec![h], Fill::Norm));
-        out.push(t(b("attn_q"), vec![c.num_heads * d, h], Fill::Linear { fan_in: h }));
-        out.push(t(b("attn_k"), vec![c.num_kv_heads * d, h], Fill::Linear { fan_in: h }));
-        out.push(t(b("attn_v"), vec![c.num_kv_heads * d, h], Fill::Linear { fan_in: h }));
-        out.push(t(b("attn_output"), vec![h, c.num_heads * d], Fill::Linear { fan_in: c.num_heads * d }));
-        out.push(t(b("attn_q_norm"), vec![d], Fill::Norm));
-        out.push(t(b("attn_k_norm"), vec![d], Fill::Norm));
+        match (&c.linear, c.layer_types.get(i)) {
+            (Some(la), Some(LayerAttention::LinearAttention)) => {
+                let (hk, hv, dk, dv) = (la.num_key_heads, la.num_value_heads, la.key_head_dim, la.value_head_dim);
+                let conv = 2 * hk * dk + hv * dv;
+                out.push(t(b("attn_qkv"), vec![conv, h], Fill::Linear { fan_in: h }));
+                out.push(t(b("attn_gate"), vec![hv * dv, h], Fill::Linear { fan_in: h }));
+                out.push(t(b("ssm_beta"), vec![hv, h], Fill::Linear { fan_in: h }));
+                out.push(t(b("ssm_alpha"), vec![hv, h], Fill::Linear { fan_in: h }));
+                out.push(t(b("ssm_conv1d"), vec![conv, la.conv_kernel], Fill::Linear { fan_in: la.conv_kernel }));
+                // A = exp(A_log) in [1, 4.5] and dt_bias near 0: per-token decay e^g between about 0.1 and 0.6,
+                // so the state neither freezes nor forgets at once.
+                out.push(t(b("ssm_a_log"), vec![hv], Fill::Range { lo: 0.0, hi: 1.5 }));
+                out.push(t(b("ssm_dt_bias"), vec![hv], Fill::Range { lo: -1.0, hi: 1.0 }));
+                out.push(t(b("ssm_norm"), vec![dv], Fill::Norm));
+                out.push(t(b("ssm_out"), vec![h, hv * dv], Fill::Linear { fan_in: hv * dv }));
+            }
+            _ => {
+                // Hybrids gate attention per head: q_proj also yields a gate as wide as the query.
+                let q_rows = if c.architecture.is_hybrid() { 2 * c.num_heads * d } else { c.num_heads * d };
+                out.push(t(b("attn_q"), vec![q_rows, h], Fill::Linear { fan_in: h }));
+                out.push(t(b("attn_k"), vec![c.num_kv_heads * d, h], Fill::Linear { fan_in: h }));
+                out.push(t(b("attn_v"), vec![c.num_kv_heads * d, h], Fill::Linear { fan_in: h }));
+                out.push(t(b("attn_output"), vec![h, c.num_heads * d], Fill::Linear { fan_in: c.num_heads * d }));
+                out.push(t(b("attn_q_norm"), vec![d], Fill::Norm));
+                out.push(t(b("attn_k_norm"), vec![d], Fill::Norm));
+            }
+        }
         out.push(t(b("ffn_norm"), vec![h], Fill::Norm));
         if c.layer_is_moe(i) {
             let (e, im) = (c.num_experts, c.moe_intermediate_size);
@@ -197,6 +320,13 @@ pub fn plan(c: &ModelConfig) -> Vec<PlannedTensor> {
             out.push(t(b("ffn_gate_exps"), vec![e, im, h], Fill::Linear { fan_in: h }));
             out.push(t(b("ffn_up_exps"), vec![e, im, h], Fill::Linear { fan_in: h }));
             out.push(t(b("ffn_down_exps"), vec![e, h, im], Fill::Linear { fan_in: im }));
+            if c.shared_expert_intermediate_size > 0 {
+                let is = c.shared_expert_intermediate_size;
+                out.push(t(b("ffn_gate_shexp"), vec![is, h], Fill::Linear { fan_in: h }));
+                out.push(t(b("ffn_up_shexp"), vec![is, h], Fill::Linear { fan_in: h }));
+                out.push(t(b("ffn_down_shexp"), vec![h, is], Fill::Linear { fan_in: is }));
+                out.push(t(b("ffn_gate_inp_shexp"), vec![1, h], Fill::Linear { fan_in: h }));
+            }
         } else {
             let im = c.intermediate_size;
             out.push(t(b("ffn_gate"), vec![im, h], Fill::Linear { fan_in: h }));

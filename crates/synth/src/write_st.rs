@@ -22,12 +22,27 @@ pub(crate) fn mlx_bits(f: SynthFormat) -> Option<u8> {
     }
 }
 
-/// The HF module path of a canonical tensor (without `.weight`), and the projection name for experts.
-fn hf_module(canon: &str) -> String {
+/// Where the decoder's tensors live: `model.` for Qwen3-MoE; for the Qwen3.5 hybrids, the nested text model of
+/// the multimodal checkpoint (`model.language_model.` as transformers saves it, `language_model.model.` as
+/// mlx-lm's Qwen3.5 model names it).
+pub(crate) fn prefix(config: &ModelConfig, mlx: bool) -> &'static str {
+    match (config.architecture.is_hybrid(), mlx) {
+        (false, _) => "model.",
+        (true, false) => "model.language_model.",
+        (true, true) => "language_model.model.",
+    }
+}
+
+/// The tensor name (with `.weight`, or the bare parameter name for GDN's `A_log` and `dt_bias`) of a canonical
+/// tensor, under `prefix`; for experts, the projection name.
+fn hf_name(canon: &str, prefix: &str) -> String {
     match canon {
-        "token_embd.weight" => return "model.embed_tokens".into(),
-        "output_norm.weight" => return "model.norm".into(),
-        "output.weight" => return "lm_head".into(),
+        "token_embd.weight" => return format!("{prefix}embed_tokens.weight"),
+        "output_norm.weight" => return format!("{prefix}norm.weight"),
+        "output.weight" => {
+            return if prefix == "language_model.model." { "language_model.lm_head.weight" } else { "lm_head.weight" }
+                .into();
+        }
         _ => {}
     }
     let rest = canon.strip_prefix("blk.").and_then(|r| r.strip_suffix(".weight")).unwrap_or(canon);
@@ -48,9 +63,30 @@ fn hf_module(canon: &str) -> String {
         "ffn_gate_exps" => "gate_proj",
         "ffn_up_exps" => "up_proj",
         "ffn_down_exps" => "down_proj",
+        "attn_qkv" => "linear_attn.in_proj_qkv",
+        "attn_gate" => "linear_attn.in_proj_z",
+        "ssm_beta" => "linear_attn.in_proj_b",
+        "ssm_alpha" => "linear_attn.in_proj_a",
+        "ssm_conv1d" => "linear_attn.conv1d",
+        "ssm_norm" => "linear_attn.norm",
+        "ssm_out" => "linear_attn.out_proj",
+        "ssm_a_log" => return format!("{prefix}layers.{layer}.linear_attn.A_log"),
+        "ssm_dt_bias" => return format!("{prefix}layers.{layer}.linear_attn.dt_bias"),
+        "ffn_gate_shexp" => "mlp.shared_expert.gate_proj",
+        "ffn_up_shexp" => "mlp.shared_expert.up_proj",
+        "ffn_down_shexp" => "mlp.shared_expert.down_proj",
+        "ffn_gate_inp_shexp" => "mlp.shared_expert_gate",
         other => other,
     };
-    format!("model.layers.{layer}.{sub}")
+    format!("{prefix}layers.{layer}.{sub}.weight")
+}
+
+/// RMSNorms that HF hybrid checkpoints store zero-centred (`w − 1`); the gated norm inside GDN is plain.
+fn zero_centred_norm(canon: &str) -> bool {
+    ["attn_norm.weight", "ffn_norm.weight", "attn_q_norm.weight", "attn_k_norm.weight"]
+        .iter()
+        .any(|n| canon.ends_with(n))
+        || canon == "output_norm.weight"
 }
 
 fn layer_of(canon: &str) -> &str {
@@ -66,11 +102,25 @@ struct OutTensor {
 
 pub(crate) fn write(
     opts: &SynthOptions,
-    _config: &ModelConfig,
+    config: &ModelConfig,
     tensors: &[PlannedTensor],
     bar: &indicatif::ProgressBar,
 ) -> Result<Vec<PathBuf>, SynthError> {
     let mlx = mlx_bits(opts.format);
+    let prefix = prefix(config, mlx.is_some());
+    // HF hybrids store zero-centred norms; MLX conversions (and GGUF) store the effective weight.
+    let hf_hybrid = config.architecture.is_hybrid() && mlx.is_none();
+    let tensors: Vec<PlannedTensor> = tensors
+        .iter()
+        .map(|t| {
+            let mut t = t.clone();
+            if hf_hybrid && zero_centred_norm(&t.name) {
+                t.stored_offset = 1.0;
+            }
+            t
+        })
+        .collect();
+    let tensors = &tensors[..];
     let float = if opts.format == SynthFormat::HfF32 { FloatType::F32 } else { FloatType::BF16 };
     let st_float = if float == FloatType::F32 { StDtype::F32 } else { StDtype::BF16 };
 
@@ -80,15 +130,22 @@ pub(crate) fn write(
     for (ti, t) in tensors.iter().enumerate() {
         let (rows, cols) = t.matrix_dims();
         let e = t.experts();
-        let quantize = mlx.is_some() && t.shape.len() >= 2;
+        // Conv kernels stay float, as mlx-lm leaves them (they are not Linear layers); so does anything whose width
+        // is not a whole number of groups.
+        let quantize = mlx.is_some()
+            && t.shape.len() >= 2
+            && !t.name.ends_with("ssm_conv1d.weight")
+            && cols.is_multiple_of(MLX_GROUP);
         let target = match (quantize, mlx) {
             (true, Some(bits)) => {
-                let bits = if t.name.ends_with("ffn_gate_inp.weight") { MLX_ROUTER_BITS } else { bits };
+                let router = t.name.ends_with("ffn_gate_inp.weight") || t.name.ends_with("ffn_gate_inp_shexp.weight");
+                let bits = if router { MLX_ROUTER_BITS } else { bits };
                 Target::Mlx(MlxAffine { bits, group_size: MLX_GROUP }, FloatType::BF16)
             }
             _ => Target::Float(float),
         };
-        let module = hf_module(&t.name);
+        let full = hf_name(&t.name, prefix);
+        let module = full.strip_suffix(".weight").unwrap_or(&full).to_string();
         let mut outs = Vec::new();
         let lead: Vec<usize> = if t.is_expert_stack() {
             vec![e, rows]
@@ -101,7 +158,7 @@ pub(crate) fn write(
             Target::Mlx(p, _) => {
                 let m = if t.is_expert_stack() {
                     format!(
-                        "model.layers.{}.mlp.switch_mlp.{}",
+                        "{prefix}layers.{}.mlp.switch_mlp.{}",
                         layer_of(&t.name),
                         module.rsplit('.').next().unwrap_or("")
                     )
@@ -132,7 +189,7 @@ pub(crate) fn write(
                     ExpertLayout::PerExpert => {
                         for x in 0..e {
                             outs.push(OutTensor {
-                                name: format!("model.layers.{layer}.mlp.experts.{x}.{proj}.weight"),
+                                name: format!("{prefix}layers.{layer}.mlp.experts.{x}.{proj}.weight"),
                                 dtype: st_float,
                                 shape: vec![rows, cols],
                             });
@@ -141,20 +198,28 @@ pub(crate) fn write(
                     ExpertLayout::Fused => match proj {
                         // gate and up are written together under the gate tensor; up contributes nothing of its own.
                         "gate_proj" => outs.push(OutTensor {
-                            name: format!("model.layers.{layer}.mlp.experts.gate_up_proj"),
+                            name: format!("{prefix}layers.{layer}.mlp.experts.gate_up_proj"),
                             dtype: st_float,
                             shape: vec![e, 2 * rows, cols],
                         }),
                         "up_proj" => {}
                         _ => outs.push(OutTensor {
-                            name: format!("model.layers.{layer}.mlp.experts.down_proj"),
+                            name: format!("{prefix}layers.{layer}.mlp.experts.down_proj"),
                             dtype: st_float,
                             shape: vec![e, rows, cols],
                         }),
                     },
                 }
             }
-            _ => outs.push(OutTensor { name: format!("{module}.weight"), dtype: st_float, shape: t.shape.clone() }),
+            _ => {
+                // Depthwise conv kernels keep the framework's layout: PyTorch `[C, 1, K]`, MLX `[C, K, 1]`.
+                let shape = match (t.name.ends_with("ssm_conv1d.weight"), mlx.is_some()) {
+                    (true, false) => vec![rows, 1, cols],
+                    (true, true) => vec![rows, cols, 1],
+                    _ => t.shape.clone(),
+                };
+                outs.push(OutTensor { name: full.clone(), dtype: st_float, shape })
+            }
         }
         groups.push((ti, target, outs));
     }

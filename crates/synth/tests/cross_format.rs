@@ -223,3 +223,17 @@ fn one_real_width_layer_in_gguf_q4_0_holds_every_parameter() {
     let total: u64 = idx.tensors.values().map(|t| t.elements()).sum();
     assert_eq!(total, want);
 }
+
+/// The Qwen3.5 presets have the published sizes: 35B-A3B (35 B total, "3B" active) and 122B-A10B (122 B, "10B").
+/// Totals within 5 %; the active figure in the names is rounded (Qwen3-30B-A3B's shapes give 3.35 B), so only the
+/// rounded value is asserted: 3.45 B and 9.77 B from these shapes (the shared expert's width is not published
+/// beside the names; we take it equal to a routed expert's).
+#[test]
+fn qwen35_preset_parameter_counts() {
+    for (preset, total, active) in [(Preset::Qwen35_35bA3b, 35e9, 3e9), (Preset::Qwen35_122bA10b, 122e9, 10e9)] {
+        let p = preset_config(preset, None).parameter_counts();
+        let within = |x: u64, want: f64| ((x as f64 - want) / want).abs() <= 0.05;
+        assert!(within(p.total, total), "{}: total {}", preset.name(), p.total);
+        assert_eq!((p.active as f64 / 1e9).round(), active / 1e9, "{}: active {}", preset.name(), p.active);
+    }
+}

@@ -1,0 +1,114 @@
+//! Prefetch: a right guess turns the next `ensure`'s misses into hits with the right bytes; a wrong guess costs
+//! only reads; a failed prefetch read is not an error until an `ensure` needs that expert; and the store can be
+//! dropped with a prefetch in flight.
+
+mod common;
+
+use common::{check_slots, routing, tiny};
+use moestream_store::{CacheSize, ExpertStore, ReadOptions};
+use moestream_synth::SynthFormat;
+
+fn target_tmp() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+}
+
+fn opts(direct_io: bool) -> ReadOptions {
+    ReadOptions { direct_io, io_threads: 4, ..ReadOptions::default() }
+}
+
+#[test]
+fn right_guesses_become_hits_with_the_right_bytes() {
+    for (format, direct) in [(SynthFormat::GgufQ4_0, true), (SynthFormat::MlxQ4, false)] {
+        let dir = target_tmp();
+        let index = tiny(dir.path(), format);
+        let c = &index.config;
+        let k = c.num_experts_per_tok;
+        let layers: Vec<usize> = (0..c.num_layers).filter(|&l| c.layer_is_moe(l)).collect();
+        let mut store = ExpertStore::open_with(&index, CacheSize::Slots(k + 1), &opts(direct)).unwrap();
+        let seq = routing(16, c.num_experts as u32, k);
+        let mut slots = vec![0u32; k];
+        for experts in &seq {
+            for &l in &layers {
+                // Guess exactly right, then ask: every expert must be there, holding the file's bytes.
+                store.prefetch(l, experts);
+                let before = store.stats().clone();
+                store.ensure(l, experts, &mut slots).unwrap();
+                let st = store.stats();
+                assert_eq!(st.misses, before.misses, "{format:?}: a prefetched expert missed");
+                check_slots(&store, &index, l, experts, &slots);
+            }
+        }
+        let st = store.stats();
+        assert!(st.prefetch_reads > 0 && st.prefetch_hits == st.prefetch_reads, "{format:?}: {st:?}");
+        assert_eq!(st.prefetch_wasted, 0);
+        assert!(st.prefetch_bytes > 0 && st.bytes_read >= st.prefetch_bytes);
+    }
+}
+
+#[test]
+fn wrong_guesses_are_counted_and_change_nothing() {
+    let dir = target_tmp();
+    let index = tiny(dir.path(), SynthFormat::GgufQ8_0);
+    let c = &index.config;
+    let (k, e) = (c.num_experts_per_tok, c.num_experts as u32);
+    let l = (0..c.num_layers).find(|&l| c.layer_is_moe(l)).unwrap();
+    let mut store = ExpertStore::open_with(&index, CacheSize::Slots(k), &opts(true)).unwrap();
+    let mut slots = vec![0u32; k];
+    for t in 0..12u32 {
+        let want: Vec<u32> = (0..k as u32).map(|j| (t * 3 + j) % e).collect();
+        let guess: Vec<u32> = (0..k as u32).map(|j| (t * 3 + j + e / 2) % e).collect();
+        // Invalid ids and duplicates in a guess are ignored.
+        let mut noisy = guess.clone();
+        noisy.extend([e + 5, guess[0]]);
+        store.prefetch(l, &noisy);
+        store.ensure(l, &want, &mut slots).unwrap();
+        check_slots(&store, &index, l, &want, &slots);
+    }
+    let st = store.stats();
+    assert!(st.prefetch_reads > 0, "{st:?}");
+    assert_eq!(st.prefetch_hits, 0, "{st:?}");
+    assert!(st.prefetch_wasted > 0, "{st:?}");
+}
+
+#[test]
+fn a_failed_prefetch_is_not_an_error_until_needed() {
+    let dir = target_tmp();
+    let index = tiny(dir.path(), SynthFormat::GgufQ8_0);
+    let c = &index.config;
+    let k = c.num_experts_per_tok;
+    let file = index.files[0].clone();
+    let original = std::fs::read(&file).unwrap();
+    let layer = (0..c.num_layers).rfind(|&l| c.layer_is_moe(l)).unwrap();
+    let end = |x: u32| {
+        common::ranges(&index, layer, x).iter().flat_map(|r| r.iter()).map(|r| r.offset + r.len).max().unwrap()
+    };
+    let bad = (0..c.num_experts as u32).max_by_key(|&x| end(x)).unwrap();
+    let mut store = ExpertStore::open_with(&index, CacheSize::Slots(k + 2), &opts(true)).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(end(bad) - 100).unwrap();
+    store.prefetch(layer, &[bad]);
+    // An unrelated call completes the failed prefetch quietly.
+    let others: Vec<u32> = (0..c.num_experts as u32).filter(|&x| x != bad && end(x) < end(bad) - 100).take(k).collect();
+    let mut slots = vec![0u32; k];
+    store.ensure(layer, &others, &mut slots).unwrap();
+    assert_eq!(store.stats().prefetch_reads, 0);
+    // Needing it is a read error naming the file.
+    let err = store.ensure(layer, &[bad], &mut slots[..1]).unwrap_err().to_string();
+    assert!(err.contains(&file.display().to_string()), "{err}");
+    std::fs::write(&file, &original).unwrap();
+    store.ensure(layer, &[bad], &mut slots[..1]).unwrap();
+    check_slots(&store, &index, layer, &[bad], &slots[..1]);
+}
+
+#[test]
+fn dropping_the_store_with_a_prefetch_in_flight_is_safe() {
+    let dir = target_tmp();
+    let index = tiny(dir.path(), SynthFormat::GgufQ4_0);
+    let c = &index.config;
+    let l = (0..c.num_layers).find(|&l| c.layer_is_moe(l)).unwrap();
+    for _ in 0..20 {
+        let mut store = ExpertStore::open_with(&index, CacheSize::Slots(c.num_experts - 1), &opts(true)).unwrap();
+        let all: Vec<u32> = (0..c.num_experts as u32).collect();
+        store.prefetch(l, &all);
+        drop(store);
+    }
+}
