@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use moestream_chat::{Specials, StreamDecoder, Tokenizer};
-use moestream_models::{Qwen3Moe, Session};
+use moestream_models::{Qwen3Moe, Session, SessionSnapshot};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::EngineError;
@@ -211,6 +211,9 @@ impl Engine {
         eos.sort_unstable();
         eos.dedup();
         let sessions: Vec<Session> = (0..opts.parallel).map(|_| model.new_session(opts.ctx)).collect();
+        // A fresh session's state, restored into a session before each request: hybrids carry conv and recurrent
+        // state that setting `pos = 0` would leak from one request into the next.
+        let empty = sessions[0].snapshot();
         let info = EngineInfo {
             vocab_size: model.config.vocab_size,
             ctx: opts.ctx,
@@ -236,6 +239,7 @@ impl Engine {
             tokenizer: tokenizer.clone(),
             eos,
             sessions,
+            empty,
             active: Vec::with_capacity(opts.parallel),
             chunk: opts.prefill_chunk.max(1),
             vocab: model.config.vocab_size,
@@ -349,6 +353,8 @@ struct Worker {
     tokenizer: Arc<Tokenizer>,
     eos: Vec<u32>,
     sessions: Vec<Session>,
+    /// The state of a new session (see `Engine::start`).
+    empty: SessionSnapshot,
     active: Vec<Active>,
     chunk: usize,
     vocab: usize,
@@ -412,7 +418,11 @@ impl Worker {
     }
 
     fn admit(&self, p: Pending, mut session: Session) -> Active {
-        session.pos = 0;
+        if let Err(e) = session.restore(&self.empty) {
+            // Cannot happen (the snapshot comes from a session of this model); keep serving regardless.
+            tracing::error!("resetting a session: {e}");
+            session.pos = 0;
+        }
         let room = self.ctx.saturating_sub(p.req.prompt.len());
         let max_new = p.req.max_tokens.unwrap_or(room).min(room).max(1);
         self.shared.counters.prompt_tokens.fetch_add(p.req.prompt.len() as u64, Relaxed);

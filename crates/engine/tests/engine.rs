@@ -204,3 +204,22 @@ fn invalid_requests_fail_at_submit() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn reused_sessions_start_clean_on_hybrids() {
+    // Qwen3.5-MoE carries Gated DeltaNet conv and recurrent state besides the KV cache: a session reused for the
+    // next request must not remember the previous one.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hybrid");
+    let mut o = SynthOptions::new(Preset::TinyQwen35Moe, SynthFormat::HfBf16, &path);
+    o.progress = false;
+    synth(&o).expect("synth");
+    let index = TensorIndex::open(&path).expect("index");
+    let m = Qwen3Moe::load(&index, &ModelOptions { threads: 1, ..ModelOptions::default() }).expect("load");
+    let t = Tokenizer::from_index(&index).expect("tokenizer").expect("synth models ship a tokenizer");
+    let e = Engine::start(m, t, EngineOptions { ctx: 64, parallel: 1, ..Default::default() }).expect("start");
+    let other: Vec<u32> = (0..12).map(|i| (i * 53 + 7) % 900).collect();
+    let first = drain(e.submit(greedy(&PROMPT, 10)).expect("submit")).0;
+    let _ = drain(e.submit(greedy(&other, 10)).expect("submit"));
+    assert_eq!(drain(e.submit(greedy(&PROMPT, 10)).expect("submit")).0, first);
+}
