@@ -7,6 +7,7 @@ numpy). A missing binary is a failure, not a skip: build it with `cargo build --
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -65,6 +66,9 @@ class Moestream:
             return self._synth[key]
         self._n += 1
         name = f"{fmt}-{layout}-s{seed}" + (f"-{self._n}" if fresh else "")
+        if extra:
+            # Different extras are different models: never let one overwrite another's cached file.
+            name += "-" + re.sub(r"[^A-Za-z0-9_.]+", "_", "-".join(map(str, extra)))
         out = self.tmp / (name + (".gguf" if fmt.startswith("gguf") else ""))
         args = ["synth", "--preset", PRESET, "--format", fmt, "--out", out, "--seed", seed, "--quiet"]
         if fmt.startswith("hf"):

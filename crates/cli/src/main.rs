@@ -3,6 +3,7 @@
 
 mod info;
 mod inspect;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -113,6 +114,17 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Serve the model over an OpenAI-compatible HTTP API (chat and text completions, streaming).
+    Serve(serve::ServeArgs),
+    /// Print the token ids of TEXT under the model's tokenizer.
+    Tokenize {
+        #[arg(long)]
+        model: PathBuf,
+        /// JSON `{"tokens": [...], "pieces": [...]}` instead of space-separated ids.
+        #[arg(long)]
+        json: bool,
+        text: String,
+    },
     /// Dequantize one tensor (or one expert of a stack) to raw little-endian f32, for checks against other tools.
     Dequant {
         model: PathBuf,
@@ -176,6 +188,14 @@ struct EngineArgs {
 impl EngineArgs {
     fn load(&self, model: &std::path::Path) -> Result<moestream_models::Qwen3Moe> {
         let index = moestream_format::TensorIndex::open(model)?;
+        self.load_index(&index, model)
+    }
+
+    fn load_index(
+        &self,
+        index: &moestream_format::TensorIndex,
+        model: &std::path::Path,
+    ) -> Result<moestream_models::Qwen3Moe> {
         index.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
         let mut opts = moestream_models::ModelOptions::default();
         if let Some(t) = self.threads {
@@ -202,7 +222,7 @@ impl EngineArgs {
             None => parse_cache_size(&self.expert_cache)?,
         };
         let m =
-            moestream_models::Qwen3Moe::load(&index, &opts).with_context(|| format!("loading {}", model.display()))?;
+            moestream_models::Qwen3Moe::load(index, &opts).with_context(|| format!("loading {}", model.display()))?;
         if let Some(k) = self.top_k.filter(|&k| k != m.config.num_experts_per_tok) {
             eprintln!(
                 "warning: --top-k {k} overrides the model's top-{}: outputs are approximate (lossy)",
@@ -222,6 +242,14 @@ fn main() {
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
+    // Library crates log through `tracing`; RUST_LOG=debug shows, for example, cancelled requests.
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .try_init();
     match cli.command {
         Command::Synth { preset, format, out, seed, layers, expert_layout, shard_mib, tokenizer, quiet } => {
             let preset = moestream_synth::Preset::from_name(&preset).with_context(|| {
@@ -416,6 +444,20 @@ fn run() -> Result<()> {
                 secs,
                 s.bytes as f64 / 1e6 / secs.max(1e-9)
             );
+        }
+        Command::Serve(args) => serve::run(args)?,
+        Command::Tokenize { model, json, text } => {
+            let index = moestream_format::TensorIndex::open(&model)?;
+            let tok = moestream_chat::Tokenizer::from_index(&index)?
+                .with_context(|| format!("{} has no tokenizer", model.display()))?;
+            let ids = tok.encode(&text)?;
+            if json {
+                let pieces = ids.iter().map(|&i| tok.decode(&[i])).collect::<Result<Vec<_>, _>>()?;
+                println!("{}", serde_json::json!({"tokens": ids, "pieces": pieces}));
+            } else {
+                let s: Vec<String> = ids.iter().map(u32::to_string).collect();
+                println!("{}", s.join(" "));
+            }
         }
         Command::Dequant { model, tensor, expert, out } => {
             let index = moestream_format::TensorIndex::open(&model)?;

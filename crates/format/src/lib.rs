@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod error;
+pub mod generation;
 pub mod gguf;
 mod gguf_index;
 pub mod index;
