@@ -975,7 +975,7 @@ impl Qwen3Moe {
             if let Some(nl) = self.next_moe[l] {
                 match self.prefetch {
                     Prefetch::None => {}
-                    Prefetch::Prev if s.has_prev => store.prefetch(nl, &s.prev_topk[nl * k..(nl + 1) * k]),
+                    Prefetch::Prev if s.has_prev => store.prefetch(nl, &s.prev_topk[nl * k..(nl + 1) * k], &[]),
                     Prefetch::Prev => {}
                     Prefetch::Lookahead => {
                         // The residual stream as layer l's experts see it, normalised as layer nl would normalise
@@ -984,7 +984,7 @@ impl Qwen3Moe {
                         let r = self.resident.at(self.layers[nl].router.expect("a MoE layer has a router"));
                         self.matmul(&view(r), &s.la_hn, 1, &mut s.la_router)?;
                         top_k(&s.la_router, k, &mut s.la_idx, &mut s.la_w);
-                        store.prefetch(nl, &s.la_idx);
+                        store.prefetch(nl, &s.la_idx, &[]);
                     }
                 }
             }
@@ -1065,8 +1065,18 @@ impl Qwen3Moe {
             }
         }
         let mut wave_slots = [0u32; 1024];
-        for wave in used[..nused].chunks(store.slots_per_layer().max(1)) {
+        // With prefetch on, waves take half the slots so the next wave can be read into the other half while this
+        // one computes (its experts are kept from eviction); the set of experts and their order do not change.
+        let slots = store.slots_per_layer().max(1);
+        let wave_len = if self.prefetch == Prefetch::None || slots < 2 { slots } else { slots / 2 };
+        let mut waves = used[..nused].chunks(wave_len).peekable();
+        while let Some(wave) = waves.next() {
             store.ensure(l, wave, &mut wave_slots[..wave.len()])?;
+            if self.prefetch != Prefetch::None
+                && let Some(next) = waves.peek()
+            {
+                store.prefetch(l, next, wave);
+            }
             let layer = store.layer(l).ok_or_else(|| ModelError::Unsupported(format!("layer {l} has no experts")))?;
             for (&ex, &slot) in wave.iter().zip(&wave_slots) {
                 let ex = ex as usize;

@@ -456,8 +456,10 @@ impl ExpertStore {
     /// `ensure` (of any layer) first waits for them and maps the experts that arrived. A guess is only a hint:
     /// invalid ids are ignored, at most `slots_per_layer` experts are taken, a failed read just leaves its slot
     /// empty (a later `ensure` that needs the expert reads it again and reports any error), and nothing it does
-    /// can change which bytes an `ensure` returns. It never evicts one of `experts`.
-    pub fn prefetch(&mut self, layer: usize, experts: &[u32]) {
+    /// can change which bytes an `ensure` returns. It never evicts one of `experts`, nor one of `keep`: experts of
+    /// the same layer whose slots the caller is still computing from (a prefill wave), which the reader must not
+    /// overwrite.
+    pub fn prefetch(&mut self, layer: usize, experts: &[u32], keep: &[u32]) {
         self.finish_prefetch();
         let e = self.num_experts;
         let Some(cache) = self.layers.get_mut(layer).and_then(Option::as_mut) else { return };
@@ -472,7 +474,8 @@ impl ExpertStore {
             if self.pf_misses.iter().any(|m| m.expert == x) {
                 continue;
             }
-            let held = |s: usize| cache.policy.slot_expert(s).is_some_and(|y| experts.contains(&y));
+            let held =
+                |s: usize| cache.policy.slot_expert(s).is_some_and(|y| experts.contains(&y) || keep.contains(&y));
             let Some(victim) = cache.policy.victim(clock, |s| cache.policy.is_pinned(s, clock) || held(s)) else {
                 break;
             };

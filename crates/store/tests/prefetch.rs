@@ -30,7 +30,7 @@ fn right_guesses_become_hits_with_the_right_bytes() {
         for experts in &seq {
             for &l in &layers {
                 // Guess exactly right, then ask: every expert must be there, holding the file's bytes.
-                store.prefetch(l, experts);
+                store.prefetch(l, experts, &[]);
                 let before = store.stats().clone();
                 store.ensure(l, experts, &mut slots).unwrap();
                 let st = store.stats();
@@ -60,7 +60,7 @@ fn wrong_guesses_are_counted_and_change_nothing() {
         // Invalid ids and duplicates in a guess are ignored.
         let mut noisy = guess.clone();
         noisy.extend([e + 5, guess[0]]);
-        store.prefetch(l, &noisy);
+        store.prefetch(l, &noisy, &[]);
         store.ensure(l, &want, &mut slots).unwrap();
         check_slots(&store, &index, l, &want, &slots);
     }
@@ -85,7 +85,7 @@ fn a_failed_prefetch_is_not_an_error_until_needed() {
     let bad = (0..c.num_experts as u32).max_by_key(|&x| end(x)).unwrap();
     let mut store = ExpertStore::open_with(&index, CacheSize::Slots(k + 2), &opts(true)).unwrap();
     std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(end(bad) - 100).unwrap();
-    store.prefetch(layer, &[bad]);
+    store.prefetch(layer, &[bad], &[]);
     // An unrelated call completes the failed prefetch quietly.
     let others: Vec<u32> = (0..c.num_experts as u32).filter(|&x| x != bad && end(x) < end(bad) - 100).take(k).collect();
     let mut slots = vec![0u32; k];
@@ -108,7 +108,31 @@ fn dropping_the_store_with_a_prefetch_in_flight_is_safe() {
     for _ in 0..20 {
         let mut store = ExpertStore::open_with(&index, CacheSize::Slots(c.num_experts - 1), &opts(true)).unwrap();
         let all: Vec<u32> = (0..c.num_experts as u32).collect();
-        store.prefetch(l, &all);
+        store.prefetch(l, &all, &[]);
         drop(store);
+    }
+}
+
+#[test]
+fn prefetch_never_evicts_kept_experts() {
+    let dir = target_tmp();
+    let index = tiny(dir.path(), SynthFormat::GgufQ8_0);
+    let c = &index.config;
+    let l = (0..c.num_layers).find(|&l| c.layer_is_moe(l)).unwrap();
+    let mut store = ExpertStore::open_with(&index, CacheSize::Slots(4), &opts(true)).unwrap();
+    let mut slots = [0u32; 2];
+    for round in 0..6u32 {
+        let now = [round % 8, (round + 3) % 8];
+        store.ensure(l, &now, &mut slots).unwrap();
+        let next = [(round + 5) % 8, (round + 6) % 8];
+        let next: Vec<u32> = next.iter().copied().filter(|x| !now.contains(x)).collect();
+        store.prefetch(l, &next, &now);
+        // The kept experts' slots still hold their bytes while the prefetch may be in flight, and afterwards.
+        check_slots(&store, &index, l, &now, &slots);
+        let mut again = [0u32; 2];
+        let before = store.stats().misses;
+        store.ensure(l, &now, &mut again).unwrap();
+        assert_eq!(store.stats().misses, before, "round {round}: a kept expert was evicted");
+        assert_eq!(again, slots);
     }
 }
