@@ -22,7 +22,15 @@ pub(crate) fn open_gguf(path: &Path) -> Result<TensorIndex, FormatError> {
     let config = config_from_gguf(&g)?;
     let expected = expected_shapes(&config);
     let mut tensors = std::collections::BTreeMap::new();
+    let mut mtp = 0usize;
     for t in &g.tensors {
+        // MTP blocks (after `num_layers`, see `config_from_gguf`) are not run: leave them out of the index so that
+        // neither the trunk nor the expert store loads them.
+        let block = t.name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|n| n.parse::<usize>().ok());
+        if block.is_some_and(|b| b >= config.num_layers) {
+            mtp += 1;
+            continue;
+        }
         let mut shape: Vec<usize> = t.shape().iter().map(|&d| d as usize).collect();
         // The shared-expert gate is a [1, H] matrix; the converter writes ne {H, 1}, but llama-quantize drops the
         // trailing 1 and writes ne {H}. Both are the same bytes.
@@ -76,7 +84,11 @@ pub(crate) fn open_gguf(path: &Path) -> Result<TensorIndex, FormatError> {
         tensors,
         gguf: Some(g),
         pack: None,
-        warnings: Vec::new(),
+        warnings: if mtp > 0 {
+            vec![format!("{mtp} tensors of the MTP (next-token prediction) blocks are not used")]
+        } else {
+            Vec::new()
+        },
     };
     check_expected(&index)?;
     Ok(index)

@@ -376,3 +376,61 @@ fn hybrid_gguf_streaming_is_lossless() {
         }
     }
 }
+
+/// A file converted with its MTP block has `block_count` = layers + `nextn_predict_layers` and extra `blk.L.*`
+/// tensors. Built here by appending a copy of the last block (with one extra tensor llama.cpp's MTP blocks carry)
+/// to qwen35moe_dv16-q8_0: the index must leave those out and the logits must not change.
+#[test]
+fn hybrid_gguf_mtp_blocks_are_ignored() {
+    use moestream_format::gguf::{GgufArray, GgufFile, GgufValue, GgufWriter};
+    let src = dir().join("qwen35moe_dv16-q8_0.gguf");
+    let g = GgufFile::open(&src).expect("open");
+    let bytes = std::fs::read(&src).expect("read");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("mtp.gguf");
+    let mut w = GgufWriter::create(&out).expect("create");
+    for (k, v) in &g.metadata {
+        let v = match (k.as_str(), v) {
+            ("qwen35moe.block_count", GgufValue::U32(n)) => GgufValue::U32(n + 1),
+            ("qwen35moe.attention.recurrent_layers", GgufValue::Array(GgufArray::Bool(r))) => {
+                GgufValue::Array(GgufArray::Bool(r.iter().copied().chain([false]).collect()))
+            }
+            _ => v.clone(),
+        };
+        w.add_kv(k, v).expect("kv");
+    }
+    w.add_kv("qwen35moe.nextn_predict_layers", GgufValue::U32(1)).expect("kv");
+    let last = format!("blk.{}.", TensorIndex::open(&src).expect("index").config.num_layers - 1);
+    let mut extra = Vec::new();
+    for t in &g.tensors {
+        if let Some(rest) = t.name.strip_prefix(&last) {
+            extra.push((format!("blk.4.{rest}"), t));
+        }
+    }
+    let norm = g.tensors.iter().find(|t| t.name == "output_norm.weight").expect("norm");
+    extra.push(("blk.4.nextn.enorm.weight".to_string(), norm));
+    let all: Vec<(String, &moestream_format::gguf::GgufTensorInfo)> =
+        g.tensors.iter().map(|t| (t.name.clone(), t)).chain(extra).collect();
+    for (name, t) in &all {
+        let shape: Vec<u64> = t.ne.iter().rev().copied().collect();
+        w.add_tensor(name, &shape, t.ty).expect("tensor");
+    }
+    let mut d = w.finish_header().expect("header");
+    for (name, t) in &all {
+        d.write_tensor(name, &bytes[t.offset as usize..(t.offset + t.n_bytes) as usize]).expect("data");
+    }
+    d.finish().expect("finish");
+
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(hf_dir("qwen35moe_small").join("reference.json")).unwrap())
+            .unwrap();
+    let prompt = ids(&r["prompt_tokens"]);
+    let opts = ModelOptions { threads: 2, ..ModelOptions::default() };
+    let with_mtp = TensorIndex::open(&out).expect("index");
+    assert_eq!(with_mtp.config.num_layers, 4);
+    assert!(!with_mtp.tensors.keys().any(|n| n.starts_with("blk.4.")), "MTP tensors indexed");
+    assert_eq!(with_mtp.warnings.len(), 1, "{:?}", with_mtp.warnings);
+    let a = logits_of(&Qwen3Moe::load(&with_mtp, &opts).expect("load"), &prompt, 2);
+    let b = logits_of(&Qwen3Moe::load(&TensorIndex::open(&src).expect("index"), &opts).expect("load"), &prompt, 2);
+    assert!(a.0 == b.0 && a.1 == b.1, "MTP block changed the logits");
+}
