@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Does llama.cpp load and run what `moestream synth` writes? Synthesises a tiny-qwen3-moe and a 2-layer
-# real-width qwen3-30b-a3b in gguf-q4_0 and generates 8 tokens from each with llama.cpp.
+# Does llama.cpp load and run what `moestream synth` writes? Synthesises a tiny-qwen3-moe, a 2-layer
+# real-width qwen3-30b-a3b and a tiny-qwen3.5-moe (arch qwen35moe) in gguf-q4_0 and generates 8 tokens from each
+# with llama.cpp.
 #
 #   scripts/check-llamacpp-loads.sh [WORKDIR]
 #
@@ -18,7 +19,8 @@ cargo build --release -q -p moestream
 ms=target/release/moestream
 "$ms" synth --preset tiny-qwen3-moe --format gguf-q4_0 --out "$work/tiny-q4_0.gguf" --quiet
 "$ms" synth --preset qwen3-30b-a3b --layers 2 --format gguf-q4_0 --out "$work/qwen3-30b-a3b-2l-q4_0.gguf" --quiet
-for m in "$work/tiny-q4_0.gguf" "$work/qwen3-30b-a3b-2l-q4_0.gguf"; do
+"$ms" synth --preset tiny-qwen3.5-moe --format gguf-q4_0 --out "$work/tiny-qwen3.5-q4_0.gguf" --quiet
+for m in "$work/tiny-q4_0.gguf" "$work/qwen3-30b-a3b-2l-q4_0.gguf" "$work/tiny-qwen3.5-q4_0.gguf"; do
     scripts/llamacpp-smoke.sh "$m" 8
 done
-echo "llama.cpp loaded and generated from both synthetic models in $work"
+echo "llama.cpp loaded and generated from all three synthetic models in $work"

@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Run llama.cpp's own convert_hf_to_gguf.py on a tiny test checkpoint.
 
-    convert_tiny_hf_to_gguf.py LLAMACPP_SRC HF_DIR OUT.gguf OUTTYPE
+    convert_tiny_hf_to_gguf.py LLAMACPP_SRC HF_DIR OUT.gguf OUTTYPE [CONVERTER_ARGS...]
+
+CONVERTER_ARGS go to convert_hf_to_gguf.py unchanged (the hybrids need
+`--no-mtp`: their tiny checkpoints have no MTP block, and without the flag
+the converter's _QwenMtpMixin asserts that it found one).
 
 Two things stand between the tiny fixtures and the unmodified converter, and
 this wrapper does the least it can about each:
@@ -77,6 +81,7 @@ def write_min_tokenizer(d: Path, vocab_size: int) -> None:
 
 def main() -> None:
     llama_src, hf_dir, out, outtype = sys.argv[1:5]
+    extra = sys.argv[5:]
     hf_dir = Path(hf_dir)
     with tempfile.TemporaryDirectory() as tmp:
         work = hf_dir
@@ -92,7 +97,7 @@ def main() -> None:
         from conversion import base
 
         base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
-        sys.argv = ["convert_hf_to_gguf.py", str(work), "--outfile", out, "--outtype", outtype]
+        sys.argv = ["convert_hf_to_gguf.py", str(work), "--outfile", out, "--outtype", outtype, *extra]
         convert_hf_to_gguf.main()
 
 

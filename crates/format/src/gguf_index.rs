@@ -3,6 +3,10 @@
 //! GGUF tensor names are already our canonical names. What this module adds is the config (GGUF has no
 //! config.json, so the `{arch}.*` keys are read instead) and the per-expert ranges of `*_exps` tensors: ggml
 //! stores experts outermost (`ne = {H, I, E}`), so expert `e` is the slab at `offset + e·nb[2]`.
+//!
+//! llama.cpp's hybrids (`qwen35moe`, `qwen3next`) spell three tensors differently from our canonical names, and
+//! [`canonical_name`] renames them. Their *contents* also differ from the HF checkpoint (value heads tiled,
+//! `ssm_a = −exp(A_log)`, norms +1); the model handles that (docs/llamacpp-qwen35moe-gguf.md).
 
 use std::path::Path;
 
@@ -10,7 +14,7 @@ use moestream_quant::{FloatType, GgmlType};
 
 use crate::FormatError;
 use crate::config::{Architecture, LayerAttention, LinearAttentionConfig, ModelConfig};
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufArray, GgufFile, GgufValue};
 use crate::index::{Encoding, FileRange, ModelFormat, TensorEntry, TensorIndex, check_expected, expected_shapes};
 
 pub(crate) fn open_gguf(path: &Path) -> Result<TensorIndex, FormatError> {
@@ -18,8 +22,21 @@ pub(crate) fn open_gguf(path: &Path) -> Result<TensorIndex, FormatError> {
     let config = config_from_gguf(&g)?;
     let expected = expected_shapes(&config);
     let mut tensors = std::collections::BTreeMap::new();
+    let mut mtp = 0usize;
     for t in &g.tensors {
-        let shape: Vec<usize> = t.shape().iter().map(|&d| d as usize).collect();
+        // MTP blocks (after `num_layers`, see `config_from_gguf`) are not run: leave them out of the index so that
+        // neither the trunk nor the expert store loads them.
+        let block = t.name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|n| n.parse::<usize>().ok());
+        if block.is_some_and(|b| b >= config.num_layers) {
+            mtp += 1;
+            continue;
+        }
+        let mut shape: Vec<usize> = t.shape().iter().map(|&d| d as usize).collect();
+        // The shared-expert gate is a [1, H] matrix; the converter writes ne {H, 1}, but llama-quantize drops the
+        // trailing 1 and writes ne {H}. Both are the same bytes.
+        if t.name.ends_with(".ffn_gate_inp_shexp.weight") && shape.len() == 1 {
+            shape.insert(0, 1);
+        }
         if config.architecture == Architecture::Qwen3Moe {
             match expected.get(&t.name) {
                 Some(want) if *want != shape => {
@@ -44,10 +61,11 @@ pub(crate) fn open_gguf(path: &Path) -> Result<TensorIndex, FormatError> {
         } else {
             vec![FileRange { file: 0, offset: t.offset, len: t.n_bytes }]
         };
+        let name = if config.architecture.is_hybrid() { canonical_name(&t.name) } else { t.name.clone() };
         tensors.insert(
-            t.name.clone(),
+            name.clone(),
             TensorEntry {
-                name: t.name.clone(),
+                name,
                 source: t.name.clone(),
                 shape,
                 encoding,
@@ -66,10 +84,31 @@ pub(crate) fn open_gguf(path: &Path) -> Result<TensorIndex, FormatError> {
         tensors,
         gguf: Some(g),
         pack: None,
-        warnings: Vec::new(),
+        warnings: if mtp > 0 {
+            vec![format!("{mtp} tensors of the MTP (next-token prediction) blocks are not used")]
+        } else {
+            Vec::new()
+        },
     };
     check_expected(&index)?;
     Ok(index)
+}
+
+/// llama.cpp's hybrid tensor names → canonical ones. `source` keeps the file's name.
+/// - `blk.N.post_attention_norm.weight` (the pre-FFN norm) → `blk.N.ffn_norm.weight`, as qwen3moe GGUFs name it.
+/// - `blk.N.ssm_a` (no `.weight`; it holds `−exp(A_log)`, not A_log) → `blk.N.ssm_a.weight`, a name distinct from
+///   HF's `ssm_a_log` so that nothing can mistake one for the other.
+/// - `blk.N.ssm_dt.bias` → `blk.N.ssm_dt_bias.weight`.
+fn canonical_name(name: &str) -> String {
+    if let Some(blk) = name.strip_suffix(".post_attention_norm.weight") {
+        format!("{blk}.ffn_norm.weight")
+    } else if name.starts_with("blk.") && name.ends_with(".ssm_a") {
+        format!("{name}.weight")
+    } else if let Some(blk) = name.strip_suffix(".ssm_dt.bias") {
+        format!("{blk}.ssm_dt_bias.weight")
+    } else {
+        name.to_string()
+    }
 }
 
 fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig, FormatError> {
@@ -95,7 +134,9 @@ fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig, FormatError> {
         if g.get(&k(s)).is_some() { g.get_f64(&k(s)).map(Some) } else { Ok(None) }
     };
     let hidden_size = req("embedding_length")?;
-    let num_layers = req("block_count")?;
+    // Converted with MTP, block_count also counts the `nextn_predict_layers` MTP blocks at the end; we run only
+    // the decoder layers (the MTP tensors stay in the file, unused).
+    let num_layers = req("block_count")?.saturating_sub(opt("nextn_predict_layers")?.unwrap_or(0));
     let num_heads = req("attention.head_count")?;
     let num_kv_heads = opt("attention.head_count_kv")?.unwrap_or(num_heads);
     let head_dim = match opt("attention.key_length")? {
@@ -112,8 +153,35 @@ fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig, FormatError> {
         _ => 1.0,
     };
     let (layer_types, linear) = if architecture.is_hybrid() {
-        let interval = opt("full_attention_interval")?.unwrap_or(4).max(1);
-        let lt = LayerAttention::hybrid_pattern(num_layers, interval);
+        // The converter writes the per-layer pattern from HF's `layer_types` as `attention.recurrent_layers`, and
+        // `full_attention_interval` only from the config key (default 4, wrong for any other pattern), so the
+        // array wins when present.
+        let lt = match g.get(&k("attention.recurrent_layers")) {
+            Some(GgufValue::Array(GgufArray::Bool(rec))) => {
+                if rec.len() < num_layers {
+                    return Err(FormatError::invalid(
+                        path,
+                        format!(
+                            "{} has {} entries for {num_layers} layers",
+                            k("attention.recurrent_layers"),
+                            rec.len()
+                        ),
+                    ));
+                }
+                // Entries past block_count describe MTP layers, which we do not run.
+                rec[..num_layers]
+                    .iter()
+                    .map(|&r| if r { LayerAttention::LinearAttention } else { LayerAttention::FullAttention })
+                    .collect()
+            }
+            Some(_) => {
+                return Err(FormatError::invalid(
+                    path,
+                    format!("{} is not a bool array", k("attention.recurrent_layers")),
+                ));
+            }
+            None => LayerAttention::hybrid_pattern(num_layers, opt("full_attention_interval")?.unwrap_or(4).max(1)),
+        };
         let lin = LinearAttentionConfig {
             num_key_heads: req("ssm.group_count")?,
             num_value_heads: req("ssm.time_step_rank")?,

@@ -152,11 +152,27 @@ struct Gdn {
     /// Gated RMSNorm weight (`dv`, plain, not zero-centred).
     norm: Vec<f32>,
     out: WeightId,
+    /// Value head j reads key head `j % Hk` (llama.cpp's tiled order) instead of `j / r` (HF's grouped order).
+    v_tiled: bool,
 }
 
 enum GdnProj {
-    Separate { qkv: WeightId, z: WeightId, b: WeightId, a: WeightId },
-    Fused { qkvz: WeightId, ba: WeightId },
+    Separate {
+        qkv: WeightId,
+        z: WeightId,
+        b: WeightId,
+        a: WeightId,
+    },
+    Fused {
+        qkvz: WeightId,
+        ba: WeightId,
+    },
+    /// llama.cpp's Qwen3-Next GGUF: qkv and z as in Qwen3.5, `[b·r | a·r]` still fused per key head.
+    SplitFusedBa {
+        qkv: WeightId,
+        z: WeightId,
+        ba: WeightId,
+    },
 }
 
 pub struct Qwen3Moe {
@@ -405,14 +421,7 @@ impl Qwen3Moe {
     /// Load the trunk and every expert (all resident).
     pub fn load(index: &TensorIndex, opts: &ModelOptions) -> Result<Self, ModelError> {
         let c = index.config.clone();
-        if c.architecture.is_hybrid() && index.gguf.is_some() {
-            return Err(ModelError::Unsupported(format!(
-                "{}: GGUF {} files (llama.cpp's hybrid tensor layout) are not supported yet; use the HF or MLX \
-                 checkpoint",
-                index.root.display(),
-                c.architecture.model_type()
-            )));
-        }
+        let gguf = index.gguf.is_some();
         let resident = ResidentWeights::load(index)?;
         let experts = Mutex::new(ExpertStore::open_with_policy(index, opts.expert_cache, &opts.read, opts.eviction)?);
         // HF hybrid checkpoints keep RMSNorm weights zero-centred (`1 + w`); MLX and GGUF conversions have added the
@@ -438,7 +447,11 @@ impl Qwen3Moe {
                 let la = c.linear.as_ref().ok_or_else(|| {
                     ModelError::Unsupported(format!("layer {l} is linear attention but the config has no linear_*"))
                 })?;
-                let proj = if c.architecture == Architecture::Qwen3Next {
+                let proj = if c.architecture == Architecture::Qwen3Next && gguf {
+                    // llama.cpp's converter splits qkvz into attn_qkv and attn_gate (Qwen3.5's layout, value heads
+                    // still grouped) but keeps ba fused per key head.
+                    GdnProj::SplitFusedBa { qkv: w("attn_qkv")?, z: w("attn_gate")?, ba: w("ssm_ba")? }
+                } else if c.architecture == Architecture::Qwen3Next {
                     GdnProj::Fused { qkvz: w("ssm_in")?, ba: w("ssm_ba")? }
                 } else {
                     GdnProj::Separate { qkv: w("attn_qkv")?, z: w("attn_gate")?, b: w("ssm_beta")?, a: w("ssm_alpha")? }
@@ -456,10 +469,21 @@ impl Qwen3Moe {
                     state: n_lin,
                     proj,
                     conv,
-                    neg_a: v("ssm_a_log")?.iter().map(|a| -a.exp()).collect(),
+                    // GGUF stores A = −exp(A_log) itself (`ssm_a`); HF and MLX store A_log.
+                    neg_a: match resident.vector(&format!("blk.{l}.ssm_a.weight")) {
+                        Ok(a) => a.to_vec(),
+                        Err(_) => v("ssm_a_log")?.iter().map(|a| -a.exp()).collect(),
+                    },
                     dt_bias: v("ssm_dt_bias")?,
                     norm: v("ssm_norm")?,
                     out: w("ssm_out")?,
+                    // llama.cpp's Qwen3.5 converter reorders value heads from grouped-by-key-head to tiled so that
+                    // ggml can broadcast q/k with a plain repeat (docs/llamacpp-qwen35moe-gguf.md). It permutes
+                    // every per-value-head tensor consistently (v rows of qkv and the conv, z, b, a, A, dt_bias,
+                    // out_proj columns), so only the value → key head map changes: tiled head j reads key head
+                    // j mod Hk instead of j / r. Adapting that map costs nothing, whereas undoing the permutation
+                    // at load would have to move ssm_out's *columns*, which quantized blocks span.
+                    v_tiled: gguf && c.architecture == Architecture::Qwen35Moe,
                 };
                 n_lin += 1;
                 Mixer::Linear(Box::new(gdn))
@@ -826,6 +850,25 @@ impl Qwen3Moe {
                 self.matmul(&w(*ba), &s.hn[..n * h], n, &mut s.lin_ba[..n * 2 * hv])?;
                 ch + vd
             }
+            GdnProj::SplitFusedBa { qkv, z, ba } => {
+                self.matmul(&w(*qkv), &s.hn[..n * h], n, &mut s.lin_in[..n * ch])?;
+                self.matmul(&w(*z), &s.hn[..n * h], n, &mut s.lin_z[..n * vd])?;
+                self.matmul(&w(*ba), &s.hn[..n * h], n, &mut s.lin_ba[..n * 2 * hv])?;
+                ch
+            }
+        };
+        // [b·r | a·r] per key head → b then a in value-head order, in place through a small buffer.
+        let unfuse_ba = |ba: &mut [f32]| -> Result<(), ModelError> {
+            let mut tmp = [0f32; 256];
+            if 2 * hv > tmp.len() {
+                return Err(ModelError::Unsupported(format!("{hv} linear value heads above 128")));
+            }
+            for i in 0..hk {
+                tmp[i * r..(i + 1) * r].copy_from_slice(&ba[i * 2 * r..i * 2 * r + r]);
+                tmp[hv + i * r..hv + (i + 1) * r].copy_from_slice(&ba[i * 2 * r + r..(i + 1) * 2 * r]);
+            }
+            ba.copy_from_slice(&tmp[..2 * hv]);
+            Ok(())
         };
         let conv_len = ch * (kern - 1);
         let conv_state = &mut sess.conv_state[g.state * conv_len..(g.state + 1) * conv_len];
@@ -851,17 +894,12 @@ impl Qwen3Moe {
                             .copy_from_slice(&b[2 * dk..2 * dk + r * dv]);
                         s.lin_z[t * vd + i * r * dv..t * vd + (i + 1) * r * dv].copy_from_slice(&b[2 * dk + r * dv..]);
                     }
-                    // [b·r | a·r] per key head → b and a in value-head order, in place in a small shuffle.
-                    let ba = &mut s.lin_ba[t * 2 * hv..(t + 1) * 2 * hv];
-                    let mut tmp = [0f32; 256];
-                    if 2 * hv > tmp.len() {
-                        return Err(ModelError::Unsupported(format!("{hv} linear value heads above 128")));
-                    }
-                    for i in 0..hk {
-                        tmp[i * r..(i + 1) * r].copy_from_slice(&ba[i * 2 * r..i * 2 * r + r]);
-                        tmp[hv + i * r..hv + (i + 1) * r].copy_from_slice(&ba[i * 2 * r + r..(i + 1) * 2 * r]);
-                    }
-                    ba.copy_from_slice(&tmp[..2 * hv]);
+                    unfuse_ba(&mut s.lin_ba[t * 2 * hv..(t + 1) * 2 * hv])?;
+                    (beta_at, a_at) = (t * 2 * hv, t * 2 * hv + hv);
+                }
+                GdnProj::SplitFusedBa { .. } => {
+                    qkv.copy_from_slice(row);
+                    unfuse_ba(&mut s.lin_ba[t * 2 * hv..(t + 1) * 2 * hv])?;
                     (beta_at, a_at) = (t * 2 * hv, t * 2 * hv + hv);
                 }
             }
@@ -879,7 +917,7 @@ impl Qwen3Moe {
             let o_all = SharedMut::new(&mut s.lin_o[t * vd..(t + 1) * vd]);
             let st = SharedMut::new(rec);
             self.pool.run(hv, &|hh| {
-                let i = hh / r;
+                let i = if g.v_tiled { hh % hk } else { hh / r };
                 let beta = sigmoid(ba[beta_at + hh]);
                 let gg = g.neg_a[hh] * softplus(ba[a_at + hh] + g.dt_bias[hh]);
                 // SAFETY: task `hh` alone touches state block `hh` and output block `hh`.

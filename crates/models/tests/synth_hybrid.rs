@@ -38,8 +38,18 @@ fn every_format_computes_the_same_hybrid() {
     // Measured: bf16 0.073, MLX 8-bit 0.14, 4-bit 0.76 (random-weight hybrids amplify rounding: router flips and the
     // recurrence; the tiny Qwen3-MoE gives 0.013 / 0.017 / 0.33). Reading the norm convention wrong (no +1 for the
     // HF file) gives 17: the bounds sit well between.
-    for (format, bound) in [(SynthFormat::HfBf16, 0.2), (SynthFormat::MlxQ8, 0.4), (SynthFormat::MlxQ4, 2.0)] {
+    // GGUF is written in llama.cpp's layout (tiled value heads, ssm_a = −exp(A_log), renamed tensors); reading any
+    // of it wrong moves logits by O(1), far outside these bounds.
+    for (format, bound) in [
+        (SynthFormat::HfBf16, 0.2),
+        (SynthFormat::MlxQ8, 0.4),
+        (SynthFormat::MlxQ4, 2.0),
+        (SynthFormat::GgufF16, 0.05),
+        (SynthFormat::GgufQ8_0, 0.4),
+        (SynthFormat::GgufQ4_0, 2.0),
+    ] {
         let e = rel(&logits(&load(format)), &reference);
+        eprintln!("{}: {e}", format.name());
         assert!(e < bound, "{}: relative difference {e} from hf-f32", format.name());
     }
 }

@@ -38,6 +38,13 @@ fn encode_one(
     vals.resize(rows * cols, 0.0);
     let vals = &mut vals[..rows * cols];
     t.generate(seed, u, vals);
+    encode_values(t, vals, target)
+}
+
+/// Encode `vals` (row-major, `t`'s columns) as `target`.
+pub(crate) fn encode_values(t: &PlannedTensor, vals: &[f32], target: Target) -> Result<Encoded, SynthError> {
+    let cols = t.matrix_dims().1;
+    let rows = vals.len() / cols.max(1);
     let empty = || Encoded { data: Vec::new(), scales: Vec::new(), biases: Vec::new() };
     match target {
         Target::Float(ft) => {

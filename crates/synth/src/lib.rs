@@ -152,12 +152,6 @@ pub fn synth(opts: &SynthOptions) -> Result<SynthSummary, SynthError> {
     let tensors = plan(&config);
     let total: u64 = tensors.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
     let bar = progress_bar(opts.progress, total);
-    if opts.format.is_gguf() && config.architecture.is_hybrid() {
-        return Err(SynthError::Invalid(format!(
-            "{}: GGUF output for the Qwen3.5 presets is not supported yet; use hf-bf16, hf-f32, mlx-q4 or mlx-q8",
-            opts.preset.name()
-        )));
-    }
     let files = if opts.format.is_gguf() {
         if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(io_err(parent))?;
