@@ -15,6 +15,8 @@ pub(crate) struct Counters {
     pub finished_stop: AtomicU64,
     pub finished_length: AtomicU64,
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens not recomputed because a session already held their state (the prompt cache).
+    pub prompt_tokens_cached: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub active: AtomicU64,
     pub queued: AtomicU64,
@@ -45,6 +47,7 @@ impl Counters {
             finished_stop: g(&self.finished_stop),
             finished_length: g(&self.finished_length),
             prompt_tokens: g(&self.prompt_tokens),
+            prompt_tokens_cached: g(&self.prompt_tokens_cached),
             generated_tokens: g(&self.generated_tokens),
             active: g(&self.active),
             queued: g(&self.queued),
@@ -73,6 +76,8 @@ pub struct EngineMetrics {
     pub finished_stop: u64,
     pub finished_length: u64,
     pub prompt_tokens: u64,
+    /// Of `prompt_tokens`, those served from the prompt cache instead of being recomputed.
+    pub prompt_tokens_cached: u64,
     pub generated_tokens: u64,
     /// Requests holding a session now.
     pub active: u64,

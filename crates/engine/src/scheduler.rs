@@ -6,6 +6,14 @@
 //! Sessions (KV cache and scratch, sized by `ctx`) are allocated once at start and reused, so memory is fixed
 //! up front and the per-token path does not allocate. No continuous batching: each unit of work is one
 //! request's forward pass.
+//!
+//! **Prompt cache.** An idle session keeps the state of everything it last processed (`history`: the prompt and
+//! the output tokens fed back). A new request goes to the idle session that can reuse the longest prefix of its
+//! prompt, and only the rest is computed: the whole history when the prompt extends it (the next turn of a
+//! chat), or, for attention-only models, the common prefix (the KV cache is cut back). Hybrid models keep a
+//! recurrent state that cannot be cut back, so their sessions also keep a snapshot taken at the end of the last
+//! prompt (SwiftLM turns prompt caching off for hybrids; we keep it). At least one prompt token is always
+//! computed, for the logits that choose the first output token.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -238,7 +246,11 @@ impl Engine {
             model: model.clone(),
             tokenizer: tokenizer.clone(),
             eos,
-            sessions,
+            rewindable: !model.config.architecture.is_hybrid(),
+            sessions: sessions
+                .into_iter()
+                .map(|session| Slot { session, history: Vec::with_capacity(opts.ctx), prompt_snap: None })
+                .collect(),
             empty,
             active: Vec::with_capacity(opts.parallel),
             chunk: opts.prefill_chunk.max(1),
@@ -322,10 +334,25 @@ impl Drop for Engine {
     }
 }
 
+/// An idle (or active) session with what its state holds; see the module doc.
+struct Slot {
+    session: Session,
+    /// The tokens whose state `session` holds, in order (`session.pos == history.len()`).
+    history: Vec<u32>,
+    /// Hybrids: the last prompt and the state right after it.
+    prompt_snap: Option<(Vec<u32>, SessionSnapshot)>,
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 struct Active {
     id: u64,
     tx: UnboundedSender<Event>,
     session: Session,
+    history: Vec<u32>,
+    prompt_snap: Option<(Vec<u32>, SessionSnapshot)>,
     prompt: Vec<u32>,
     prefilled: usize,
     sampler: Sampler,
@@ -352,9 +379,11 @@ struct Worker {
     model: Arc<Qwen3Moe>,
     tokenizer: Arc<Tokenizer>,
     eos: Vec<u32>,
-    sessions: Vec<Session>,
+    sessions: Vec<Slot>,
     /// The state of a new session (see `Engine::start`).
     empty: SessionSnapshot,
+    /// Whether sessions can be cut back to a prefix (no recurrent state).
+    rewindable: bool,
     active: Vec<Active>,
     chunk: usize,
     vocab: usize,
@@ -391,8 +420,8 @@ impl Worker {
                             c.cancelled.fetch_add(1, Relaxed);
                             continue;
                         }
-                        let Some(session) = self.sessions.pop() else { break };
-                        let a = self.admit(p, session);
+                        let Some(slot) = self.take_slot(&p.req.prompt) else { break };
+                        let a = self.admit(p, slot);
                         self.active.push(a);
                         c.active.store(self.active.len() as u64, Relaxed);
                     }
@@ -417,12 +446,58 @@ impl Worker {
         }
     }
 
-    fn admit(&self, p: Pending, mut session: Session) -> Active {
-        if let Err(e) = session.restore(&self.empty) {
+    /// How many leading tokens of `prompt` `slot` could serve without recomputing them (see the module doc).
+    fn reusable(&self, slot: &Slot, prompt: &[u32]) -> usize {
+        let max = prompt.len().saturating_sub(1);
+        let live = common_prefix(&slot.history, prompt);
+        let mut best = if live == slot.history.len() || self.rewindable { live.min(max) } else { 0 };
+        if let Some((p, _)) = &slot.prompt_snap
+            && p.len() <= max
+            && prompt.starts_with(p)
+        {
+            best = best.max(p.len());
+        }
+        best
+    }
+
+    /// The idle session that reuses the longest prefix of `prompt` (the most recently used on ties).
+    fn take_slot(&mut self, prompt: &[u32]) -> Option<Slot> {
+        let best = (0..self.sessions.len()).max_by_key(|&i| (self.reusable(&self.sessions[i], prompt), i))?;
+        Some(self.sessions.swap_remove(best))
+    }
+
+    /// Bring `slot` to the state after `prompt[..n]` for the longest reusable `n` (0: a fresh session), and
+    /// return `n`.
+    fn reuse(&self, slot: &mut Slot, prompt: &[u32]) -> usize {
+        let n = self.reusable(slot, prompt);
+        let live = common_prefix(&slot.history, prompt).min(n);
+        // The session already holds the prefix: continue (cut back first if it holds more and can be cut).
+        let mut restored = n > 0 && live == n && slot.session.rewind(n).is_ok();
+        if restored {
+            slot.history.truncate(n);
+        } else if let Some((p, snap)) = slot.prompt_snap.as_ref().filter(|(p, _)| n > 0 && p.len() == n) {
+            restored = slot.session.restore(snap).is_ok();
+            if restored {
+                slot.history.clear();
+                slot.history.extend_from_slice(p);
+            }
+        }
+        if restored {
+            return n;
+        }
+        if let Err(e) = slot.session.restore(&self.empty) {
             // Cannot happen (the snapshot comes from a session of this model); keep serving regardless.
             tracing::error!("resetting a session: {e}");
-            session.pos = 0;
+            slot.session.pos = 0;
         }
+        slot.history.clear();
+        0
+    }
+
+    fn admit(&self, p: Pending, mut slot: Slot) -> Active {
+        let cached = self.reuse(&mut slot, &p.req.prompt);
+        self.shared.counters.prompt_tokens_cached.fetch_add(cached as u64, Relaxed);
+        let Slot { session, history, prompt_snap } = slot;
         let room = self.ctx.saturating_sub(p.req.prompt.len());
         let max_new = p.req.max_tokens.unwrap_or(room).min(room).max(1);
         self.shared.counters.prompt_tokens.fetch_add(p.req.prompt.len() as u64, Relaxed);
@@ -431,8 +506,10 @@ impl Worker {
             sampler: Sampler::new(p.req.sampling, self.vocab, &p.req.prompt, max_new),
             tx: p.tx,
             session,
+            history,
+            prompt_snap,
             prompt: p.req.prompt,
-            prefilled: 0,
+            prefilled: cached,
             logits: Vec::with_capacity(self.vocab),
             // Special tokens (`<|im_end|>`) are control, not text; Qwen3's `<think>` and `<tool_call>` are not
             // special and stay for the server's output parser.
@@ -461,10 +538,15 @@ impl Worker {
             if let Err(e) = self.model.forward(&mut a.session, &a.prompt[a.prefilled..end], false, &mut a.logits) {
                 return Some(Outcome::Failed(e.to_string()));
             }
+            a.history.extend_from_slice(&a.prompt[a.prefilled..end]);
             a.prefilled = end;
             c.prefill_us.fetch_add(t0.elapsed().as_micros() as u64, Relaxed);
             if a.prefilled < a.prompt.len() {
                 return None;
+            }
+            if !self.rewindable && a.prompt_snap.as_ref().is_none_or(|(p, _)| *p != a.prompt) {
+                // Once per request, not per token: the state a later prompt with this prefix can start from.
+                a.prompt_snap = Some((a.prompt.clone(), a.session.snapshot()));
             }
         }
         let t0 = Instant::now();
@@ -497,6 +579,7 @@ impl Worker {
         if let Err(e) = self.model.forward(&mut a.session, &[tok], false, &mut a.logits) {
             return Some(Outcome::Failed(e.to_string()));
         }
+        a.history.push(tok);
         c.decode_us.fetch_add(t0.elapsed().as_micros() as u64, Relaxed);
         c.decode_tokens.fetch_add(1, Relaxed);
         None
@@ -534,9 +617,12 @@ impl Worker {
                 tracing::warn!(id = a.id, "generation failed: {msg}");
                 let _ = a.tx.send(Event::Error(msg));
                 c.failed.fetch_add(1, Relaxed);
+                // The state may be half-updated: forget it, so the next request starts fresh.
+                a.history.clear();
+                a.prompt_snap = None;
             }
         }
-        self.sessions.push(a.session);
+        self.sessions.push(Slot { session: a.session, history: a.history, prompt_snap: a.prompt_snap });
         c.active.store(self.active.len() as u64, Relaxed);
     }
 }

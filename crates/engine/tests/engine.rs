@@ -223,3 +223,50 @@ fn reused_sessions_start_clean_on_hybrids() {
     let _ = drain(e.submit(greedy(&other, 10)).expect("submit"));
     assert_eq!(drain(e.submit(greedy(&PROMPT, 10)).expect("submit")).0, first);
 }
+
+#[test]
+fn the_prompt_cache_reuses_prefixes_and_changes_nothing() {
+    // Attention-only (the KV cache is cut back to the common prefix) and hybrid (the recurrent state cannot be
+    // cut back: the session's live state or its end-of-prompt snapshot is reused). Every answer must equal what a
+    // fresh engine gives for the same prompt.
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (preset, format) in
+        [(Preset::TinyQwen3Moe, SynthFormat::GgufQ8_0), (Preset::TinyQwen35Moe, SynthFormat::HfBf16)]
+    {
+        let path = dir.path().join(preset.name());
+        let mut o = SynthOptions::new(preset, format, &path);
+        o.progress = false;
+        synth(&o).expect("synth");
+        let index = TensorIndex::open(&path).expect("index");
+        let start = |chunk: usize| {
+            let m = Qwen3Moe::load(&index, &ModelOptions { threads: 1, ..ModelOptions::default() }).expect("load");
+            let t = Tokenizer::from_index(&index).expect("tokenizer").expect("tokenizer");
+            Engine::start(m, t, EngineOptions { ctx: 96, parallel: 1, prefill_chunk: chunk, ..Default::default() })
+                .expect("start")
+        };
+        let base: Vec<u32> = (0..20).map(|i| (i * 37 + 11) % 900).collect();
+        let ext: Vec<u32> = base.iter().copied().chain((0..8).map(|i| (i * 71 + 5) % 900)).collect();
+        let turn: Vec<u32> = ext.iter().copied().chain([42, 43, 44]).collect();
+        let fresh = |p: &[u32]| drain(start(256).submit(greedy(p, 10)).expect("submit")).0;
+        let e = start(7);
+        let cached = |e: &Engine| e.metrics().prompt_tokens_cached;
+        let run = |p: &[u32]| {
+            let before = cached(&e);
+            let text = drain(e.submit(greedy(p, 10)).expect("submit")).0;
+            (text, cached(&e) - before)
+        };
+        let name = preset.name();
+        assert_eq!(run(&base), (fresh(&base), 0), "{name}: first request");
+        // A longer prompt with the first as its prefix: the 20 tokens are not recomputed.
+        assert_eq!(run(&ext), (fresh(&ext), base.len() as u64), "{name}: extended prompt");
+        // The same prompt again: attention reuses all but its last token; a hybrid's state has moved past the
+        // prompt (output tokens were fed back) and its snapshot covers the whole prompt, so it starts over.
+        let again = if preset.is_hybrid() { 0 } else { ext.len() as u64 - 1 };
+        assert_eq!(run(&ext), (fresh(&ext), again), "{name}: same prompt");
+        // The next turn: the previous prompt is a prefix.
+        assert_eq!(run(&turn), (fresh(&turn), ext.len() as u64), "{name}: next turn");
+        // Unrelated: nothing to reuse.
+        let other: Vec<u32> = (0..9).map(|i| (i * 13 + 600) % 900).collect();
+        assert_eq!(run(&other), (fresh(&other), 0), "{name}: unrelated prompt");
+    }
+}

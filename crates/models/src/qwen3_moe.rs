@@ -289,8 +289,12 @@ impl Session {
     }
 
     /// Forget every position from `pos` on, for attention-only models (the KV cache is positional). Hybrids keep
-    /// a recurrent state that cannot be rewound: restore a snapshot instead.
+    /// a recurrent state that cannot be rewound: restore a snapshot instead (rewinding to the current position is
+    /// a no-op for every model).
     pub fn rewind(&mut self, pos: usize) -> Result<(), ModelError> {
+        if pos == self.pos {
+            return Ok(());
+        }
         if !self.rec_state.is_empty() {
             return Err(ModelError::Session(
                 "a hybrid model's recurrent state cannot be rewound; restore a snapshot instead".into(),

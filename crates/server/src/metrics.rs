@@ -62,6 +62,12 @@ pub fn text(m: &EngineMetrics) -> String {
         &[("", m.queued as f64)],
     );
     metric("moestream_prompt_tokens_total", "counter", "Prompt tokens processed.", &[("", m.prompt_tokens as f64)]);
+    metric(
+        "moestream_prompt_tokens_cached_total",
+        "counter",
+        "Prompt tokens reused from a session's cached state instead of recomputed.",
+        &[("", m.prompt_tokens_cached as f64)],
+    );
     metric("moestream_generated_tokens_total", "counter", "Tokens generated.", &[("", m.generated_tokens as f64)]);
     metric(
         "moestream_decode_tokens_per_second",
