@@ -92,3 +92,43 @@ fn hybrid_prefill_equals_decode_and_streams_losslessly() {
         assert!(got.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits()), "{prefetch:?} changed logits");
     }
 }
+
+/// A real Qwen3.5 checkpoint also carries the vision tower (`model.visual.*`) and the multi-token-prediction head
+/// (`mtp.*`) in its shards. Text-only inference ignores both: the same logits with or without them.
+#[test]
+fn vision_and_mtp_tensors_are_ignored() {
+    use moestream_format::safetensors::{SafetensorsFile, SafetensorsWriter, StDtype};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("m");
+    synth(&SynthOptions::new(Preset::TinyQwen35Moe, SynthFormat::HfF32, &path)).expect("synth");
+    let plain =
+        logits(&Qwen3Moe::load(&TensorIndex::open(&path).expect("index"), &ModelOptions::default()).expect("load"));
+    // A second shard with tensors named as the released checkpoints name them, and the index that lists both.
+    let extra = [
+        ("model.visual.blocks.0.attn.qkv.weight", vec![48, 16]),
+        ("model.visual.merger.linear_fc1.weight", vec![8, 8]),
+        ("mtp.layers.0.mlp.gate.weight", vec![8, 256]),
+        ("mtp.fc.weight", vec![256, 512]),
+    ];
+    let header: Vec<(String, StDtype, Vec<usize>)> =
+        extra.iter().map(|(n, s)| (n.to_string(), StDtype::F32, s.clone())).collect();
+    let mut w = SafetensorsWriter::create(&path.join("extra.safetensors"), &header, None).expect("create");
+    for (n, s) in &extra {
+        w.write(n, &vec![0u8; s.iter().product::<usize>() * 4]).expect("write");
+    }
+    w.finish().expect("finish");
+    let mut map = serde_json::Map::new();
+    for t in SafetensorsFile::open(&path.join("model.safetensors")).expect("open").tensors {
+        map.insert(t.name, "model.safetensors".into());
+    }
+    for (n, _) in &extra {
+        map.insert(n.to_string(), "extra.safetensors".into());
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(path.join("model.safetensors.index.json"), index.to_string()).expect("index json");
+    let with = TensorIndex::open(&path).expect("index with extras");
+    assert_eq!(with.files.len(), 2);
+    assert!(with.tensors.keys().all(|k| !k.contains("visual") && !k.starts_with("mtp")));
+    let got = logits(&Qwen3Moe::load(&with, &ModelOptions::default()).expect("load"));
+    assert!(got.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits()));
+}
