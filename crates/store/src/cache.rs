@@ -166,6 +166,21 @@ struct LayerCache {
     prefetched: Vec<bool>,
 }
 
+impl LayerCache {
+    /// Empty `slot` before it takes another expert: its old expert is no longer resident, and a prefetched one
+    /// that was never used counts as a wasted guess.
+    fn unmap(&mut self, slot: usize, stats: &mut StoreStats) {
+        let old = self.slot_expert[slot];
+        if old != EMPTY {
+            self.expert_slot[old as usize] = EMPTY;
+            self.slot_expert[slot] = EMPTY;
+        }
+        if std::mem::take(&mut self.prefetched[slot]) {
+            stats.prefetch_wasted += 1;
+        }
+    }
+}
+
 /// The expert slot buffers of one MoE layer, as the kernels see them.
 pub struct ExpertLayer<'a> {
     pub gate_up: &'a SlotBuffer,
@@ -423,14 +438,7 @@ impl ExpertStore {
                 .policy
                 .victim(clock, |s| cache.policy.is_pinned(s, clock))
                 .ok_or_else(|| StoreError::Budget(format!("layer {layer}: no free slot")))?;
-            let old = cache.slot_expert[victim];
-            if old != EMPTY {
-                cache.expert_slot[old as usize] = EMPTY;
-                cache.slot_expert[victim] = EMPTY;
-            }
-            if std::mem::take(&mut cache.prefetched[victim]) {
-                self.stats.prefetch_wasted += 1;
-            }
+            cache.unmap(victim, &mut self.stats);
             // Pins the slot for the rest of this call, so the next miss cannot pick it.
             cache.policy.on_fill(victim, experts[j], clock);
             self.batch_misses.push(Miss {
@@ -479,14 +487,7 @@ impl ExpertStore {
             let Some(victim) = cache.policy.victim(clock, |s| cache.policy.is_pinned(s, clock) || held(s)) else {
                 break;
             };
-            let old = cache.slot_expert[victim];
-            if old != EMPTY {
-                cache.expert_slot[old as usize] = EMPTY;
-                cache.slot_expert[victim] = EMPTY;
-            }
-            if std::mem::take(&mut cache.prefetched[victim]) {
-                self.stats.prefetch_wasted += 1;
-            }
+            cache.unmap(victim, &mut self.stats);
             cache.policy.on_prefetch(victim, x, clock);
             self.pf_misses.push(Miss { expert: x, slot: victim as u32, at: j as u32, done: now, failed: false });
         }
