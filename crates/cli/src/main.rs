@@ -1,6 +1,7 @@
 //! `moestream`: the command-line front end. Each subcommand parses flags, calls a library crate and prints; the
 //! logic lives in the crates (`format`, `synth`, …), so that tests and the server reach the same code.
 
+mod bench;
 mod info;
 mod inspect;
 mod serve;
@@ -73,6 +74,22 @@ enum Command {
         ctx: usize,
         #[arg(long)]
         json: bool,
+    },
+    /// Measure prefill and decode: tok/s, time to first token, expert-cache hit rate, bytes read per token and read
+    /// latency, cold (fresh model, page cache dropped when root) and warm, median and spread over repeats.
+    Bench {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 128)]
+        gen_tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        engine: EngineArgs,
     },
     /// Print the logits of every position of a token sequence as JSON: {"tokens": [...], "logits": [[...], ...]}.
     Logits {
@@ -296,6 +313,11 @@ fn run() -> Result<()> {
             );
         }
         Command::Inspect { model, json, tensors } => inspect::run(&model, json, tensors)?,
+        Command::Bench { model, prompt_tokens, gen_tokens, repeat, json, engine } => {
+            let load = || engine.load(&model);
+            let args = bench::BenchArgs { prompt_tokens, gen_tokens, repeat, ctx: engine.ctx, load: &load };
+            bench::run(&args, json)?
+        }
         Command::Info { model, expert_cache, cache_slots, ctx, json } => {
             let size = match cache_slots {
                 Some(n) => moestream_store::CacheSize::Slots(n),

@@ -1,0 +1,48 @@
+//! `moestream bench --json` on a tiny model: every run is reported, cold and warm apart, with medians inside their
+//! spread; with every expert resident nothing is read after load; a cache of top-k slots misses on cold runs.
+
+use std::process::Command;
+
+fn bench(bin: &str, model: &std::path::Path, cache: &str) -> serde_json::Value {
+    let out = Command::new(bin)
+        .args(["bench", "--prompt-tokens", "24", "--gen-tokens", "6", "--repeat", "2", "--threads", "2"])
+        .args(["--cache-slots", cache, "--json", "--model"])
+        .arg(model)
+        .output()
+        .expect("bench");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+#[test]
+fn bench_reports_cold_and_warm_runs() {
+    let bin = env!("CARGO_BIN_EXE_moestream");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("m.gguf");
+    let st = Command::new(bin)
+        .args(["synth", "--preset", "tiny-qwen3-moe", "--format", "gguf-q4_0", "--quiet", "--out"])
+        .arg(&model)
+        .status()
+        .expect("synth");
+    assert!(st.success());
+    let all = bench(bin, &model, "8");
+    let small = bench(bin, &model, "2");
+    for j in [&all, &small] {
+        for run in ["cold", "warm"] {
+            let r = &j[run];
+            assert_eq!(r["runs"], 2, "{j}");
+            assert_eq!(r["samples"].as_array().map(Vec::len), Some(2));
+            for k in ["prefill_tok_s", "decode_tok_s", "ttft_s"] {
+                let (lo, med, hi) =
+                    (r[k]["min"].as_f64().unwrap(), r[k]["median"].as_f64().unwrap(), r[k]["max"].as_f64().unwrap());
+                assert!(lo > 0.0 && lo <= med && med <= hi, "{run} {k}: {}", r[k]);
+            }
+        }
+    }
+    // 8 of 8 slots: everything was read at load, so runs read nothing and always hit.
+    assert_eq!(all["cold"]["read_bytes_per_token"]["max"], 0.0);
+    assert_eq!(all["warm"]["hit_rate"]["min"], 1.0);
+    // 2 of 8 slots (top-k): a fresh model must read.
+    assert!(small["cold"]["read_bytes_per_token"]["min"].as_f64().unwrap() > 0.0);
+    assert!(small["cold"]["hit_rate"]["max"].as_f64().unwrap() < 1.0);
+}
