@@ -123,19 +123,21 @@ struct Layer {
 
 /// What mixes tokens in a layer.
 enum Mixer {
-    /// Softmax attention over the KV cache (`kv`: this layer's index among the full-attention layers). `gated`:
-    /// q_proj yields a query and a sigmoid output gate per head (the hybrids).
-    Full {
-        wq: WeightId,
-        wk: WeightId,
-        wv: WeightId,
-        wo: WeightId,
-        q_norm: Vec<f32>,
-        k_norm: Vec<f32>,
-        gated: bool,
-        kv: usize,
-    },
+    Full(FullAttn),
     Linear(Box<Gdn>),
+}
+
+/// Softmax attention over the KV cache (`kv`: this layer's index among the full-attention layers). `gated`:
+/// q_proj yields a query and a sigmoid output gate per head (the hybrids).
+struct FullAttn {
+    wq: WeightId,
+    wk: WeightId,
+    wv: WeightId,
+    wo: WeightId,
+    q_norm: Vec<f32>,
+    k_norm: Vec<f32>,
+    gated: bool,
+    kv: usize,
 }
 
 /// A Gated DeltaNet layer. Projections are either separate (Qwen3.5: qkv, z, b, a) or fused per key head
@@ -493,7 +495,7 @@ impl Qwen3Moe {
                 Mixer::Linear(Box::new(gdn))
             } else {
                 n_full += 1;
-                Mixer::Full {
+                Mixer::Full(FullAttn {
                     wq: w("attn_q")?,
                     wk: w("attn_k")?,
                     wv: w("attn_v")?,
@@ -502,7 +504,7 @@ impl Qwen3Moe {
                     k_norm: shift(v("attn_k_norm")?),
                     gated: c.architecture.is_hybrid(),
                     kv: n_full - 1,
-                }
+                })
             };
             let shared = if moe && c.shared_expert_intermediate_size > 0 {
                 Some(([w("ffn_gate_shexp")?, w("ffn_up_shexp")?, w("ffn_down_shexp")?], w("ffn_gate_inp_shexp")?))
@@ -585,7 +587,7 @@ impl Qwen3Moe {
         let (qd, kvd) = (c.num_heads * d, c.num_kv_heads * d);
         let inter = c.moe_intermediate_size.max(c.intermediate_size).max(c.shared_expert_intermediate_size);
         let k = self.top_k;
-        let n_full = self.layers.iter().filter(|l| matches!(l.mixer, Mixer::Full { .. })).count();
+        let n_full = self.layers.iter().filter(|l| matches!(l.mixer, Mixer::Full(_))).count();
         let n_lin = self.layers.len() - n_full;
         let gated = c.architecture.is_hybrid();
         let (conv_ch, kern, hv, dkv, lin_in, hvdv) = match &c.linear {
@@ -691,7 +693,7 @@ impl Qwen3Moe {
                 rmsnorm(&s.x[t * h..(t + 1) * h], &layer.attn_norm, eps, &mut s.hn[t * h..(t + 1) * h]);
             }
             match &layer.mixer {
-                Mixer::Full { .. } => self.attention(layer, sess, n)?,
+                Mixer::Full(a) => self.attention(a, sess, n)?,
                 Mixer::Linear(g) => self.gdn(g, sess, n)?,
             }
             let s = &mut sess.s;
@@ -759,10 +761,8 @@ impl Qwen3Moe {
     }
 
     /// Softmax attention of the chunk (input `s.hn`, output `s.o`), appending its keys and values to the cache.
-    fn attention(&self, layer: &Layer, sess: &mut Session, n: usize) -> Result<(), ModelError> {
-        let Mixer::Full { wq, wk, wv, wo, q_norm, k_norm, gated, kv } = &layer.mixer else {
-            unreachable!("attention() is only called for full-attention layers")
-        };
+    fn attention(&self, a: &FullAttn, sess: &mut Session, n: usize) -> Result<(), ModelError> {
+        let FullAttn { wq, wk, wv, wo, q_norm, k_norm, gated, kv } = a;
         let c = &self.config;
         let (h, d) = (c.hidden_size, c.head_dim);
         let (nh, nkv) = (c.num_heads, c.num_kv_heads);
