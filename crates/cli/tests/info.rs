@@ -2,7 +2,11 @@
 //! expert-cache and KV+state bytes equal the ones `run` reports, and the uniform-routing read estimate follows
 //! from the plan. A budget below top-k is reported, not failed.
 
+mod common;
+
 use std::process::Command;
+
+use common::{mb_after, memory_line};
 
 #[test]
 fn info_plans_what_run_allocates() {
@@ -37,11 +41,8 @@ fn info_plans_what_run_allocates() {
         .expect("run");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    let line = err.lines().find(|l| l.starts_with("memory: peak RSS")).unwrap_or_else(|| panic!("{err}"));
-    let mb = |key: &str| -> f64 {
-        let at = line.find(key).unwrap_or_else(|| panic!("{line}")) + key.len();
-        line[at..].split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"))
-    };
+    let line = memory_line(&err);
+    let mb = |key: &str| mb_after(line, key);
     // `run` prints MB with one decimal.
     let close = |planned: &serde_json::Value, reported: f64| (planned.as_f64().unwrap() / 1e6 - reported).abs() <= 0.06;
     assert!(mb("expert slots") > 1.0 && mb("KV") > 1.0, "{line}");

@@ -2,12 +2,11 @@
 //! trunk + B + KV + a small fixed overhead. Uses a one-layer model of Qwen3-30B-A3B's real width (0.7 GB:
 //! a 350 MB trunk and 340 MB of experts) and a 64 MiB budget, so holding every expert would break the bound.
 
+mod common;
+
 use std::process::Command;
 
-fn mb_after(line: &str, key: &str) -> f64 {
-    let at = line.find(key).unwrap_or_else(|| panic!("no `{key}` in {line}")) + key.len();
-    line[at..].split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"))
-}
+use common::{mb_after, memory_line};
 
 #[test]
 fn peak_rss_stays_within_trunk_plus_budget_plus_kv() {
@@ -27,7 +26,7 @@ fn peak_rss_stays_within_trunk_plus_budget_plus_kv() {
         .expect("run");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    let line = err.lines().find(|l| l.starts_with("memory: peak RSS")).unwrap_or_else(|| panic!("{err}"));
+    let line = memory_line(&err);
     let peak = mb_after(line, "peak RSS");
     let trunk = mb_after(line, "trunk");
     let slots = mb_after(line, "expert slots");
