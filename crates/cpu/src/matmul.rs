@@ -186,6 +186,16 @@ fn q8_part(q8: &[Q8Block], cols: usize, i: usize) -> &[Q8Block] {
 /// `act.q8` is empty or holds `act.x`'s blocks, and the CPU supports the kernel's instruction set.
 type RowDot = unsafe fn(&RowRef<'_>, &Act<'_>) -> f32;
 
+/// A 2-row × 4-token q8 tile kernel (`out[r][t] = rows[r] · acts[t]`), bit-identical per pair to the table's
+/// [`RowDot`]; returns false (computing nothing) for encodings it does not cover. Safety contract: both rows come
+/// from one validated view, every `acts[t]` holds the q8 blocks of that view's column count, and the CPU supports
+/// the kernel's instruction set.
+type TileDot = unsafe fn(&[RowRef<'_>; 2], &[&[Q8Block]; 4], &mut [[f32; 4]; 2]) -> bool;
+
+/// Four rows × one q8 activation (decode), bit-identical per row to the table's [`RowDot`]; same contract as
+/// [`TileDot`].
+type Rows4Dot = unsafe fn(&[RowRef<'_>; 4], &[Q8Block], &mut [f32; 4]) -> bool;
+
 /// How activations enter the dot products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Activations {
@@ -245,6 +255,10 @@ pub struct Dispatch {
     isa: Isa,
     activations: Activations,
     row_dot: RowDot,
+    /// Multi-token kernel for `gemm` (prefill); q8 tables on x86 only.
+    tile: Option<TileDot>,
+    /// Multi-row kernel for the one-token paths (decode); q8 tables on x86 only.
+    rows4: Option<Rows4Dot>,
 }
 
 impl std::fmt::Debug for Dispatch {
@@ -270,23 +284,27 @@ impl Dispatch {
             // The ISAs of other architectures (unsupported, so already refused above).
             _ => return None,
         };
-        Some(Dispatch { isa, activations: Activations::F32, row_dot })
+        Some(Dispatch { isa, activations: Activations::F32, row_dot, tile: None, rows4: None })
     }
 
     /// The q8-activation table for `isa`, or `None` when the CPU lacks it (AVX2 uses `maddubs`; AVX-512 needs
     /// VNNI; NEON needs `dotprod` for `sdot`). There is no scalar q8 table: the f32 reference is what q8 is
     /// checked against.
     pub fn new_q8(isa: Isa) -> Option<Dispatch> {
-        let row_dot: RowDot = match isa {
+        let (row_dot, tile, rows4): (RowDot, Option<TileDot>, Option<Rows4Dot>) = match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 if x86::has_avx2() => x86::avx2::row_dot_q8,
+            Isa::Avx2 if x86::has_avx2() => {
+                (x86::avx2::row_dot_q8, Some(x86::avx2::tile_q8), Some(x86::avx2::rows4_q8))
+            }
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 if x86::has_avx512_vnni() => x86::avx512::row_dot_q8,
+            Isa::Avx512 if x86::has_avx512_vnni() => {
+                (x86::avx512::row_dot_q8, Some(x86::avx512::tile_q8), Some(x86::avx512::rows4_q8))
+            }
             #[cfg(target_arch = "aarch64")]
-            Isa::Neon if arm::has_dotprod() => arm::row_dot_q8,
+            Isa::Neon if arm::has_dotprod() => (arm::row_dot_q8, None, None),
             _ => return None,
         };
-        Some(Dispatch { isa, activations: Activations::Q8, row_dot })
+        Some(Dispatch { isa, activations: Activations::Q8, row_dot, tile, rows4 })
     }
 
     /// Every table this CPU supports: the f32 ones (reference first), then the q8 ones.
@@ -337,7 +355,7 @@ impl Dispatch {
 
     /// The reference table, available everywhere.
     pub fn scalar() -> Dispatch {
-        Dispatch { isa: Isa::Scalar, activations: Activations::F32, row_dot: scalar_row_dot }
+        Dispatch { isa: Isa::Scalar, activations: Activations::F32, row_dot: scalar_row_dot, tile: None, rows4: None }
     }
 
     pub fn isa(&self) -> Isa {
@@ -359,6 +377,20 @@ impl Dispatch {
         let per = rows_per_task(w.rows, row_cost(w), pool.n_threads());
         let out = OutPtr(y.as_mut_ptr());
         with_q8(self.q8(), x, w.cols, |q8| {
+            if let Some(rows4) = self.rows4_for(w, q8) {
+                pool.run(w.rows.div_ceil(per), &|t| {
+                    let band = t * per..((t + 1) * per).min(w.rows);
+                    for r0 in band.clone().step_by(4) {
+                        // SAFETY: rows of the validated view, `q8` holds x's blocks; the table's ISA is supported.
+                        let res = unsafe { dot_rows4(rows4, |i| w.row((r0 + i).min(band.end - 1)), q8) };
+                        for (i, &v) in res.iter().enumerate().take(band.end - r0) {
+                            // SAFETY: r0 + i < band.end ≤ rows = y.len(); rows of `band` belong to this task.
+                            unsafe { out.write(r0 + i, v) };
+                        }
+                    }
+                });
+                return;
+            }
             let act = Act { x, q8 };
             pool.run(w.rows.div_ceil(per), &|t| {
                 for r in t * per..((t + 1) * per).min(w.rows) {
@@ -371,8 +403,10 @@ impl Dispatch {
     }
 
     /// `y[t, r] = Σ_c W[r,c]·x[t,c]` for `n` tokens (`x` is `n × cols`, `y` is `n × rows`, both row-major).
-    /// Each task walks its rows once and applies every row to all `n` tokens while it is in L1, so weights are
-    /// read from memory once per call, not `n` times.
+    /// Each task owns a band of rows (≤ [`TASK_BYTES`] of weights, so the band stays in L1/L2) and applies it to
+    /// all `n` tokens, so weights are read from memory once per call, not `n` times. With a tile kernel (q8 on
+    /// x86) the band is walked 2 rows × 4 tokens at a time: each weight block is unpacked once per 4 tokens and
+    /// each activation block loaded once per 2 rows. Results equal `gemv` per token bit for bit either way.
     pub fn gemm(
         &self,
         pool: &ThreadPool,
@@ -390,6 +424,14 @@ impl Dispatch {
         let per = rows_per_task(w.rows, row_cost(w), pool.n_threads());
         let out = OutPtr(y.as_mut_ptr());
         with_q8(self.q8(), x, w.cols, |q8| {
+            if let Some(tile) = self.tile.filter(|_| !q8.is_empty() && n > 1 && tile_covers(w.encoding)) {
+                pool.run(w.rows.div_ceil(per), &|t| {
+                    // SAFETY: rows from the validated view, q8 blocks of its columns; the table's ISA is supported.
+                    let done = unsafe { gemm_band_tiled(tile, w, q8, n, t * per..((t + 1) * per).min(w.rows), out) };
+                    debug_assert!(done, "tile_covers and the tile kernels disagree");
+                });
+                return;
+            }
             pool.run(w.rows.div_ceil(per), &|t| {
                 for r in t * per..((t + 1) * per).min(w.rows) {
                     let row = w.row(r);
@@ -427,6 +469,17 @@ impl Dispatch {
         check_len("x", first.cols, x.len())?;
         check_len("out", slots.len() * inter, out.len())?;
         with_q8(self.q8(), x, first.cols, |q8| {
+            if let Some(rows4) = self.rows4_for(first, q8) {
+                // Gate and up rows i, i+1 of one expert per call; the pair's second half is dropped at a band end.
+                return self.swiglu_tasks2(pool, slots.len(), inter, 2 * row_cost(first), out, &|j, i, last| {
+                    let w = &slots[j];
+                    let i1 = (i + 1).min(last);
+                    let rows = [i, i1, inter + i, inter + i1];
+                    // SAFETY: rows of a validated view, `q8` holds x's blocks; the table's ISA is supported.
+                    let r = unsafe { dot_rows4(rows4, |q| w.row(rows[q]), q8) };
+                    [(r[0], r[2]), (r[1], r[3])]
+                });
+            }
             let act = Act { x, q8 };
             self.swiglu_tasks(pool, slots.len(), inter, 2 * row_cost(first), out, &|j, i| {
                 let w = &slots[j];
@@ -461,6 +514,41 @@ impl Dispatch {
             })
         });
         Ok(())
+    }
+
+    /// As [`Dispatch::swiglu_tasks`], two rows at a time: `rows(j, i, last)` returns the `(g, u)` pairs of rows
+    /// `i` and `min(i + 1, last)`, `last` being the task's final row.
+    fn swiglu_tasks2(
+        &self,
+        pool: &ThreadPool,
+        k: usize,
+        inter: usize,
+        cost: usize,
+        out: &mut [f32],
+        rows: &(dyn Fn(usize, usize, usize) -> [(f32, f32); 2] + Sync),
+    ) {
+        if inter == 0 {
+            return;
+        }
+        let per = rows_per_task(k * inter, cost, pool.n_threads()).min(inter);
+        let chunks = inter.div_ceil(per);
+        let dst = OutPtr(out.as_mut_ptr());
+        pool.run(k * chunks, &|t| {
+            let (j, c) = (t / chunks, t % chunks);
+            let end = ((c + 1) * per).min(inter);
+            for i in (c * per..end).step_by(2) {
+                let pair = rows(j, i, end - 1);
+                for (q, (g, u)) in pair.into_iter().enumerate().take(end - i) {
+                    // SAFETY: j < k and i + q < end ≤ inter, so in bounds; each (j, i) is in one task.
+                    unsafe { dst.write(j * inter + i + q, silu(g) * u) };
+                }
+            }
+        });
+    }
+
+    /// The rows-of-4 kernel when it applies: a q8 table that has one, activations quantized, a covered encoding.
+    fn rows4_for(&self, w: &WeightView, q8: &[Q8Block]) -> Option<Rows4Dot> {
+        self.rows4.filter(|_| !q8.is_empty() && tile_covers(w.encoding))
     }
 
     /// Splits k experts × `inter` rows into tasks and writes `silu(g)·u` for each `(g, u) = rows(j, i)`.
@@ -512,6 +600,27 @@ impl Dispatch {
         let per = rows_per_task(hidden, slots.len() * row_cost(first), pool.n_threads());
         let dst = OutPtr(out.as_mut_ptr());
         with_q8(self.q8(), h, inter, |q8| {
+            if let Some(rows4) = self.rows4_for(first, q8) {
+                pool.run(hidden.div_ceil(per), &|t| {
+                    let band = t * per..((t + 1) * per).min(hidden);
+                    for r0 in band.clone().step_by(4) {
+                        let mut acc = [0f32; 4];
+                        for (j, (w, &wt)) in slots.iter().zip(weights).enumerate() {
+                            let row = |i: usize| w.row((r0 + i).min(band.end - 1));
+                            // SAFETY: rows of validated views, q8 blocks of expert j's activations.
+                            let res = unsafe { dot_rows4(rows4, row, q8_part(q8, inter, j)) };
+                            for (a, v) in acc.iter_mut().zip(res) {
+                                *a += wt * v;
+                            }
+                        }
+                        for (i, &v) in acc.iter().enumerate().take(band.end - r0) {
+                            // SAFETY: r0 + i < band.end ≤ hidden = out.len(); rows of `band` are this task's.
+                            unsafe { dst.write(r0 + i, v) };
+                        }
+                    }
+                });
+                return;
+            }
             pool.run(hidden.div_ceil(per), &|t| {
                 for r in t * per..((t + 1) * per).min(hidden) {
                     let mut acc = 0f32;
@@ -526,6 +635,68 @@ impl Dispatch {
         });
         Ok(())
     }
+}
+
+/// Four rows (`row(0..4)`) dotted with one token's q8 blocks.
+///
+/// # Safety
+/// As [`Rows4Dot`]; `rows4` must cover the rows' encoding (checked by [`tile_covers`] before).
+#[inline]
+unsafe fn dot_rows4<'a>(rows4: Rows4Dot, row: impl Fn(usize) -> RowRef<'a>, q8: &[Q8Block]) -> [f32; 4] {
+    let mut res = [0f32; 4];
+    // SAFETY: guaranteed by the caller.
+    let done = unsafe { rows4(&[row(0), row(1), row(2), row(3)], q8, &mut res) };
+    debug_assert!(done, "tile_covers and the tile kernels disagree");
+    res
+}
+
+/// The encodings the x86 tile kernels cover (the others run row by row).
+fn tile_covers(e: Encoding) -> bool {
+    matches!(
+        e,
+        Encoding::Ggml(
+            moestream_quant::GgmlType::Q4_0
+                | moestream_quant::GgmlType::Q8_0
+                | moestream_quant::GgmlType::Q4K
+                | moestream_quant::GgmlType::Q6K
+        )
+    ) || matches!(e, Encoding::MlxAffine { params, .. } if params.bits == 4)
+}
+
+/// One task of a tiled `gemm`: rows `band` × all `n` tokens, 4 tokens (outer) by 2 rows (inner), so the band's
+/// weights are reused from cache for every token group while the group's activations sit in L1. Odd rows and a
+/// short last token group are padded by repeating the last row or token; padded results are dropped. Returns
+/// false when the tile kernel does not cover the encoding (nothing written).
+///
+/// # Safety
+/// `tile` is a kernel the CPU supports, `w` is validated, `q8` holds `n` tokens' blocks of `w.cols` columns, `out`
+/// points at `n × w.rows` floats, and no other task writes rows of `band`.
+unsafe fn gemm_band_tiled(
+    tile: TileDot,
+    w: &WeightView,
+    q8: &[Q8Block],
+    n: usize,
+    band: std::ops::Range<usize>,
+    out: OutPtr,
+) -> bool {
+    let mut res = [[0f32; 4]; 2];
+    for t0 in (0..n).step_by(4) {
+        let acts: [&[Q8Block]; 4] = std::array::from_fn(|i| q8_part(q8, w.cols, (t0 + i).min(n - 1)));
+        for r0 in band.clone().step_by(2) {
+            let r1 = (r0 + 1).min(band.end - 1);
+            // SAFETY: guaranteed by the caller.
+            if !unsafe { tile(&[w.row(r0), w.row(r1)], &acts, &mut res) } {
+                return false;
+            }
+            for (i, row_res) in res.iter().enumerate().take(band.end - r0).take(2) {
+                for (j, &v) in row_res.iter().enumerate().take(n - t0) {
+                    // SAFETY: (t0 + j) < n and r0 + i < band.end ≤ rows; rows of `band` belong to this task.
+                    unsafe { out.write((t0 + j) * w.rows + r0 + i, v) };
+                }
+            }
+        }
+    }
+    true
 }
 
 /// The reference kernel as a [`RowDot`] (it is safe; the pointer type is not).

@@ -85,7 +85,7 @@ fn gemm_equals_gemv_per_token() {
         let cols = cols_list[cols_list.len() - 1];
         let w = make_weight(encoding, 19, cols, &mut rng);
         for d in Dispatch::supported() {
-            for n in [0, 1, 3, 5] {
+            for n in [0, 1, 2, 3, 4, 5, 8, 13] {
                 let x = rng.vec(n * cols);
                 let mut y = vec![f32::NAN; n * 19];
                 d.gemm(&pool, &w.view(), &x, n, &mut y).expect("valid shapes");

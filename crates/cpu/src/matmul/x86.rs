@@ -30,6 +30,34 @@ pub(super) fn has_avx512() -> bool {
 
 use moestream_quant::ggml::scale_min_k4;
 
+/// Every f16 bit pattern as f32 (256 KiB, built at compile time), for block scales: ggml's approach. F16C's
+/// one-lane `vcvtph2ps` is lowered by LLVM into a false dependency on the accumulator (measured: q8 Q8_0 gemv at
+/// 6.8 GB/s instead of 14), and the branchy integer decoder costs ~10 ops per block.
+static F16_TABLE: [f32; 65536] = {
+    let mut t = [0f32; 65536];
+    let mut h = 0usize;
+    while h < 65536 {
+        t[h] = f16_const(h as u32);
+        h += 1;
+    }
+    t
+};
+
+/// f16 bits → f32, exact (subnormals, infinities and NaN payloads included); usable in const context.
+const fn f16_const(h: u32) -> f32 {
+    let sign = (h & 0x8000) << 16;
+    let (exp, man) = ((h >> 10) & 0x1f, h & 0x3ff);
+    if exp == 0 {
+        // Zero or subnormal: man · 2⁻²⁴, exact.
+        let v = man as f32 * (1.0 / 16_777_216.0);
+        if sign != 0 { -v } else { v }
+    } else if exp == 0x1f {
+        f32::from_bits(sign | 0x7f80_0000 | (man << 13))
+    } else {
+        f32::from_bits(sign | ((exp + 112) << 23) | (man << 13))
+    }
+}
+
 macro_rules! kernels {
     ($feat:literal) => {
         use moestream_quant::{Encoding, FloatType, GgmlType};
@@ -57,11 +85,12 @@ macro_rules! kernels {
             }
         }
 
+        /// Block scales through [`super::F16_TABLE`]: one load instead of `f16`'s branches, on the per-block path.
         #[inline]
         #[target_feature(enable = $feat)]
         unsafe fn f16_at(p: *const u8) -> f32 {
-            // SAFETY: the caller guarantees two readable bytes.
-            f16(unsafe { p.cast::<u16>().read_unaligned() })
+            // SAFETY: the caller guarantees two readable bytes; every u16 indexes the 65,536-entry table.
+            unsafe { *super::F16_TABLE.get_unchecked(usize::from(p.cast::<u16>().read_unaligned())) }
         }
 
         /// Value `i` of a little-endian float array (MLX scales and biases).
@@ -385,11 +414,263 @@ macro_rules! q8_kernels {
                     Encoding::Ggml(GgmlType::Q8_0) => q8_q8_0(row.data, act.q8),
                     Encoding::Ggml(GgmlType::Q4_0) => q8_q4_0(row.data, act.q8),
                     Encoding::Ggml(GgmlType::Q4K) => q8_q4_k(row.data, act.q8),
+                    Encoding::Ggml(GgmlType::Q6K) => tile_q6_k([row.data], &[act.q8])[0][0],
                     Encoding::MlxAffine { params, scale_type } if params.bits == 4 => {
                         q8_mlx4(row, params.group_size, scale_type, act.q8)
                     }
                     _ => row_dot(row, act),
                 }
+            }
+        }
+
+        /// Tile entry of the q8 table: `out[r][t] = rows[r] · acts[t]` for 2 rows × 4 token activations, each
+        /// value bit-identical to `row_dot_q8` on the same pair (same per-pair operation order), so prefill
+        /// (`gemm`) and decode (`gemv`) agree exactly. Unpacks each weight block once for 4 tokens and loads each
+        /// activation block once for 2 rows. Returns false, computing nothing, for encodings without a tile.
+        ///
+        /// # Safety
+        /// Both rows come from one validated view; every `acts[t]` holds the q8 blocks of that view's column count.
+        #[target_feature(enable = $feat)]
+        pub(crate) unsafe fn tile_q8(rows: &[RowRef<'_>; 2], acts: &[&[Q8Block]; 4], out: &mut [[f32; 4]; 2]) -> bool {
+            // SAFETY: as for `row_dot_q8`, per row and per activation.
+            unsafe {
+                match rows[0].encoding {
+                    Encoding::Ggml(GgmlType::Q4_0) => *out = tile_q4_0([rows[0].data, rows[1].data], acts),
+                    Encoding::Ggml(GgmlType::Q8_0) => *out = tile_q8_0([rows[0].data, rows[1].data], acts),
+                    Encoding::Ggml(GgmlType::Q4K) => *out = tile_q4_k([rows[0].data, rows[1].data], acts),
+                    Encoding::Ggml(GgmlType::Q6K) => *out = tile_q6_k([rows[0].data, rows[1].data], acts),
+                    Encoding::MlxAffine { params, scale_type } if params.bits == 4 => {
+                        *out = tile_mlx4(rows, params.group_size, scale_type, acts)
+                    }
+                    _ => return false,
+                }
+            }
+            true
+        }
+
+        /// Four rows × one activation: the decode form of [`tile_q8`] (one activation load per 4 rows, one call
+        /// per 4 rows), bit-identical per row to `row_dot_q8`. Returns false for encodings without a tile.
+        ///
+        /// # Safety
+        /// As [`tile_q8`], with `act` the q8 blocks of the view's column count.
+        #[target_feature(enable = $feat)]
+        pub(crate) unsafe fn rows4_q8(rows: &[RowRef<'_>; 4], act: &[Q8Block], out: &mut [f32; 4]) -> bool {
+            let d = |r: usize| rows[r].data;
+            // SAFETY: as for `row_dot_q8`, per row.
+            let res: [[f32; 1]; 4] = unsafe {
+                match rows[0].encoding {
+                    Encoding::Ggml(GgmlType::Q4_0) => tile_q4_0([d(0), d(1), d(2), d(3)], &[act]),
+                    Encoding::Ggml(GgmlType::Q8_0) => tile_q8_0([d(0), d(1), d(2), d(3)], &[act]),
+                    Encoding::Ggml(GgmlType::Q4K) => tile_q4_k([d(0), d(1), d(2), d(3)], &[act]),
+                    Encoding::Ggml(GgmlType::Q6K) => tile_q6_k([d(0), d(1), d(2), d(3)], &[act]),
+                    Encoding::MlxAffine { params, scale_type } if params.bits == 4 => {
+                        tile_mlx4(rows, params.group_size, scale_type, &[act])
+                    }
+                    _ => return false,
+                }
+            };
+            *out = res.map(|r| r[0]);
+            true
+        }
+
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn hsum_tile<const R: usize, const T: usize>(acc: [[__m256; T]; R]) -> [[f32; T]; R] {
+            acc.map(|row| row.map(|a| hsum8(a)))
+        }
+
+        /// The tile form of `q8_q4_0`.
+        #[target_feature(enable = $feat)]
+        unsafe fn tile_q4_0<const R: usize, const T: usize>(w: [&[u8]; R], q8: &[&[Q8Block]; T]) -> [[f32; T]; R] {
+            // SAFETY: every `w[r]` holds q8[t].len() blocks of 18 bytes (one view, one column count).
+            unsafe {
+                let m4 = _mm_set1_epi8(0x0f);
+                let mut acc = [[_mm256_setzero_ps(); T]; R];
+                for b in 0..q8[0].len() {
+                    let xb: [&Q8Block; T] = core::array::from_fn(|t| q8[t].get_unchecked(b));
+                    let xv: [__m256i; T] = core::array::from_fn(|t| load_q8(xb[t]));
+                    for r in 0..R {
+                        let blk = w[r].as_ptr().add(18 * b);
+                        let dw = f16_at(blk);
+                        let qs = _mm_loadu_si128(blk.add(2).cast());
+                        let q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(qs), m4), _mm_and_si128(qs, m4));
+                        for t in 0..T {
+                            let d = dw * xb[t].d;
+                            let i = dot32(q, xv[t]);
+                            let i = _mm256_sub_epi32(i, _mm256_zextsi128_si256(_mm_cvtsi32_si128(8 * xb[t].qsum)));
+                            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(d), acc[r][t]);
+                        }
+                    }
+                }
+                hsum_tile(acc)
+            }
+        }
+
+        /// The tile form of `q8_q8_0`.
+        #[target_feature(enable = $feat)]
+        unsafe fn tile_q8_0<const R: usize, const T: usize>(w: [&[u8]; R], q8: &[&[Q8Block]; T]) -> [[f32; T]; R] {
+            // SAFETY: every `w[r]` holds q8[t].len() blocks of 34 bytes.
+            unsafe {
+                let mut acc = [[_mm256_setzero_ps(); T]; R];
+                for b in 0..q8[0].len() {
+                    let xb: [&Q8Block; T] = core::array::from_fn(|t| q8[t].get_unchecked(b));
+                    let xv: [__m256i; T] = core::array::from_fn(|t| load_q8(xb[t]));
+                    for r in 0..R {
+                        let blk = w[r].as_ptr().add(34 * b);
+                        let dw = f16_at(blk);
+                        let wq = _mm256_loadu_si256(blk.add(2).cast());
+                        let aw = _mm256_abs_epi8(wq);
+                        for t in 0..T {
+                            let d = dw * xb[t].d;
+                            let i = dot32(aw, _mm256_sign_epi8(xv[t], wq));
+                            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(d), acc[r][t]);
+                        }
+                    }
+                }
+                hsum_tile(acc)
+            }
+        }
+
+        /// The tile form of `q8_q4_k`.
+        #[target_feature(enable = $feat)]
+        unsafe fn tile_q4_k<const R: usize, const T: usize>(w: [&[u8]; R], q8: &[&[Q8Block]; T]) -> [[f32; T]; R] {
+            // SAFETY: every `w[r]` holds q8[t].len()/8 blocks of 144 bytes.
+            unsafe {
+                let m4 = _mm256_set1_epi8(0x0f);
+                let mut acc = [[_mm256_setzero_ps(); T]; R];
+                let mut mins = [[0f32; T]; R];
+                for sb in 0..q8[0].len() / 8 {
+                    for r in 0..R {
+                        let blk = &w[r][144 * sb..144 * (sb + 1)];
+                        let d = f16_at(blk.as_ptr());
+                        let dmin = f16_at(blk.as_ptr().add(2));
+                        let (sc, mn) = scale_min_k4(&blk[4..16]);
+                        let qs = blk.as_ptr().add(16);
+                        for c in 0..4 {
+                            let q = _mm256_loadu_si256(qs.add(32 * c).cast());
+                            let (ql, qh) = (_mm256_and_si256(q, m4), _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4));
+                            for t in 0..T {
+                                let (x0, x1) =
+                                    (q8[t].get_unchecked(8 * sb + 2 * c), q8[t].get_unchecked(8 * sb + 2 * c + 1));
+                                let lo = dot32(ql, load_q8(x0));
+                                let hi = dot32(qh, load_q8(x1));
+                                let s0 = d * f32::from(sc[2 * c]) * x0.d;
+                                let s1 = d * f32::from(sc[2 * c + 1]) * x1.d;
+                                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(s0), acc[r][t]);
+                                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(s1), acc[r][t]);
+                                mins[r][t] +=
+                                    dmin * f32::from(mn[2 * c]) * x0.xsum + dmin * f32::from(mn[2 * c + 1]) * x1.xsum;
+                            }
+                        }
+                    }
+                }
+                let sums = hsum_tile(acc);
+                core::array::from_fn(|r| core::array::from_fn(|t| sums[r][t] - mins[r][t]))
+            }
+        }
+
+        /// Q6_K × q8 as a tile (the one-pair kernel is `tile_q6_k::<1, 1>`): codes unpacked unsigned (0..63) in
+        /// element order (the layout `dot_q6_k` describes), `Σ(q−32)·x = Σq·x − 32·Σx` per 4-lane, then the two
+        /// 16-element sub-block scales applied as an integer lane vector, then `d·d_x` per q8 block in f32.
+        #[target_feature(enable = $feat)]
+        unsafe fn tile_q6_k<const R: usize, const T: usize>(w: [&[u8]; R], q8: &[&[Q8Block]; T]) -> [[f32; T]; R] {
+            // SAFETY: every `w[r]` holds q8[t].len()/8 blocks of 210 bytes.
+            unsafe {
+                let (m4, m3) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3));
+                let e32 = _mm256_set1_epi8(32);
+                let mut acc = [[_mm256_setzero_ps(); T]; R];
+                for sb in 0..q8[0].len() / 8 {
+                    // 32·Σx per 4 activations of each q8 block of this super-block, shared by all rows.
+                    let xs: [[__m256i; 8]; T] = core::array::from_fn(|t| {
+                        core::array::from_fn(|b| dot32(e32, load_q8(q8[t].get_unchecked(8 * sb + b))))
+                    });
+                    for r in 0..R {
+                        let bp = w[r].as_ptr().add(210 * sb);
+                        let d = f16_at(bp.add(208));
+                        let sc = bp.add(192).cast::<i8>();
+                        for h in 0..2 {
+                            let a = _mm256_loadu_si256(bp.add(64 * h).cast());
+                            let b = _mm256_loadu_si256(bp.add(64 * h + 32).cast());
+                            let qh = _mm256_loadu_si256(bp.add(128 + 32 * h).cast());
+                            let high = |v: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(v, m3));
+                            let quarters = [
+                                _mm256_or_si256(_mm256_and_si256(a, m4), high(qh)),
+                                _mm256_or_si256(_mm256_and_si256(b, m4), high(_mm256_srli_epi16::<2>(qh))),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16::<4>(a), m4),
+                                    high(_mm256_srli_epi16::<4>(qh)),
+                                ),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16::<4>(b), m4),
+                                    high(_mm256_srli_epi16::<6>(qh)),
+                                ),
+                            ];
+                            for (k, q) in quarters.into_iter().enumerate() {
+                                let s = 8 * h + 2 * k;
+                                let scv = _mm256_set_m128i(
+                                    _mm_set1_epi32(i32::from(*sc.add(s + 1))),
+                                    _mm_set1_epi32(i32::from(*sc.add(s))),
+                                );
+                                let b = 4 * h + k;
+                                for t in 0..T {
+                                    let xb = q8[t].get_unchecked(8 * sb + b);
+                                    let i = _mm256_sub_epi32(dot32(q, load_q8(xb)), xs[t][b]);
+                                    let i = _mm256_mullo_epi32(i, scv);
+                                    acc[r][t] =
+                                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(d * xb.d), acc[r][t]);
+                                }
+                            }
+                        }
+                    }
+                }
+                hsum_tile(acc)
+            }
+        }
+
+        /// The tile form of `q8_mlx4`.
+        #[target_feature(enable = $feat)]
+        unsafe fn tile_mlx4<const R: usize, const T: usize>(
+            rows: &[RowRef<'_>; R],
+            gs: usize,
+            st: FloatType,
+            q8: &[&[Q8Block]; T],
+        ) -> [[f32; T]; R] {
+            // SAFETY: every row holds 16 bytes per q8 block; scales and biases one value per group.
+            unsafe {
+                let m4 = _mm_set1_epi8(0x0f);
+                let mut acc = [[_mm256_setzero_ps(); T]; R];
+                let mut off = [[0f32; T]; R];
+                let per_group = gs / 32;
+                for g in 0..q8[0].len() / per_group {
+                    let mut xsum = [0f32; T];
+                    for t in 0..T {
+                        for xb in &q8[t][g * per_group..(g + 1) * per_group] {
+                            xsum[t] += xb.xsum;
+                        }
+                    }
+                    for r in 0..R {
+                        let scale = float_at(st, rows[r].scales, g);
+                        let codes = rows[r].data.as_ptr().add(16 * per_group * g);
+                        for k in 0..per_group {
+                            let v = _mm_loadu_si128(codes.add(16 * k).cast());
+                            let lo = _mm_and_si128(v, m4);
+                            let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), m4);
+                            let q = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+                            for t in 0..T {
+                                let xb = q8[t].get_unchecked(g * per_group + k);
+                                let i = dot32(q, load_q8(xb));
+                                acc[r][t] =
+                                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(scale * xb.d), acc[r][t]);
+                            }
+                        }
+                        let bias = float_at(st, rows[r].biases, g);
+                        for t in 0..T {
+                            off[r][t] += bias * xsum[t];
+                        }
+                    }
+                }
+                let sums = hsum_tile(acc);
+                core::array::from_fn(|r| core::array::from_fn(|t| sums[r][t] + off[r][t]))
             }
         }
 
@@ -670,6 +951,7 @@ mod tests {
             decode_floats(FloatType::F16, &h.to_le_bytes(), &mut want).expect("one f16");
             let same = |got: f32| got.to_bits() == want[0].to_bits() || (got.is_nan() && want[0].is_nan());
             assert!(same(super::avx2::half_to_f32(h)), "tail decoder, bits {h:#06x}");
+            assert!(same(super::F16_TABLE[usize::from(h)]), "block-scale table, bits {h:#06x}");
             if super::has_avx2() {
                 // SAFETY: AVX2/FMA/F16C detected just above.
                 assert!(same(unsafe { super::avx2::f16(h) }), "block-scale decoder, bits {h:#06x}");
