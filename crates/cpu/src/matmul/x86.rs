@@ -283,6 +283,13 @@ macro_rules! kernels {
             }
         }
 
+        /// Q6_K's high bits `(v & 3) << 4` (a fn, not a closure: closures do not inherit target features).
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn q6_high(v: __m256i) -> __m256i {
+            _mm256_slli_epi16::<4>(_mm256_and_si256(v, _mm256_set1_epi8(3)))
+        }
+
         /// Q6_K: 210-byte super-blocks: ql[128], qh[64], i8 scales[16], f16 d last. In half h, the 32 elements
         /// of quarter k take low nibbles from ql[64h..] (k = 0, 2) or ql[64h+32..] (k = 1, 3), low for k < 2 and
         /// high for k ≥ 2, and bits 2k..2k+2 of qh[32h..32h+32]; one scale per 16 elements.
@@ -290,7 +297,7 @@ macro_rules! kernels {
         unsafe fn dot_q6_k(w: &[u8], x: &[f32]) -> f32 {
             // SAFETY: `w` holds x.len()/256 blocks of 210 bytes.
             unsafe {
-                let (m4, m3, e32) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3), _mm256_set1_epi8(32));
+                let (m4, e32) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(32));
                 let (mut a0, mut a1) = (zero(), zero());
                 for (blk, xb) in w.chunks_exact(210).zip(x.chunks_exact(256)) {
                     let bp = blk.as_ptr();
@@ -300,17 +307,16 @@ macro_rules! kernels {
                         let a = _mm256_loadu_si256(bp.add(64 * h).cast());
                         let b = _mm256_loadu_si256(bp.add(64 * h + 32).cast());
                         let qh = _mm256_loadu_si256(bp.add(128 + 32 * h).cast());
-                        let high = |v: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(v, m3));
                         let quarters = [
-                            _mm256_or_si256(_mm256_and_si256(a, m4), high(qh)),
-                            _mm256_or_si256(_mm256_and_si256(b, m4), high(_mm256_srli_epi16::<2>(qh))),
+                            _mm256_or_si256(_mm256_and_si256(a, m4), q6_high(qh)),
+                            _mm256_or_si256(_mm256_and_si256(b, m4), q6_high(_mm256_srli_epi16::<2>(qh))),
                             _mm256_or_si256(
                                 _mm256_and_si256(_mm256_srli_epi16::<4>(a), m4),
-                                high(_mm256_srli_epi16::<4>(qh)),
+                                q6_high(_mm256_srli_epi16::<4>(qh)),
                             ),
                             _mm256_or_si256(
                                 _mm256_and_si256(_mm256_srli_epi16::<4>(b), m4),
-                                high(_mm256_srli_epi16::<6>(qh)),
+                                q6_high(_mm256_srli_epi16::<6>(qh)),
                             ),
                         ];
                         for (k, q) in quarters.into_iter().enumerate() {
@@ -412,7 +418,7 @@ macro_rules! q8_kernels {
                 }
                 match row.encoding {
                     Encoding::Ggml(GgmlType::Q8_0) => q8_q8_0(row.data, act.q8),
-                    Encoding::Ggml(GgmlType::Q4_0) => q8_q4_0(row.data, act.q8),
+                    Encoding::Ggml(GgmlType::Q4_0) => tile_q4_0([row.data], &[act.q8])[0][0],
                     Encoding::Ggml(GgmlType::Q4K) => q8_q4_k(row.data, act.q8),
                     Encoding::Ggml(GgmlType::Q6K) => tile_q6_k([row.data], &[act.q8])[0][0],
                     Encoding::MlxAffine { params, scale_type } if params.bits == 4 => {
@@ -469,26 +475,40 @@ macro_rules! q8_kernels {
                     _ => return false,
                 }
             };
-            *out = res.map(|r| r[0]);
+            for (o, r) in out.iter_mut().zip(res) {
+                *o = r[0];
+            }
             true
         }
 
         #[inline]
         #[target_feature(enable = $feat)]
         fn hsum_tile<const R: usize, const T: usize>(acc: [[__m256; T]; R]) -> [[f32; T]; R] {
-            acc.map(|row| row.map(|a| hsum8(a)))
+            // Loops, not `map`: closures do not inherit target features, and these would be calls.
+            let mut out = [[0f32; T]; R];
+            for r in 0..R {
+                for t in 0..T {
+                    out[r][t] = hsum8(acc[r][t]);
+                }
+            }
+            out
         }
 
-        /// The tile form of `q8_q4_0`.
+        /// Q4_0 × q8, 256-bit: `Σ(q−8)·x = Σq·x − 8·Σx`, the correction exact in integers (one lane). The AVX2 table's Q4_0 kernel; AVX-512 has a 512-bit one.
+        #[allow(dead_code)]
         #[target_feature(enable = $feat)]
-        unsafe fn tile_q4_0<const R: usize, const T: usize>(w: [&[u8]; R], q8: &[&[Q8Block]; T]) -> [[f32; T]; R] {
+        unsafe fn tile_q4_0_ymm<const R: usize, const T: usize>(w: [&[u8]; R], q8: &[&[Q8Block]; T]) -> [[f32; T]; R] {
             // SAFETY: every `w[r]` holds q8[t].len() blocks of 18 bytes (one view, one column count).
             unsafe {
                 let m4 = _mm_set1_epi8(0x0f);
                 let mut acc = [[_mm256_setzero_ps(); T]; R];
                 for b in 0..q8[0].len() {
-                    let xb: [&Q8Block; T] = core::array::from_fn(|t| q8[t].get_unchecked(b));
-                    let xv: [__m256i; T] = core::array::from_fn(|t| load_q8(xb[t]));
+                    let mut xb = [q8[0].get_unchecked(b); T];
+                    let mut xv = [_mm256_setzero_si256(); T];
+                    for t in 0..T {
+                        xb[t] = q8[t].get_unchecked(b);
+                        xv[t] = load_q8(xb[t]);
+                    }
                     for r in 0..R {
                         let blk = w[r].as_ptr().add(18 * b);
                         let dw = f16_at(blk);
@@ -513,8 +533,12 @@ macro_rules! q8_kernels {
             unsafe {
                 let mut acc = [[_mm256_setzero_ps(); T]; R];
                 for b in 0..q8[0].len() {
-                    let xb: [&Q8Block; T] = core::array::from_fn(|t| q8[t].get_unchecked(b));
-                    let xv: [__m256i; T] = core::array::from_fn(|t| load_q8(xb[t]));
+                    let mut xb = [q8[0].get_unchecked(b); T];
+                    let mut xv = [_mm256_setzero_si256(); T];
+                    for t in 0..T {
+                        xb[t] = q8[t].get_unchecked(b);
+                        xv[t] = load_q8(xb[t]);
+                    }
                     for r in 0..R {
                         let blk = w[r].as_ptr().add(34 * b);
                         let dw = f16_at(blk);
@@ -564,8 +588,13 @@ macro_rules! q8_kernels {
                         }
                     }
                 }
-                let sums = hsum_tile(acc);
-                core::array::from_fn(|r| core::array::from_fn(|t| sums[r][t] - mins[r][t]))
+                let mut sums = hsum_tile(acc);
+                for r in 0..R {
+                    for t in 0..T {
+                        sums[r][t] -= mins[r][t];
+                    }
+                }
+                sums
             }
         }
 
@@ -576,14 +605,17 @@ macro_rules! q8_kernels {
         unsafe fn tile_q6_k<const R: usize, const T: usize>(w: [&[u8]; R], q8: &[&[Q8Block]; T]) -> [[f32; T]; R] {
             // SAFETY: every `w[r]` holds q8[t].len()/8 blocks of 210 bytes.
             unsafe {
-                let (m4, m3) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3));
+                let m4 = _mm256_set1_epi8(0x0f);
                 let e32 = _mm256_set1_epi8(32);
                 let mut acc = [[_mm256_setzero_ps(); T]; R];
                 for sb in 0..q8[0].len() / 8 {
                     // 32·Σx per 4 activations of each q8 block of this super-block, shared by all rows.
-                    let xs: [[__m256i; 8]; T] = core::array::from_fn(|t| {
-                        core::array::from_fn(|b| dot32(e32, load_q8(q8[t].get_unchecked(8 * sb + b))))
-                    });
+                    let mut xs = [[_mm256_setzero_si256(); 8]; T];
+                    for t in 0..T {
+                        for b in 0..8 {
+                            xs[t][b] = dot32(e32, load_q8(q8[t].get_unchecked(8 * sb + b)));
+                        }
+                    }
                     for r in 0..R {
                         let bp = w[r].as_ptr().add(210 * sb);
                         let d = f16_at(bp.add(208));
@@ -592,17 +624,16 @@ macro_rules! q8_kernels {
                             let a = _mm256_loadu_si256(bp.add(64 * h).cast());
                             let b = _mm256_loadu_si256(bp.add(64 * h + 32).cast());
                             let qh = _mm256_loadu_si256(bp.add(128 + 32 * h).cast());
-                            let high = |v: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(v, m3));
                             let quarters = [
-                                _mm256_or_si256(_mm256_and_si256(a, m4), high(qh)),
-                                _mm256_or_si256(_mm256_and_si256(b, m4), high(_mm256_srli_epi16::<2>(qh))),
+                                _mm256_or_si256(_mm256_and_si256(a, m4), q6_high(qh)),
+                                _mm256_or_si256(_mm256_and_si256(b, m4), q6_high(_mm256_srli_epi16::<2>(qh))),
                                 _mm256_or_si256(
                                     _mm256_and_si256(_mm256_srli_epi16::<4>(a), m4),
-                                    high(_mm256_srli_epi16::<4>(qh)),
+                                    q6_high(_mm256_srli_epi16::<4>(qh)),
                                 ),
                                 _mm256_or_si256(
                                     _mm256_and_si256(_mm256_srli_epi16::<4>(b), m4),
-                                    high(_mm256_srli_epi16::<6>(qh)),
+                                    q6_high(_mm256_srli_epi16::<6>(qh)),
                                 ),
                             ];
                             for (k, q) in quarters.into_iter().enumerate() {
@@ -669,8 +700,13 @@ macro_rules! q8_kernels {
                         }
                     }
                 }
-                let sums = hsum_tile(acc);
-                core::array::from_fn(|r| core::array::from_fn(|t| sums[r][t] + off[r][t]))
+                let mut sums = hsum_tile(acc);
+                for r in 0..R {
+                    for t in 0..T {
+                        sums[r][t] += off[r][t];
+                    }
+                }
+                sums
             }
         }
 
@@ -684,25 +720,6 @@ macro_rules! q8_kernels {
                     let d = f16_at(blk.as_ptr()) * xb.d;
                     let wq = _mm256_loadu_si256(blk.as_ptr().add(2).cast());
                     let i = dot32(_mm256_abs_epi8(wq), _mm256_sign_epi8(load_q8(xb), wq));
-                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(d), acc);
-                }
-                hsum8(acc)
-            }
-        }
-
-        /// Q4_0 × q8: `Σ(q−8)·x = Σq·x − 8·Σx`, the correction exact in integers (one lane).
-        #[target_feature(enable = $feat)]
-        unsafe fn q8_q4_0(w: &[u8], q8: &[Q8Block]) -> f32 {
-            // SAFETY: `w` holds q8.len() blocks of 18 bytes.
-            unsafe {
-                let m4 = _mm_set1_epi8(0x0f);
-                let mut acc = _mm256_setzero_ps();
-                for (blk, xb) in w.chunks_exact(18).zip(q8) {
-                    let d = f16_at(blk.as_ptr()) * xb.d;
-                    let qs = _mm_loadu_si128(blk.as_ptr().add(2).cast());
-                    let q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(qs), m4), _mm_and_si128(qs, m4));
-                    let i = dot32(q, load_q8(xb));
-                    let i = _mm256_sub_epi32(i, _mm256_zextsi128_si256(_mm_cvtsi32_si128(8 * xb.qsum)));
                     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(d), acc);
                 }
                 hsum8(acc)
@@ -772,6 +789,8 @@ macro_rules! q8_kernels {
 /// 8-lane kernels: AVX2 + FMA + F16C (Haswell and later).
 pub(super) mod avx2 {
     use core::arch::x86_64::*;
+
+    use self::tile_q4_0_ymm as tile_q4_0;
 
     type V = __m256;
     const LANES: usize = 8;
@@ -937,6 +956,79 @@ pub(super) mod avx512 {
 
     kernels!("avx512f,avx512bw,avx512vl,avx2,fma,f16c");
     q8_kernels!("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c");
+
+    /// `[a ×8, b ×8]`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn halves(a: f32, b: f32) -> __m512 {
+        _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(a), _mm512_set1_ps(b))
+    }
+
+    /// Q4_0 × q8, two blocks per 512-bit step: codes of blocks b and b+1 as `[lo₀, hi₀, lo₁, hi₁]` (one
+    /// permute and one variable shift), one `vpdpbusd` per row and token starting from `−8·qsum` in lanes 0 and 8
+    /// (exact), then `cvt` and one FMA with `[d_w·d_x]` per half. Per block the f32 operations are those of the
+    /// 256-bit kernel; only the lane layout of the accumulator (and so the final sum's order) differs. An odd last
+    /// block runs 256-bit.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn tile_q4_0<const R: usize, const T: usize>(w: [&[u8]; R], q8: &[&[Q8Block]; T]) -> [[f32; T]; R] {
+        // SAFETY: every `w[r]` holds q8[t].len() blocks of 18 bytes (one view, one column count).
+        unsafe {
+            let nb = q8[0].len();
+            let m4 = _mm512_set1_epi8(0x0f);
+            let shift = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);
+            let dup = _mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0);
+            let mut acc = [[_mm512_setzero_ps(); T]; R];
+            let mut b = 0;
+            while b + 2 <= nb {
+                // Loops, not `array::from_fn`: closures do not inherit target features and were not inlined.
+                let mut xv = [_mm512_setzero_si512(); T];
+                let mut xd = [_mm512_setzero_ps(); T];
+                let mut corr = [_mm512_setzero_si512(); T];
+                for t in 0..T {
+                    let (x0, x1) = (q8[t].get_unchecked(b), q8[t].get_unchecked(b + 1));
+                    xv[t] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(load_q8(x0)), load_q8(x1));
+                    xd[t] = halves(x0.d, x1.d);
+                    corr[t] =
+                        _mm512_mask_set1_epi32(_mm512_maskz_set1_epi32(0x0001, -8 * x0.qsum), 0x0100, -8 * x1.qsum);
+                }
+                for r in 0..R {
+                    let p = w[r].as_ptr().add(18 * b);
+                    let dw = halves(f16_at(p), f16_at(p.add(18)));
+                    let v = _mm256_set_m128i(_mm_loadu_si128(p.add(20).cast()), _mm_loadu_si128(p.add(2).cast()));
+                    let q = _mm512_permutexvar_epi64(dup, _mm512_castsi256_si512(v));
+                    let q = _mm512_and_si512(_mm512_srlv_epi64(q, shift), m4);
+                    for t in 0..T {
+                        let i = _mm512_dpbusd_epi32(corr[t], q, xv[t]);
+                        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(dw, xd[t]), acc[r][t]);
+                    }
+                }
+                b += 2;
+            }
+            let mut tail = [[_mm256_setzero_ps(); T]; R];
+            if b < nb {
+                let m4 = _mm_set1_epi8(0x0f);
+                for r in 0..R {
+                    let blk = w[r].as_ptr().add(18 * b);
+                    let dw = f16_at(blk);
+                    let qs = _mm_loadu_si128(blk.add(2).cast());
+                    let q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(qs), m4), _mm_and_si128(qs, m4));
+                    for t in 0..T {
+                        let xb = q8[t].get_unchecked(b);
+                        let i = dot32(q, load_q8(xb));
+                        let i = _mm256_sub_epi32(i, _mm256_zextsi128_si256(_mm_cvtsi32_si128(8 * xb.qsum)));
+                        tail[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(dw * xb.d), tail[r][t]);
+                    }
+                }
+            }
+            let mut out = [[0f32; T]; R];
+            for r in 0..R {
+                for t in 0..T {
+                    out[r][t] = _mm512_reduce_add_ps(acc[r][t]) + hsum8(tail[r][t]);
+                }
+            }
+            out
+        }
+    }
 }
 
 #[cfg(test)]
