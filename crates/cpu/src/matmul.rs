@@ -144,12 +144,21 @@ fn quantize_q8(x: &[f32], out: &mut [Q8Block]) {
         let id = if d == 0.0 { 0.0 } else { 1.0 / d };
         let (mut qsum, mut xsum) = (0i32, 0f32);
         for (q, &v) in b.qs.iter_mut().zip(xb) {
-            *q = (v * id).round() as i8;
+            *q = round_half_away(v * id) as i8;
             qsum += i32::from(*q);
             xsum += v;
         }
         (b.d, b.qsum, b.xsum) = (d, qsum, xsum);
     }
+}
+
+/// `r.round()` for `|r| < 2²³` without the libm call `round` becomes on baseline x86-64 (no SSE4.1): truncate,
+/// then step away from zero when the exact remainder is at least one half.
+#[inline]
+fn round_half_away(r: f32) -> i32 {
+    let t = r as i32;
+    let f = r - t as f32;
+    t + i32::from(f >= 0.5) - i32::from(f <= -0.5)
 }
 
 thread_local! {
@@ -810,5 +819,21 @@ impl OutPtr {
     unsafe fn write(self, i: usize, v: f32) {
         // SAFETY: guaranteed by the caller.
         unsafe { *self.0.add(i) = v };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Against `f32::round` on every value the q8 quantizer can produce (|r| ≤ 127.5), halves and their
+    /// neighbours included.
+    #[test]
+    fn round_half_away_equals_round() {
+        let mut r = -128.0f32;
+        while r <= 128.0 {
+            for v in [r, r.next_up(), r.next_down()] {
+                assert_eq!(super::round_half_away(v), v.round() as i32, "{v}");
+            }
+            r += 1.0 / 64.0;
+        }
     }
 }
