@@ -1,6 +1,7 @@
 //! `moestream bench`: prefill and decode speed of one model with the engine flags given, for people (a table) and
-//! scripts (`--json`): prefill tok/s, decode tok/s, time to first token, expert-cache hit rate, bytes read per
-//! token and read latency, over `--repeat` runs, cold and warm reported apart, as medians with min–max spread.
+//! scripts (`--json`): prefill tok/s, decode tok/s, time to first token, expert-cache hit rate, routing reuse (the
+//! share of a decode token's top-k that repeat the previous token's, per MoE layer), bytes read per token and read
+//! latency, over `--repeat` runs, cold and warm reported apart, as medians with min–max spread.
 //!
 //! A cold run starts from a freshly loaded model (empty expert cache) after dropping the page cache (needs root:
 //! without it the run is labelled `cold (page cache kept)`); a warm run repeats the same work on the model the
@@ -19,6 +20,7 @@ struct Sample {
     decode_tok_s: f64,
     ttft_s: f64,
     hit_rate: f64,
+    routing_reuse: f64,
     read_bytes_per_token: f64,
     read_latency_p50_us: u64,
     read_latency_p99_us: u64,
@@ -49,6 +51,7 @@ struct Summary {
     decode_tok_s: Spread,
     ttft_s: Spread,
     hit_rate: Spread,
+    routing_reuse: Spread,
     read_bytes_per_token: Spread,
     read_latency_p50_us: Spread,
     read_latency_p99_us: Spread,
@@ -62,6 +65,7 @@ fn summarize(s: &[Sample]) -> Summary {
         decode_tok_s: spread(s.iter().map(|x| x.decode_tok_s)),
         ttft_s: spread(s.iter().map(|x| x.ttft_s)),
         hit_rate: spread(s.iter().map(|x| x.hit_rate)),
+        routing_reuse: spread(s.iter().map(|x| x.routing_reuse)),
         read_bytes_per_token: spread(s.iter().map(|x| x.read_bytes_per_token)),
         read_latency_p50_us: spread(s.iter().map(|x| x.read_latency_p50_us as f64)),
         read_latency_p99_us: spread(s.iter().map(|x| x.read_latency_p99_us as f64)),
@@ -74,6 +78,8 @@ pub struct BenchArgs<'a> {
     pub gen_tokens: usize,
     pub repeat: usize,
     pub ctx: usize,
+    /// The model file's `--routing-skew` label, if any (reported as is).
+    pub routing_skew: Option<f32>,
     pub load: &'a dyn Fn() -> Result<Qwen3Moe>,
 }
 
@@ -100,6 +106,7 @@ fn one_run(m: &Qwen3Moe, prompt: &[u32], n_gen: usize, ctx: usize) -> Result<Sam
         decode_tok_s: n_gen.saturating_sub(1) as f64 / decode.max(1e-9),
         ttft_s: ttft,
         hit_rate: st.hit_rate(),
+        routing_reuse: s.routing_reuse().rate(),
         read_bytes_per_token: st.bytes_read as f64 / tokens,
         read_latency_p50_us: st.latency_percentile_us(50.0),
         read_latency_p99_us: st.latency_percentile_us(99.0),
@@ -137,25 +144,33 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
             "gen_tokens": a.gen_tokens,
             "vocab_size": vocab,
             "page_cache_dropped": dropped,
+            "synthetic_routing_skew": a.routing_skew,
             "cold": summarize(&cold),
             "warm": summarize(&warm),
         });
         println!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(());
     }
-    println!("{} prompt tokens, {} generated, {} repeats; median [min–max]", a.prompt_tokens, a.gen_tokens, a.repeat);
-    println!("| run | prefill tok/s | decode tok/s | TTFT s | hit rate % | read MB/token | read p50/p99 µs |");
-    println!("|---|---|---|---|---|---|---|");
+    let skew = a.routing_skew.map(|s| format!("; synthetic routing skew {s}")).unwrap_or_default();
+    println!(
+        "{} prompt tokens, {} generated, {} repeats; median [min–max]{skew}",
+        a.prompt_tokens, a.gen_tokens, a.repeat
+    );
+    println!(
+        "| run | prefill tok/s | decode tok/s | TTFT s | hit rate % | routing reuse % | read MB/token | read p50/p99 µs |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for (label, s) in [(cold_label, summarize(&cold)), ("warm", summarize(&warm))] {
         let f = |x: &Spread, scale: f64, prec: usize| {
             format!("{:.p$} [{:.p$}–{:.p$}]", x.median * scale, x.min * scale, x.max * scale, p = prec)
         };
         println!(
-            "| {label} | {} | {} | {} | {} | {} | {:.0}/{:.0} |",
+            "| {label} | {} | {} | {} | {} | {} | {} | {:.0}/{:.0} |",
             f(&s.prefill_tok_s, 1.0, 2),
             f(&s.decode_tok_s, 1.0, 2),
             f(&s.ttft_s, 1.0, 3),
             f(&s.hit_rate, 100.0, 1),
+            f(&s.routing_reuse, 100.0, 1),
             f(&s.read_bytes_per_token, 1e-6, 1),
             s.read_latency_p50_us.median,
             s.read_latency_p99_us.median,

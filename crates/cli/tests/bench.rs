@@ -39,6 +39,12 @@ fn bench_reports_cold_and_warm_runs() {
             }
         }
     }
+    // Routing reuse is a share of decode choices, one per run (its exact count is tested in models).
+    for j in [&all, &small] {
+        let r = &j["warm"]["routing_reuse"];
+        assert!(r["min"].as_f64().is_some_and(|x| x >= 0.0) && r["max"].as_f64().is_some_and(|x| x <= 1.0), "{r}");
+        assert_eq!(j["synthetic_routing_skew"], serde_json::Value::Null);
+    }
     // 8 of 8 slots: everything was read at load, so runs read nothing and always hit.
     assert_eq!(all["cold"]["read_bytes_per_token"]["max"], 0.0);
     assert_eq!(all["warm"]["hit_rate"]["min"], 1.0);

@@ -118,6 +118,11 @@ impl TensorEntry {
     }
 }
 
+/// GGUF metadata key of a synthetic model's routing skew (`moestream synth --routing-skew`).
+pub const ROUTING_SKEW_GGUF: &str = "moestream.routing_skew";
+/// config.json field of the same.
+pub const ROUTING_SKEW_JSON: &str = "moestream_routing_skew";
+
 /// A model's tensors, config and files.
 #[derive(Debug, Clone)]
 pub struct TensorIndex {
@@ -160,6 +165,18 @@ impl TensorIndex {
         self.tensors
             .get(name)
             .ok_or_else(|| FormatError::MissingTensor { path: self.root.clone(), tensor: name.into() })
+    }
+
+    /// The `--routing-skew` a `moestream synth` model was written with, when it is above 0: the GGUF key
+    /// [`ROUTING_SKEW_GGUF`] or the config.json field [`ROUTING_SKEW_JSON`]. `None` for every other model
+    /// (including a config.json that cannot be read now: this is a label, not part of the model).
+    pub fn synthetic_routing_skew(&self) -> Option<f32> {
+        if let Some(g) = &self.gguf {
+            return g.get_f32(ROUTING_SKEW_GGUF).ok();
+        }
+        let text = std::fs::read_to_string(self.root.join("config.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        v.get(ROUTING_SKEW_JSON)?.as_f64().map(|x| x as f32)
     }
 
     pub fn file_path(&self, id: FileId) -> &Path {

@@ -18,4 +18,6 @@ pub mod safetensors;
 
 pub use config::{Architecture, LayerAttention, ModelConfig};
 pub use error::FormatError;
-pub use index::{Encoding, ExpertRanges, FileRange, ModelFormat, TensorEntry, TensorIndex};
+pub use index::{
+    Encoding, ExpertRanges, FileRange, ModelFormat, ROUTING_SKEW_GGUF, ROUTING_SKEW_JSON, TensorEntry, TensorIndex,
+};

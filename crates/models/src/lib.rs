@@ -7,7 +7,7 @@
 
 pub mod qwen3_moe;
 
-pub use qwen3_moe::{ModelOptions, MoeKernels, Prefetch, Qwen3Moe, Session, SessionSnapshot};
+pub use qwen3_moe::{ModelOptions, MoeKernels, Prefetch, Qwen3Moe, RoutingReuse, Session, SessionSnapshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

@@ -207,6 +207,7 @@ pub struct Session {
     /// When enabled: every token's top-k choices per MoE layer, in order (`[token][layer][k]`, dense layers
     /// skipped), for cache-policy studies. Off by default; it grows with the sequence.
     trace: Option<Vec<u32>>,
+    routing_reuse: RoutingReuse,
     /// KV cache of the full-attention layers, `[full layer][position][kv heads × d]`.
     k: Vec<f32>,
     v: Vec<f32>,
@@ -217,6 +218,24 @@ pub struct Session {
     /// KV row width (kv heads × head_dim).
     kvd: usize,
     s: Scratch,
+}
+
+/// Routing reuse over a session's decode tokens: for each decode token and MoE layer, how many of its top-k
+/// experts were also in the previous token's top-k at that layer. Random weights reuse about k/E (uniform
+/// routing); real models far more, which is what an expert cache lives on (issue 7).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoutingReuse {
+    /// Choices that repeat one of the previous token's at the same layer.
+    pub repeated: u64,
+    /// Choices counted (decode tokens × MoE layers × k).
+    pub choices: u64,
+}
+
+impl RoutingReuse {
+    /// `repeated / choices`, or NaN before the first decode token.
+    pub fn rate(&self) -> f64 {
+        if self.choices == 0 { f64::NAN } else { self.repeated as f64 / self.choices as f64 }
+    }
 }
 
 /// A conversation's state after its first `pos` tokens: the KV rows of every full-attention layer up to `pos`,
@@ -318,6 +337,11 @@ impl Session {
     /// How often each expert of each layer was chosen so far, `[layer × n_experts]` row-major.
     pub fn expert_counts(&self) -> &[u64] {
         &self.expert_counts
+    }
+
+    /// Routing reuse of this session's decode tokens so far (see [`RoutingReuse`]).
+    pub fn routing_reuse(&self) -> RoutingReuse {
+        self.routing_reuse
     }
 
     /// Start recording routing choices (see [`Session::trace`]).
@@ -602,6 +626,7 @@ impl Qwen3Moe {
             capacity,
             expert_counts: vec![0; c.num_layers * c.num_experts],
             trace: None,
+            routing_reuse: RoutingReuse::default(),
             k: vec![0.0; n_full * capacity * kvd],
             v: vec![0.0; n_full * capacity * kvd],
             conv_state: vec![0.0; n_lin * conv_ch * kern.saturating_sub(1)],
@@ -710,7 +735,13 @@ impl Qwen3Moe {
                 }
                 let k = self.top_k;
                 let s = &mut sess.s;
-                s.prev_topk[l * k..(l + 1) * k].copy_from_slice(&s.topk_idx[(n - 1) * k..n * k]);
+                let prev = &mut s.prev_topk[l * k..(l + 1) * k];
+                if n == 1 && s.has_prev {
+                    let repeated = s.topk_idx[..k].iter().filter(|e| prev.contains(e)).count();
+                    sess.routing_reuse.repeated += repeated as u64;
+                    sess.routing_reuse.choices += k as u64;
+                }
+                prev.copy_from_slice(&s.topk_idx[(n - 1) * k..n * k]);
                 let e = c.num_experts;
                 for &x in &sess.s.topk_idx[..n * self.top_k] {
                     sess.expert_counts[l * e + x as usize] += 1;

@@ -77,3 +77,102 @@ fn routing_trace_is_token_major_for_prefill_and_decode_alike() {
     assert_eq!(ta.len(), 12 * m.config.num_layers * m.top_k());
     assert_eq!(ta, tb);
 }
+
+/// Reuse of a sequence of top-k sets (`[token][layer][k]`), counted as `Session::routing_reuse` should count it
+/// for tokens `from..`: each choice that appears in the previous token's set at the same layer.
+fn reuse_from_trace(trace: &[u32], layers: usize, k: usize, from: usize) -> (u64, u64) {
+    let tokens = trace.len() / (layers * k);
+    let (mut repeated, mut choices) = (0, 0);
+    for t in from.max(1)..tokens {
+        for l in 0..layers {
+            let set = |t: usize| &trace[(t * layers + l) * k..(t * layers + l + 1) * k];
+            repeated += set(t).iter().filter(|e| set(t - 1).contains(e)).count() as u64;
+            choices += k as u64;
+        }
+    }
+    (repeated, choices)
+}
+
+#[test]
+fn routing_reuse_counts_decode_tokens_against_the_previous_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("m.gguf");
+    synth(&SynthOptions::new(Preset::TinyQwen3Moe, SynthFormat::GgufQ8_0, &path)).expect("synth");
+    let m = Qwen3Moe::load(&TensorIndex::open(&path).expect("index"), &ModelOptions::default()).expect("load");
+    let (layers, k) = (m.config.num_layers, m.top_k());
+    let p = prompt(40);
+    let mut s = m.new_session(64);
+    s.enable_trace();
+    let mut out = Vec::new();
+    // A prefill chunk counts nothing; the first decode token is compared with the chunk's last token.
+    m.forward(&mut s, &p[..8], false, &mut out).expect("prefill");
+    assert_eq!(s.routing_reuse().choices, 0);
+    for &t in &p[8..] {
+        m.forward(&mut s, &[t], false, &mut out).expect("decode");
+    }
+    let r = s.routing_reuse();
+    let (repeated, choices) = reuse_from_trace(s.trace().expect("trace"), layers, k, 8);
+    assert_eq!((r.repeated, r.choices), (repeated, choices));
+    assert_eq!(choices, (32 * layers * k) as u64);
+    // A rewind forgets the previous token: the next decode token is not counted.
+    s.rewind(20).expect("rewind");
+    m.forward(&mut s, &[p[0]], false, &mut out).expect("decode");
+    assert_eq!(s.routing_reuse().choices, choices);
+}
+
+/// Decode `tokens` one by one on a fresh session of `path`; reuse, and per layer the experts used and the
+/// largest share of choices one expert took.
+fn decode_routing(path: &std::path::Path, tokens: &[u32]) -> (f64, Vec<(usize, f64)>) {
+    let m = Qwen3Moe::load(&TensorIndex::open(path).expect("index"), &ModelOptions::default()).expect("load");
+    let mut s = m.new_session(tokens.len());
+    let mut out = Vec::new();
+    for &t in tokens {
+        m.forward(&mut s, &[t], false, &mut out).expect("decode");
+    }
+    let e = m.config.num_experts;
+    let spread = s
+        .expert_counts()
+        .chunks(e)
+        .map(|c| {
+            let total: u64 = c.iter().sum();
+            (c.iter().filter(|&&n| n > 0).count(), *c.iter().max().unwrap_or(&0) as f64 / total as f64)
+        })
+        .collect();
+    (s.routing_reuse().rate(), spread)
+}
+
+#[test]
+fn routing_skew_raises_reuse_without_collapsing_onto_few_experts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tokens = prompt(120);
+    let mut reuse = Vec::new();
+    let runs = [
+        (0.0, SynthFormat::GgufQ4_0),
+        (1.0, SynthFormat::GgufQ4_0),
+        (2.0, SynthFormat::GgufQ4_0),
+        (2.0, SynthFormat::MlxQ4),
+    ];
+    for (skew, format) in runs {
+        let path = dir.path().join(format!("{skew}-{}", format.name()));
+        let mut o = SynthOptions::new(Preset::TinyQwen3Moe, format, &path);
+        o.routing_skew = skew;
+        synth(&o).expect("synth");
+        let skew_label = TensorIndex::open(&path).expect("index").synthetic_routing_skew();
+        assert_eq!(skew_label, (skew > 0.0).then_some(skew), "{}", path.display());
+        let (r, spread) = decode_routing(&path, &tokens);
+        eprintln!("skew {skew} {}: reuse {r:.3}, per layer (experts used, top share) {spread:?}", format.name());
+        for (l, &(used, max_share)) in spread.iter().enumerate() {
+            // Top-2 of 8: uniform gives each expert 1/8 of the choices. Skewed, popular experts may take up to
+            // half of them, but most experts stay in use.
+            assert!(used >= 6, "skew {skew}, layer {l}: {used} experts used");
+            assert!(max_share < 0.5, "skew {skew}, layer {l}: one expert takes {max_share:.2}");
+        }
+        reuse.push(r);
+    }
+    // Uniform reuse is k/E = 25% for top-2 of 8 (at 128 experts, skew 1 gives about 45%; top-2 of 8 needs more).
+    assert!(reuse[0] < 0.33, "skew 0 reuse {:.3}", reuse[0]);
+    assert!(reuse[1] > reuse[0] + 0.05, "skew 1 reuse {:.3} vs skew 0 {:.3}", reuse[1], reuse[0]);
+    for &r in &reuse[2..] {
+        assert!((0.4..0.8).contains(&r), "skew 2 reuse {r:.3} (skew 0: {:.3})", reuse[0]);
+    }
+}

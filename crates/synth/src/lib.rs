@@ -21,7 +21,7 @@ use moestream_format::FormatError;
 use moestream_format::config::ModelConfig;
 use serde_json::json;
 
-pub use plan::{PlannedTensor, Preset, plan};
+pub use plan::{PlannedTensor, Preset, RoutingSkew, plan, plan_skewed};
 pub use tokenizer::{SynthTokenizer, SynthVocab};
 
 /// Output file families.
@@ -92,6 +92,10 @@ pub struct SynthOptions {
     pub shard_bytes: u64,
     /// Qwen3's real tokenizer raises the vocabulary (and so the embedding) to 151,936 rows.
     pub tokenizer: SynthTokenizer,
+    /// `--routing-skew`: 0 writes today's near-uniform routers (byte-identical files); S > 0 gives experts a
+    /// Zipf-like popularity per layer ([`RoutingSkew`]). 1 is the calibrated "realistic" value (about 45% of a
+    /// decode token's top-8 repeat at the next token on the Qwen3-30B-A3B shape).
+    pub routing_skew: f32,
     pub progress: bool,
 }
 
@@ -106,6 +110,7 @@ impl SynthOptions {
             expert_layout: ExpertLayout::PerExpert,
             shard_bytes: 4 << 30,
             tokenizer: SynthTokenizer::Synthetic,
+            routing_skew: 0.0,
             progress: false,
         }
     }
@@ -120,6 +125,11 @@ pub enum SynthError {
     #[error("{0}")]
     Invalid(String),
 }
+
+/// Where a skewed synthetic model records its `--routing-skew`: a GGUF metadata key and a config.json field
+/// (absent when the skew is 0). `moestream_format::TensorIndex::synthetic_routing_skew` reads them back.
+pub const ROUTING_SKEW_GGUF: &str = moestream_format::ROUTING_SKEW_GGUF;
+pub const ROUTING_SKEW_JSON: &str = moestream_format::ROUTING_SKEW_JSON;
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SynthError + '_ {
     move |source| SynthError::Io { path: path.to_path_buf(), source }
@@ -149,7 +159,10 @@ pub fn synth(opts: &SynthOptions) -> Result<SynthSummary, SynthError> {
     let mut config = opts.preset.config(opts.layers, &vocab);
     config.vocab_size = vocab.tokens.len();
     config.validate(&opts.out)?;
-    let tensors = plan(&config);
+    if !(opts.routing_skew.is_finite() && opts.routing_skew >= 0.0) {
+        return Err(SynthError::Invalid(format!("--routing-skew must be ≥ 0, not {}", opts.routing_skew)));
+    }
+    let tensors = plan_skewed(&config, opts.routing_skew);
     let total: u64 = tensors.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
     let bar = progress_bar(opts.progress, total);
     let files = if opts.format.is_gguf() {
@@ -160,7 +173,7 @@ pub fn synth(opts: &SynthOptions) -> Result<SynthSummary, SynthError> {
         vec![opts.out.clone()]
     } else {
         std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
-        write_side_files(&opts.out, &config, &vocab, opts.format)?;
+        write_side_files(&opts.out, &config, &vocab, opts.format, opts.routing_skew)?;
         write_st::write(opts, &config, &tensors, &bar)?
     };
     bar.finish_and_clear();
@@ -233,7 +246,13 @@ fn hybrid_config(c: &ModelConfig, flat: serde_json::Value) -> serde_json::Value 
 }
 
 /// config.json, tokenizer files and generation_config.json for HF/MLX directories.
-fn write_side_files(dir: &Path, c: &ModelConfig, vocab: &SynthVocab, format: SynthFormat) -> Result<(), SynthError> {
+fn write_side_files(
+    dir: &Path,
+    c: &ModelConfig,
+    vocab: &SynthVocab,
+    format: SynthFormat,
+    routing_skew: f32,
+) -> Result<(), SynthError> {
     let dtype = match format {
         SynthFormat::HfF32 => "float32",
         _ => "bfloat16",
@@ -298,6 +317,10 @@ fn write_side_files(dir: &Path, c: &ModelConfig, vocab: &SynthVocab, format: Syn
     }
     if c.architecture.is_hybrid() {
         cfg = hybrid_config(c, cfg);
+    }
+    // Only when set, so that skew 0 writes the same files as before the option existed.
+    if routing_skew > 0.0 {
+        cfg[ROUTING_SKEW_JSON] = json!(routing_skew);
     }
     let write_json = |name: &str, v: &serde_json::Value| -> Result<(), SynthError> {
         let p = dir.join(name);

@@ -166,6 +166,14 @@ pub(crate) fn write(
         }
         None => kv.push((format!("{a}.feed_forward_length"), u32v(c.intermediate_size))),
     }
+    if opts.routing_skew > 0.0 {
+        kv[1].1 = GgufValue::String(format!(
+            "moestream synthetic {} (random weights, synthetic routing skew {})",
+            opts.preset.name(),
+            opts.routing_skew
+        ));
+        kv.push((crate::ROUTING_SKEW_GGUF.into(), GgufValue::F32(opts.routing_skew)));
+    }
     for (k, v) in kv {
         w.add_kv(&k, v)?;
     }
