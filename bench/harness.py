@@ -478,6 +478,11 @@ def print_plan(a, steps, files, out=sys.stdout):
             made_s += est
             total += est
             p(f"  make {f.label}: {f.path} (~{f.est_bytes / 1e9:.1f} GB, ~{est / 60:.0f} min; {f.note})")
+            d = os.path.dirname(f.path)
+            free = shutil.disk_usage(d).free if os.path.isdir(d) else None
+            if free is not None and free < f.est_bytes + GIB:
+                p(f"      ! {free / 1e9:.1f} GB free on {d} now, it needs ~{f.est_bytes / 1e9:.1f} GB + 1 GiB: unless "
+                  f"files made earlier in the run are deleted first, it will be refused and its runs skipped")
             for c in f.make(f.path + ".partial"):
                 p(f"      {q(c)}")
         elif kind == "delete":
