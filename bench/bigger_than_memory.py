@@ -58,6 +58,12 @@ def disk_bw(path, seconds=8.0, depth=16, block=1 << 20):
     return total[0] / (time.time() - t0) / 1e9
 
 
+def expert_budget(limit_bytes, trunk_bytes, overhead_mib):
+    """Expert-cache bytes that fit a memory limit: what the limit leaves after the dense trunk and `overhead_mib`
+    (trunk scratch, KV, the binary, page cache). Can be ≤ 0: the limit is too small for this model."""
+    return limit_bytes - trunk_bytes - overhead_mib * (1 << 20)
+
+
 def run(cmd):
     p = subprocess.run(cmd, capture_output=True, text=True)
     return p.returncode, p.stdout, p.stderr
@@ -94,7 +100,7 @@ def main():
         lb = size_bytes(lim)
         if not a.skip_llama:
             llama(a, lim)
-        budget = lb - trunk - a.overhead_mib * (1 << 20)
+        budget = expert_budget(lb, trunk, a.overhead_mib)
         for _ in range(a.repeat):
             for pf in a.prefetch.split(","):
                 moestream(a, lim, budget, pf, routed, bw)

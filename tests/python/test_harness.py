@@ -1,0 +1,130 @@
+"""bench/harness.py's report side on canned results: the BENCHMARKS.md marker rewrite, the targets table and the
+rendered section. No binaries, no llama.cpp, no models: it runs in well under a second."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("harness", ROOT / "bench" / "harness.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def llama(scenario, file, decode=None, prefill=None, limit=None, prompt=32, gen=64):
+    res = {k: v for k, v in (("decode_tok_s", decode), ("prefill_tok_s", prefill)) if v is not None}
+    return {"scenario": scenario, "case": f"{file} llama.cpp", "engine": "llama.cpp", "variant": None, "file": file,
+            "limit_bytes": limit, "prompt": prompt, "gen": gen, "cmd": ["llama-bench", "-m", "F"], "result": res}
+
+
+def ms(scenario, file, variant, decode, prefill=20.0, hit=1.0, limit=None, prompt=32, gen=64, read=0.0):
+    res = {"warm_decode_tok_s": decode, "cold_decode_tok_s": decode * 0.9, "warm_prefill_tok_s": prefill,
+           "cold_prefill_tok_s": prefill * 0.9, "warm_hit_rate": hit, "warm_read_bytes_per_token": read}
+    return {"scenario": scenario, "case": f"{file} moestream {variant}", "engine": "moestream", "variant": variant,
+            "file": file, "limit_bytes": limit, "prompt": prompt, "gen": gen,
+            "cmd": ["moestream", "bench", "--model", "F"], "result": res}
+
+
+CANNED = {
+    "command": "bench/harness.py", "started": "2026-11-28 10:00", "finished": "2026-11-28 10:50", "wall_s": 3000,
+    "options": {"threads": 2, "quick": False},
+    "machine": {"cpu": "Test CPU", "cores": 2, "ram_gib": 23.0, "kernel": "6.0", "membw_gbps": 20.0,
+                "disk_gbps": 1.0},
+    "files": {
+        "Q4_0": {"path": "/m/q4_0.gguf", "note": "synth", "bytes_file": 17.2e9, "bytes_total": 17.2e9,
+                 "bytes_per_token": 2.0e9, "bytes_routed_per_token": 1.0e9},
+        "Q4_K_M": {"path": "/m/q4_k_m.gguf", "note": "requant", "bytes_file": 18.6e9, "bytes_total": 18.6e9,
+                   "bytes_per_token": 2.0e9, "bytes_routed_per_token": 1.0e9},
+    },
+    "runs": [
+        llama("in_ram", "Q4_0", decode=5.0, prefill=18.0),
+        ms("in_ram", "Q4_0", "f32", 4.0),
+        ms("in_ram", "Q4_0", "q8", 6.0),
+        llama("in_ram", "Q4_0", decode=5.2, prefill=18.0),
+        ms("in_ram", "Q4_0", "f32", 4.2),
+        ms("in_ram", "Q4_0", "q8", 5.0),
+        llama("in_ram", "Q4_K_M", decode=5.0),
+        ms("in_ram", "Q4_K_M", "q8", 4.0),
+        llama("limit_half", "Q4_0", decode=0.2, limit=8 << 30, prompt=0, gen=8),
+        ms("limit_half", "Q4_0", "q8", 5.0, hit=0.8, limit=8 << 30, prompt=8, gen=32),
+        llama("limit_quarter", "Q4_0", decode=0.1, limit=4 << 30, prompt=0, gen=4),
+        ms("limit_quarter", "Q4_0", "q8", 3.0, hit=0.75, limit=4 << 30, prompt=8, gen=32),
+        llama("prefill_in_ram", "Q4_0", prefill=18.0, prompt=512, gen=0),
+        ms("prefill_in_ram", "Q4_0", "q8", 1.0, prefill=30.0, prompt=512, gen=2),
+    ],
+    "notes": [],
+}
+
+
+def test_targets_from_canned_results(harness):
+    rows = {name: (ratio, met) for name, _, ratio, met in harness.target_rows(CANNED)}
+    # in RAM Q4_0: medians 5.5 (6.0, 5.0) vs llama 5.1; bound 20 GB/s / 2 GB = 10 tok/s.
+    expect = {
+        "In-RAM decode ≥ 1.0× llama.cpp, Q4_0": (5.5 / 5.1, "**met**"),
+        "In-RAM decode ≥ 1.0× llama.cpp, Q4_K_M": (0.8, "not met"),
+        "In-RAM decode ≥ 90% of the bandwidth bound, Q4_0": (0.55, "not met"),
+        "In-RAM decode ≥ 90% of the bandwidth bound, Q4_K_M": (0.4, "not met"),
+        "Prefill of 512 in RAM ≥ 2× llama.cpp": (30 / 18, "not met"),
+        "½-memory decode ≥ 90% of our own in-RAM decode": (5.0 / 5.5, "**met**"),
+        "¼-memory decode ≥ 10× llama.cpp": (30.0, "**met**"),
+        # disk bound: 1 GB/s / (0.25 · 1 GB) = 4 tok/s.
+        "¼-memory decode ≥ 80% of the disk bound": (0.75, "not met"),
+    }
+    assert rows.keys() == expect.keys()
+    for name, (ratio, met) in expect.items():
+        assert rows[name][0] == pytest.approx(ratio), name
+        assert rows[name][1] == met, name
+
+
+def test_missing_measurement_is_not_measured(harness):
+    canned = dict(CANNED, runs=[r for r in CANNED["runs"] if r["scenario"] != "limit_quarter"])
+    rows = {name: (measured, met) for name, measured, _, met in harness.target_rows(canned)}
+    assert rows["¼-memory decode ≥ 10× llama.cpp"] == ("not measured", "–")
+
+
+def test_targets_table_format(harness):
+    table = harness.targets_table(CANNED).splitlines()
+    assert table[0] == "| issue-7 target | measured (moestream --q8-activations, warm) | met? |"
+    assert table[2] == "| In-RAM decode ≥ 1.0× llama.cpp, Q4_0 | 1.08× (5.5 vs llama.cpp 5.1 tok/s) | **met** |"
+    assert table[8] == "| ¼-memory decode ≥ 10× llama.cpp | 30.00× (3 vs llama.cpp 0.1 tok/s) | **met** |"
+    assert table[9] == "| ¼-memory decode ≥ 80% of the disk bound | 75% (3 vs bound 4 tok/s) | not met |"
+
+
+def test_failed_run_is_shown_not_hidden(harness):
+    failed = dict(llama("limit_quarter", "Q4_0", limit=4 << 30), result=None, error="timeout after 300 s")
+    del failed["result"]
+    canned = dict(CANNED, runs=CANNED["runs"] + [failed])
+    body = harness.render(canned)
+    assert "(1 failed: timeout after 300 s)" in body
+
+
+def test_render_has_every_section(harness):
+    body = harness.render(CANNED)
+    for heading in ("### Machine", "### Files", "### Commands", "### Results", "### Targets",
+                    "#### In RAM: decode (and a short prefill)", "#### Bigger than memory: ¼ of the file size"):
+        assert heading in body
+    assert "| 20.0 GB/s" in body  # measured memory bandwidth
+
+
+@pytest.mark.parametrize("before, after", [
+    # No section yet: appended after the file, the rest untouched.
+    ("# Benchmarks\n\nold text\n", "# Benchmarks\n\nold text\n\n<!-- harness:begin -->\nNEW\n<!-- harness:end -->\n"),
+    # A section: only what is between the markers changes.
+    ("a\n<!-- harness:begin -->\nOLD\n<!-- harness:end -->\nb\n", "a\n<!-- harness:begin -->\nNEW\n<!-- harness:end -->\nb\n"),
+])
+def test_replace_section(harness, before, after):
+    assert harness.replace_section(before, "NEW\n") == after
+    assert harness.replace_section(after, "NEW\n") == after  # idempotent
+
+
+def test_replace_section_refuses_a_lone_marker(harness):
+    with pytest.raises(ValueError):
+        harness.replace_section("a\n<!-- harness:begin -->\nb\n", "NEW")
