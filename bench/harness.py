@@ -22,7 +22,7 @@ What it does, in order:
    - limit_half / limit_quarter: cgroup v1 limits of ½ and ¼ of the file size (bench/limited.sh, page cache
      dropped), llama.cpp mmap (`--repack 0 -lm mmap`), moestream `--direct-io` with an expert budget that fits;
    - prefill: 512 prompt tokens in RAM and under the ½ limit;
-   - skew: the limit scenarios again on the skewed file (moestream only; hit rate and routing reuse).
+   - skew: the limit scenarios again on the skewed file (both engines; hit rate and routing reuse).
 5. Writes the results between `<!-- harness:begin -->` and `<!-- harness:end -->` in BENCHMARKS.md (the rest of
    the file is left alone) and the raw numbers to bench/results/harness-DATE.json.
 
@@ -121,6 +121,8 @@ def parse_args(argv=None):
                       "them; on a 25 GB disk the skew file then has no room beside Q4_K_M)")
     keep.add_argument("--delete", action="store_true", help="delete each generated file after its last scenario "
                       "(the default)")
+    ap.add_argument("--delete-found", action="store_true", help="also delete the derived files (Q4_K_M, skew) "
+                    "found on disk after their last scenario, to make room for the next one (never the Q4_0 file)")
     ap.add_argument("--quick", action="store_true", help="smoke test: small lengths, repeat 1, 4-layer model")
     ap.add_argument("--dry-run", action="store_true", help="print the plan, the commands and the time estimate")
     ap.add_argument("--no-build", action="store_true", help="use the binaries as they are")
@@ -443,7 +445,7 @@ def plan(a, files, ms, llama_bin):
             else:
                 sk.make = None
             for sc, frac in (("skew_half", 0.5), ("skew_quarter", 0.25)):
-                block(sc, limit_cases(sc, sk, frac, llama=False))
+                block(sc, limit_cases(sc, sk, frac))
             steps.append(("delete", sk))
     if base.make:
         steps.append(("delete", base))
@@ -487,7 +489,7 @@ def print_plan(a, steps, files, out=sys.stdout):
                 p(f"      {q(c)}")
         elif kind == "delete":
             f = st[1]
-            p(f"  delete {f.label} after its last run, if this run made it and --keep is not given")
+            p(f"  delete {f.label} after its last run, if this run made it (or --delete-found) and --keep is not given")
         elif kind == "note":
             p(f"  note: {st[1]}")
         else:
@@ -667,8 +669,8 @@ SCENARIO_TITLES = {
     "limit_quarter": "Bigger than memory: ¼ of the file size",
     "prefill_in_ram": "Prefill in RAM",
     "prefill_half": "Prefill under ½ of the file size",
-    "skew_half": "Synthetic routing skew, ½ of the file size (moestream only)",
-    "skew_quarter": "Synthetic routing skew, ¼ of the file size (moestream only)",
+    "skew_half": "Synthetic routing skew, ½ of the file size",
+    "skew_quarter": "Synthetic routing skew, ¼ of the file size",
 }
 
 
@@ -987,7 +989,7 @@ def run_steps(a, steps, files, results, record_file, t0):
                 results["notes"].append(f"{f.label}: not made, {f.skip_reason}")
         elif kind == "delete":
             f = st[1]
-            if f.generated and not a.keep:
+            if (f.generated or (a.delete_found and f is not base)) and not a.keep:
                 os.remove(f.path)
                 print(f"deleted {f.path} (made by this run; --keep keeps it)", flush=True)
                 results["files"][f.label]["deleted"] = True
