@@ -125,6 +125,8 @@ def parse_args(argv=None):
                     "found on disk after their last scenario, to make room for the next one (never the Q4_0 file)")
     ap.add_argument("--quick", action="store_true", help="smoke test: small lengths, repeat 1, 4-layer model")
     ap.add_argument("--dry-run", action="store_true", help="print the plan, the commands and the time estimate")
+    ap.add_argument("--render", metavar="RAW.json", help="only rewrite the BENCHMARKS.md section from a raw results "
+                    "file of an earlier run (after a change to the report code)")
     ap.add_argument("--no-build", action="store_true", help="use the binaries as they are")
     ap.add_argument("--moestream", default=os.path.join(ROOT, "target", "release", "moestream"))
     ap.add_argument("--llama-bin", default=os.path.join(ROOT, ".cache", "llamacpp", "bin"))
@@ -675,7 +677,8 @@ SCENARIO_TITLES = {
 
 
 def peer_case(case):
-    return case.split(" ")[0] + " llama.cpp" if not case.startswith("Q4_0 skew") else None
+    """The llama.cpp case on the same file: "Q4_0 skew 1 moestream q8" → "Q4_0 skew 1 llama.cpp"."""
+    return re.sub(r" (moestream.*|llama\.cpp)$", "", case) + " llama.cpp"
 
 
 def scenario_table(results, scenario):
@@ -904,6 +907,13 @@ def make_file(a, f, files):
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.render:
+        results = json.load(open(a.render))
+        text = open(a.benchmarks_md).read() if os.path.exists(a.benchmarks_md) else "# Benchmarks\n"
+        with open(a.benchmarks_md, "w") as f:
+            f.write(replace_section(text, render(results)))
+        print(f"section rewritten in {a.benchmarks_md} from {a.render}")
+        return
     a.moestream = os.path.abspath(a.moestream)
     needs_root = any(s != "in_ram" for s in a.scenarios)
     if not a.dry_run:
