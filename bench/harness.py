@@ -834,7 +834,10 @@ def render(results):
 def replace_section(text, body):
     """`text` with everything between the harness markers replaced by `body` (markers appended when missing)."""
     block = f"{BEGIN}\n{body.rstrip()}\n{END}"
-    b, e = text.find(BEGIN), text.find(END)
+    # Markers count only on a line of their own: prose may quote them (BENCHMARKS.md's intro does).
+    mb = re.search(rf"^{re.escape(BEGIN)}$", text, re.M)
+    me = re.search(rf"^{re.escape(END)}$", text, re.M)
+    b, e = (mb.start() if mb else -1), (me.start() if me else -1)
     if b != -1 and e != -1 and e > b:
         return text[:b] + block + text[e + len(END):]
     if b != -1 or e != -1:

@@ -119,6 +119,9 @@ def test_render_has_every_section(harness):
     ("# Benchmarks\n\nold text\n", "# Benchmarks\n\nold text\n\n<!-- harness:begin -->\nNEW\n<!-- harness:end -->\n"),
     # A section: only what is between the markers changes.
     ("a\n<!-- harness:begin -->\nOLD\n<!-- harness:end -->\nb\n", "a\n<!-- harness:begin -->\nNEW\n<!-- harness:end -->\nb\n"),
+    # Markers quoted in prose (BENCHMARKS.md's intro does) are not the section.
+    ("see `<!-- harness:begin -->` and `<!-- harness:end -->`\n<!-- harness:begin -->\nOLD\n<!-- harness:end -->\n",
+     "see `<!-- harness:begin -->` and `<!-- harness:end -->`\n<!-- harness:begin -->\nNEW\n<!-- harness:end -->\n"),
 ])
 def test_replace_section(harness, before, after):
     assert harness.replace_section(before, "NEW\n") == after
