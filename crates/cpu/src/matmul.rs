@@ -480,7 +480,7 @@ impl Dispatch {
         with_q8(self.q8(), x, first.cols, |q8| {
             if let Some(rows4) = self.rows4_for(first, q8) {
                 // Gate and up rows i, i+1 of one expert per call; the pair's second half is dropped at a band end.
-                return self.swiglu_tasks2(pool, slots.len(), inter, 2 * row_cost(first), out, &|j, i, last| {
+                return self.swiglu_pairs(pool, slots.len(), inter, 2 * row_cost(first), out, &|j, i, last| {
                     let w = &slots[j];
                     let i1 = (i + 1).min(last);
                     let rows = [i, i1, inter + i, inter + i1];
@@ -525,9 +525,10 @@ impl Dispatch {
         Ok(())
     }
 
-    /// As [`Dispatch::swiglu_tasks`], two rows at a time: `rows(j, i, last)` returns the `(g, u)` pairs of rows
-    /// `i` and `min(i + 1, last)`, `last` being the task's final row.
-    fn swiglu_tasks2(
+    /// Splits k experts × `inter` rows into tasks and writes `silu(g)·u` two rows at a time: `rows(j, i, last)`
+    /// returns the `(g, u)` pairs of rows `i` and `min(i + 1, last)`, `last` being the task's final row (a pair
+    /// past it is dropped).
+    fn swiglu_pairs(
         &self,
         pool: &ThreadPool,
         k: usize,
@@ -560,7 +561,8 @@ impl Dispatch {
         self.rows4.filter(|_| !q8.is_empty() && tile_covers(w.encoding))
     }
 
-    /// Splits k experts × `inter` rows into tasks and writes `silu(g)·u` for each `(g, u) = rows(j, i)`.
+    /// Splits k experts × `inter` rows into tasks and writes `silu(g)·u` for each `(g, u) = rows(j, i)`: the
+    /// one-row form of [`Dispatch::swiglu_pairs`] (same tasks, each row computed once).
     fn swiglu_tasks(
         &self,
         pool: &ThreadPool,
@@ -570,19 +572,9 @@ impl Dispatch {
         out: &mut [f32],
         rows: &(dyn Fn(usize, usize) -> (f32, f32) + Sync),
     ) {
-        if inter == 0 {
-            return;
-        }
-        let per = rows_per_task(k * inter, cost, pool.n_threads()).min(inter);
-        let chunks = inter.div_ceil(per);
-        let dst = OutPtr(out.as_mut_ptr());
-        pool.run(k * chunks, &|t| {
-            let (j, c) = (t / chunks, t % chunks);
-            for i in c * per..((c + 1) * per).min(inter) {
-                let (g, u) = rows(j, i);
-                // SAFETY: j < k and i < inter, so j·inter + i < out.len(); each (j, i) is in one task.
-                unsafe { dst.write(j * inter + i, silu(g) * u) };
-            }
+        self.swiglu_pairs(pool, k, inter, cost, out, &|j, i, last| {
+            let first = rows(j, i);
+            [first, if i < last { rows(j, i + 1) } else { first }]
         });
     }
 

@@ -290,6 +290,35 @@ macro_rules! kernels {
             _mm256_slli_epi16::<4>(_mm256_and_si256(v, _mm256_set1_epi8(3)))
         }
 
+        /// The codes (unsigned, 0..63) of half `h` of the Q6_K super-block at `bp`, as four 32-element quarters in
+        /// element order (the layout `dot_q6_k` describes). Shared by the exact and the q8 kernels.
+        ///
+        /// # Safety
+        /// `bp` points at a whole 210-byte super-block.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn q6_quarters(bp: *const u8, h: usize) -> [__m256i; 4] {
+            // SAFETY: ql[128] and qh[64] are inside the block.
+            unsafe {
+                let m4 = _mm256_set1_epi8(0x0f);
+                let a = _mm256_loadu_si256(bp.add(64 * h).cast());
+                let b = _mm256_loadu_si256(bp.add(64 * h + 32).cast());
+                let qh = _mm256_loadu_si256(bp.add(128 + 32 * h).cast());
+                [
+                    _mm256_or_si256(_mm256_and_si256(a, m4), q6_high(qh)),
+                    _mm256_or_si256(_mm256_and_si256(b, m4), q6_high(_mm256_srli_epi16::<2>(qh))),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(a), m4),
+                        q6_high(_mm256_srli_epi16::<4>(qh)),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(b), m4),
+                        q6_high(_mm256_srli_epi16::<6>(qh)),
+                    ),
+                ]
+            }
+        }
+
         /// Q6_K: 210-byte super-blocks: ql[128], qh[64], i8 scales[16], f16 d last. In half h, the 32 elements
         /// of quarter k take low nibbles from ql[64h..] (k = 0, 2) or ql[64h+32..] (k = 1, 3), low for k < 2 and
         /// high for k ≥ 2, and bits 2k..2k+2 of qh[32h..32h+32]; one scale per 16 elements.
@@ -297,29 +326,14 @@ macro_rules! kernels {
         unsafe fn dot_q6_k(w: &[u8], x: &[f32]) -> f32 {
             // SAFETY: `w` holds x.len()/256 blocks of 210 bytes.
             unsafe {
-                let (m4, e32) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(32));
+                let e32 = _mm256_set1_epi8(32);
                 let (mut a0, mut a1) = (zero(), zero());
                 for (blk, xb) in w.chunks_exact(210).zip(x.chunks_exact(256)) {
                     let bp = blk.as_ptr();
                     let d = f16_at(bp.add(208));
                     let sc = &blk[192..208];
                     for h in 0..2 {
-                        let a = _mm256_loadu_si256(bp.add(64 * h).cast());
-                        let b = _mm256_loadu_si256(bp.add(64 * h + 32).cast());
-                        let qh = _mm256_loadu_si256(bp.add(128 + 32 * h).cast());
-                        let quarters = [
-                            _mm256_or_si256(_mm256_and_si256(a, m4), q6_high(qh)),
-                            _mm256_or_si256(_mm256_and_si256(b, m4), q6_high(_mm256_srli_epi16::<2>(qh))),
-                            _mm256_or_si256(
-                                _mm256_and_si256(_mm256_srli_epi16::<4>(a), m4),
-                                q6_high(_mm256_srli_epi16::<4>(qh)),
-                            ),
-                            _mm256_or_si256(
-                                _mm256_and_si256(_mm256_srli_epi16::<4>(b), m4),
-                                q6_high(_mm256_srli_epi16::<6>(qh)),
-                            ),
-                        ];
-                        for (k, q) in quarters.into_iter().enumerate() {
+                        for (k, q) in q6_quarters(bp, h).into_iter().enumerate() {
                             let q = _mm256_sub_epi8(q, e32);
                             let xp = xb.as_ptr().add(128 * h + 32 * k);
                             let s = 8 * h + 2 * k;
@@ -605,7 +619,6 @@ macro_rules! q8_kernels {
         unsafe fn tile_q6_k<const R: usize, const T: usize>(w: [&[u8]; R], q8: &[&[Q8Block]; T]) -> [[f32; T]; R] {
             // SAFETY: every `w[r]` holds q8[t].len()/8 blocks of 210 bytes.
             unsafe {
-                let m4 = _mm256_set1_epi8(0x0f);
                 let e32 = _mm256_set1_epi8(32);
                 let mut acc = [[_mm256_setzero_ps(); T]; R];
                 for sb in 0..q8[0].len() / 8 {
@@ -621,22 +634,7 @@ macro_rules! q8_kernels {
                         let d = f16_at(bp.add(208));
                         let sc = bp.add(192).cast::<i8>();
                         for h in 0..2 {
-                            let a = _mm256_loadu_si256(bp.add(64 * h).cast());
-                            let b = _mm256_loadu_si256(bp.add(64 * h + 32).cast());
-                            let qh = _mm256_loadu_si256(bp.add(128 + 32 * h).cast());
-                            let quarters = [
-                                _mm256_or_si256(_mm256_and_si256(a, m4), q6_high(qh)),
-                                _mm256_or_si256(_mm256_and_si256(b, m4), q6_high(_mm256_srli_epi16::<2>(qh))),
-                                _mm256_or_si256(
-                                    _mm256_and_si256(_mm256_srli_epi16::<4>(a), m4),
-                                    q6_high(_mm256_srli_epi16::<4>(qh)),
-                                ),
-                                _mm256_or_si256(
-                                    _mm256_and_si256(_mm256_srli_epi16::<4>(b), m4),
-                                    q6_high(_mm256_srli_epi16::<6>(qh)),
-                                ),
-                            ];
-                            for (k, q) in quarters.into_iter().enumerate() {
+                            for (k, q) in q6_quarters(bp, h).into_iter().enumerate() {
                                 let s = 8 * h + 2 * k;
                                 let scv = _mm256_set_m128i(
                                     _mm_set1_epi32(i32::from(*sc.add(s + 1))),
