@@ -106,6 +106,7 @@ fn side_row_bytes(encoding: Encoding, cols: usize) -> usize {
 }
 
 /// One row of a validated [`WeightView`]: what a kernel sees. `x` (passed beside it) has the row's column count.
+#[derive(Clone, Copy)]
 pub(crate) struct RowRef<'a> {
     pub(crate) encoding: Encoding,
     pub(crate) data: &'a [u8],

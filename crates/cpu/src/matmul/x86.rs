@@ -431,12 +431,12 @@ macro_rules! q8_kernels {
                     return row_dot(row, act);
                 }
                 match row.encoding {
-                    Encoding::Ggml(GgmlType::Q8_0) => q8_q8_0(row.data, act.q8),
+                    Encoding::Ggml(GgmlType::Q8_0) => tile_q8_0([row.data], &[act.q8])[0][0],
                     Encoding::Ggml(GgmlType::Q4_0) => tile_q4_0([row.data], &[act.q8])[0][0],
-                    Encoding::Ggml(GgmlType::Q4K) => q8_q4_k(row.data, act.q8),
+                    Encoding::Ggml(GgmlType::Q4K) => tile_q4_k([row.data], &[act.q8])[0][0],
                     Encoding::Ggml(GgmlType::Q6K) => tile_q6_k([row.data], &[act.q8])[0][0],
                     Encoding::MlxAffine { params, scale_type } if params.bits == 4 => {
-                        q8_mlx4(row, params.group_size, scale_type, act.q8)
+                        tile_mlx4(&[*row], params.group_size, scale_type, &[act.q8])[0][0]
                     }
                     _ => row_dot(row, act),
                 }
@@ -495,6 +495,28 @@ macro_rules! q8_kernels {
             true
         }
 
+        /// Block `b` of every token's activations, with its codes loaded.
+        ///
+        /// # Safety
+        /// `b` is below every `q8[t].len()`.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn block_acts<'a, const T: usize>(
+            q8: &[&'a [Q8Block]; T],
+            b: usize,
+        ) -> ([&'a Q8Block; T], [__m256i; T]) {
+            // SAFETY: guaranteed by the caller.
+            unsafe {
+                let mut xb = [q8[0].get_unchecked(b); T];
+                let mut xv = [_mm256_setzero_si256(); T];
+                for t in 0..T {
+                    xb[t] = q8[t].get_unchecked(b);
+                    xv[t] = load_q8(xb[t]);
+                }
+                (xb, xv)
+            }
+        }
+
         #[inline]
         #[target_feature(enable = $feat)]
         fn hsum_tile<const R: usize, const T: usize>(acc: [[__m256; T]; R]) -> [[f32; T]; R] {
@@ -517,12 +539,7 @@ macro_rules! q8_kernels {
                 let m4 = _mm_set1_epi8(0x0f);
                 let mut acc = [[_mm256_setzero_ps(); T]; R];
                 for b in 0..q8[0].len() {
-                    let mut xb = [q8[0].get_unchecked(b); T];
-                    let mut xv = [_mm256_setzero_si256(); T];
-                    for t in 0..T {
-                        xb[t] = q8[t].get_unchecked(b);
-                        xv[t] = load_q8(xb[t]);
-                    }
+                    let (xb, xv) = block_acts(q8, b);
                     for r in 0..R {
                         let blk = w[r].as_ptr().add(18 * b);
                         let dw = f16_at(blk);
@@ -540,19 +557,14 @@ macro_rules! q8_kernels {
             }
         }
 
-        /// The tile form of `q8_q8_0`.
+        /// Q8_0 × q8: signed × signed via `|w|` and `sign(x, w)` (u8 × i8 is what the instruction takes).
         #[target_feature(enable = $feat)]
         unsafe fn tile_q8_0<const R: usize, const T: usize>(w: [&[u8]; R], q8: &[&[Q8Block]; T]) -> [[f32; T]; R] {
             // SAFETY: every `w[r]` holds q8[t].len() blocks of 34 bytes.
             unsafe {
                 let mut acc = [[_mm256_setzero_ps(); T]; R];
                 for b in 0..q8[0].len() {
-                    let mut xb = [q8[0].get_unchecked(b); T];
-                    let mut xv = [_mm256_setzero_si256(); T];
-                    for t in 0..T {
-                        xb[t] = q8[t].get_unchecked(b);
-                        xv[t] = load_q8(xb[t]);
-                    }
+                    let (xb, xv) = block_acts(q8, b);
                     for r in 0..R {
                         let blk = w[r].as_ptr().add(34 * b);
                         let dw = f16_at(blk);
@@ -569,7 +581,7 @@ macro_rules! q8_kernels {
             }
         }
 
-        /// The tile form of `q8_q4_k`.
+        /// Q4_K × q8: q8 blocks line up with the 32-element sub-blocks; mins use the exact f32 block sums.
         #[target_feature(enable = $feat)]
         unsafe fn tile_q4_k<const R: usize, const T: usize>(w: [&[u8]; R], q8: &[&[Q8Block]; T]) -> [[f32; T]; R] {
             // SAFETY: every `w[r]` holds q8[t].len()/8 blocks of 144 bytes.
@@ -656,7 +668,7 @@ macro_rules! q8_kernels {
             }
         }
 
-        /// The tile form of `q8_mlx4`.
+        /// MLX 4-bit × q8: nibbles re-interleaved into element order; biases use the exact f32 block sums.
         #[target_feature(enable = $feat)]
         unsafe fn tile_mlx4<const R: usize, const T: usize>(
             rows: &[RowRef<'_>; R],
@@ -705,80 +717,6 @@ macro_rules! q8_kernels {
                     }
                 }
                 sums
-            }
-        }
-
-        /// Q8_0 × q8: signed × signed via `|w|` and `sign(x, w)` (u8 × i8 is what the instruction takes).
-        #[target_feature(enable = $feat)]
-        unsafe fn q8_q8_0(w: &[u8], q8: &[Q8Block]) -> f32 {
-            // SAFETY: `w` holds q8.len() blocks of 34 bytes.
-            unsafe {
-                let mut acc = _mm256_setzero_ps();
-                for (blk, xb) in w.chunks_exact(34).zip(q8) {
-                    let d = f16_at(blk.as_ptr()) * xb.d;
-                    let wq = _mm256_loadu_si256(blk.as_ptr().add(2).cast());
-                    let i = dot32(_mm256_abs_epi8(wq), _mm256_sign_epi8(load_q8(xb), wq));
-                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(d), acc);
-                }
-                hsum8(acc)
-            }
-        }
-
-        /// Q4_K × q8: q8 blocks line up with the 32-element sub-blocks; mins use the exact f32 block sums.
-        #[target_feature(enable = $feat)]
-        unsafe fn q8_q4_k(w: &[u8], q8: &[Q8Block]) -> f32 {
-            // SAFETY: `w` holds q8.len()/8 blocks of 144 bytes.
-            unsafe {
-                let m4 = _mm256_set1_epi8(0x0f);
-                let mut acc = _mm256_setzero_ps();
-                let mut mins = 0f32;
-                for (blk, xbs) in w.chunks_exact(144).zip(q8.chunks_exact(8)) {
-                    let d = f16_at(blk.as_ptr());
-                    let dmin = f16_at(blk.as_ptr().add(2));
-                    let (sc, mn) = scale_min_k4(&blk[4..16]);
-                    let qs = blk.as_ptr().add(16);
-                    for c in 0..4 {
-                        let q = _mm256_loadu_si256(qs.add(32 * c).cast());
-                        let (x0, x1) = (&xbs[2 * c], &xbs[2 * c + 1]);
-                        let lo = dot32(_mm256_and_si256(q, m4), load_q8(x0));
-                        let hi = dot32(_mm256_and_si256(_mm256_srli_epi16::<4>(q), m4), load_q8(x1));
-                        let s0 = d * f32::from(sc[2 * c]) * x0.d;
-                        let s1 = d * f32::from(sc[2 * c + 1]) * x1.d;
-                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(s0), acc);
-                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(s1), acc);
-                        mins += dmin * f32::from(mn[2 * c]) * x0.xsum + dmin * f32::from(mn[2 * c + 1]) * x1.xsum;
-                    }
-                }
-                hsum8(acc) - mins
-            }
-        }
-
-        /// MLX 4-bit × q8: nibbles re-interleaved into element order; biases use the exact f32 block sums.
-        #[target_feature(enable = $feat)]
-        unsafe fn q8_mlx4(row: &RowRef<'_>, gs: usize, st: FloatType, q8: &[Q8Block]) -> f32 {
-            // SAFETY: `row.data` holds 16 bytes per q8 block; scales and biases one value per group.
-            unsafe {
-                let m4 = _mm_set1_epi8(0x0f);
-                let mut acc = _mm256_setzero_ps();
-                let mut off = 0f32;
-                let per_group = gs / 32;
-                for (g, (codes, xbs)) in
-                    row.data.chunks_exact(16 * per_group).zip(q8.chunks_exact(per_group)).enumerate()
-                {
-                    let scale = float_at(st, row.scales, g);
-                    let mut xsum = 0f32;
-                    for (v, xb) in codes.chunks_exact(16).zip(xbs) {
-                        let v = _mm_loadu_si128(v.as_ptr().cast());
-                        let lo = _mm_and_si128(v, m4);
-                        let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), m4);
-                        let q = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
-                        let i = dot32(q, load_q8(xb));
-                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(scale * xb.d), acc);
-                        xsum += xb.xsum;
-                    }
-                    off += float_at(st, row.biases, g) * xsum;
-                }
-                hsum8(acc) + off
             }
         }
     };
