@@ -115,7 +115,9 @@ pub(crate) struct RowRef<'a> {
 }
 
 /// The activations a row is dotted with: always the f32 values, plus their q8 blocks when the table quantizes
-/// activations and the column count is a whole number of 32-blocks (empty otherwise).
+/// activations and the column count is a whole number of 32-blocks (empty otherwise). For Q4_K and Q6_K rows the
+/// blocks come in groups of 8 sharing one scale ([`with_q8`] quantizes by the weights' encoding); their x86
+/// kernels read the scale of a group's first block only.
 pub(crate) struct Act<'a> {
     pub(crate) x: &'a [f32],
     pub(crate) q8: &'a [Q8Block],
@@ -123,7 +125,8 @@ pub(crate) struct Act<'a> {
 
 /// 32 activations quantized ggml-`Q8_0`-style (`x ≈ d·q`, `|q| ≤ 127`, round half away from zero), with an f32
 /// scale (not f16: the scale costs nothing here and f16 would add error), the code sum (for formats with a zero
-/// point, e.g. Q4_0's `-8`) and the exact f32 sum of the 32 inputs (for offsets: Q4_K mins, MLX biases).
+/// point, e.g. Q4_0's `-8`; ggml's `bsums` for Q4_K mins) and the exact f32 sum of the 32 inputs (for offsets:
+/// MLX biases, and Q4_K mins in the aarch64 q8 kernel).
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
 pub(crate) struct Q8Block {
@@ -137,20 +140,32 @@ impl Q8Block {
     const ZERO: Q8Block = Q8Block { qs: [0; 32], d: 0.0, qsum: 0, xsum: 0.0 };
 }
 
-/// Quantizes whole 32-blocks of `x` into `out` (same block count).
-fn quantize_q8(x: &[f32], out: &mut [Q8Block]) {
-    for (b, xb) in out.iter_mut().zip(x.chunks_exact(32)) {
-        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+/// Quantizes whole 32-blocks of `x` into `out` (same block count), `group` consecutive blocks sharing one scale
+/// (the largest magnitude over the group): 1 is ggml's `Q8_0`, 8 its `Q8_K` (one scale per 256, which is what
+/// lets the K-quant kernels apply their sub-block scales in integers and one float multiply per super-block).
+/// `x.len()` is a multiple of `32·group`.
+fn quantize_q8(x: &[f32], out: &mut [Q8Block], group: usize) {
+    for (bs, xs) in out.chunks_mut(group).zip(x.chunks(32 * group)) {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let id = if d == 0.0 { 0.0 } else { 1.0 / d };
-        let (mut qsum, mut xsum) = (0i32, 0f32);
-        for (q, &v) in b.qs.iter_mut().zip(xb) {
-            *q = round_half_away(v * id) as i8;
-            qsum += i32::from(*q);
-            xsum += v;
+        for (b, xb) in bs.iter_mut().zip(xs.chunks_exact(32)) {
+            let (mut qsum, mut xsum) = (0i32, 0f32);
+            for (q, &v) in b.qs.iter_mut().zip(xb) {
+                *q = round_half_away(v * id) as i8;
+                qsum += i32::from(*q);
+                xsum += v;
+            }
+            (b.d, b.qsum, b.xsum) = (d, qsum, xsum);
         }
-        (b.d, b.qsum, b.xsum) = (d, qsum, xsum);
     }
+}
+
+/// Blocks per shared activation scale for weights of encoding `e` (see [`quantize_q8`]): 8 for the K-quants
+/// whose q8 kernels rely on it, 1 otherwise.
+fn q8_group(e: Encoding) -> usize {
+    use moestream_quant::GgmlType;
+    if matches!(e, Encoding::Ggml(GgmlType::Q4K | GgmlType::Q6K)) { 8 } else { 1 }
 }
 
 /// `r.round()` for `|r| < 2²³` without the libm call `round` becomes on baseline x86-64 (no SSE4.1): truncate,
@@ -168,10 +183,12 @@ thread_local! {
     static Q8_SCRATCH: RefCell<Vec<Q8Block>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` with `x` (a whole number of `cols`-long vectors) quantized to q8 blocks when `enabled` and `cols` is a
-/// multiple of 32; otherwise (or if re-entered on the same thread) with no blocks, which selects the f32 kernels.
-fn with_q8<R>(enabled: bool, x: &[f32], cols: usize, f: impl FnOnce(&[Q8Block]) -> R) -> R {
-    if !enabled || cols == 0 || !cols.is_multiple_of(32) {
+/// Runs `f` with `x` (a whole number of `cols`-long vectors) quantized to q8 blocks for weights of encoding `e`
+/// when `enabled` and `cols` is a multiple of 32 (of 256 for K-quants, which always holds for a valid view);
+/// otherwise (or if re-entered on the same thread) with no blocks, which selects the f32 kernels.
+fn with_q8<R>(enabled: bool, x: &[f32], cols: usize, e: Encoding, f: impl FnOnce(&[Q8Block]) -> R) -> R {
+    let group = q8_group(e);
+    if !enabled || cols == 0 || !cols.is_multiple_of(32 * group) {
         return f(&[]);
     }
     Q8_SCRATCH.with(|cell| {
@@ -182,7 +199,7 @@ fn with_q8<R>(enabled: bool, x: &[f32], cols: usize, f: impl FnOnce(&[Q8Block]) 
         if v.len() < n {
             v.resize(n, Q8Block::ZERO);
         }
-        quantize_q8(x, &mut v[..n]);
+        quantize_q8(x, &mut v[..n], group);
         f(&v[..n])
     })
 }
@@ -386,7 +403,7 @@ impl Dispatch {
         check_len("y", w.rows, y.len())?;
         let per = rows_per_task(w.rows, row_cost(w), pool.n_threads());
         let out = OutPtr(y.as_mut_ptr());
-        with_q8(self.q8(), x, w.cols, |q8| {
+        with_q8(self.q8(), x, w.cols, w.encoding, |q8| {
             if let Some(rows4) = self.rows4_for(w, q8) {
                 pool.run(w.rows.div_ceil(per), &|t| {
                     let band = t * per..((t + 1) * per).min(w.rows);
@@ -433,7 +450,7 @@ impl Dispatch {
         }
         let per = rows_per_task(w.rows, row_cost(w), pool.n_threads());
         let out = OutPtr(y.as_mut_ptr());
-        with_q8(self.q8(), x, w.cols, |q8| {
+        with_q8(self.q8(), x, w.cols, w.encoding, |q8| {
             if let Some(tile) = self.tile.filter(|_| !q8.is_empty() && n > 1 && tile_covers(w.encoding)) {
                 pool.run(w.rows.div_ceil(per), &|t| {
                     // SAFETY: rows from the validated view, q8 blocks of its columns; the table's ISA is supported.
@@ -478,7 +495,7 @@ impl Dispatch {
         let inter = first.rows / 2;
         check_len("x", first.cols, x.len())?;
         check_len("out", slots.len() * inter, out.len())?;
-        with_q8(self.q8(), x, first.cols, |q8| {
+        with_q8(self.q8(), x, first.cols, first.encoding, |q8| {
             if let Some(rows4) = self.rows4_for(first, q8) {
                 // Gate and up rows i, i+1 of one expert per call; the pair's second half is dropped at a band end.
                 return self.swiglu_pairs(pool, slots.len(), inter, 2 * row_cost(first), out, &|j, i, last| {
@@ -517,7 +534,7 @@ impl Dispatch {
         let inter = first.rows;
         check_len("x", first.cols, x.len())?;
         check_len("out", gate.len() * inter, out.len())?;
-        with_q8(self.q8(), x, first.cols, |q8| {
+        with_q8(self.q8(), x, first.cols, first.encoding, |q8| {
             let act = Act { x, q8 };
             self.swiglu_tasks(pool, gate.len(), inter, 2 * row_cost(first), out, &|j, i| {
                 (self.dot(&gate[j].row(i), &act), self.dot(&up[j].row(i), &act))
@@ -601,7 +618,7 @@ impl Dispatch {
         check_len("out", hidden, out.len())?;
         let per = rows_per_task(hidden, slots.len() * row_cost(first), pool.n_threads());
         let dst = OutPtr(out.as_mut_ptr());
-        with_q8(self.q8(), h, inter, |q8| {
+        with_q8(self.q8(), h, inter, first.encoding, |q8| {
             if let Some(rows4) = self.rows4_for(first, q8) {
                 pool.run(hidden.div_ceil(per), &|t| {
                     let band = t * per..((t + 1) * per).min(hidden);

@@ -8,7 +8,8 @@
 //! the test), so 1e-5 leaves margin without hiding a wrong block: a code offset off by one in one Q6_K kernel shows up as 2e-3.
 //!
 //! q8-activation tables (`Activations::Q8`) add the activation rounding: `|x − d_b·q| ≤ d_b/2` per element, with
-//! `d_b = max|x|/127` over its 32-block, so their bound is the one above plus `Σ_c |W[r,c]|·d_b(c)/2`.
+//! `d_b = max|x|/127` over its 32-block (over its 256-group for Q4_K and Q6_K weights, quantized ggml-`Q8_K`
+//! style), so their bound is the one above plus `Σ_c |W[r,c]|·d_b(c)/2`.
 //!
 //! Normalising by `|y|` instead would fail on rows whose terms cancel, which says nothing about the kernel.
 
@@ -59,16 +60,17 @@ fn gemv_matches_reference_for_every_encoding_and_isa() {
 }
 
 /// `Σ_c |W[r,c]|·d_b(c)/2` per row when `cols` is whole 32-blocks (else q8 is not used), times 1.01 for the f32
-/// rounding of `x/d` itself.
+/// rounding of `x/d` itself. The scale's block is 256 values for K-quant weights, 32 otherwise.
 fn q8_rounding(w: &common::Weight, x: &[f32]) -> Vec<f64> {
     if !w.cols.is_multiple_of(32) {
         return vec![0.0; w.rows];
     }
+    let block = if matches!(w.encoding, Encoding::Ggml(GgmlType::Q4K | GgmlType::Q6K)) { 256 } else { 32 };
     let half_step: Vec<f64> = x
-        .chunks_exact(32)
+        .chunks_exact(block)
         .flat_map(|b| {
             let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-            std::iter::repeat_n(f64::from(amax) / 127.0 / 2.0 * 1.01, 32)
+            std::iter::repeat_n(f64::from(amax) / 127.0 / 2.0 * 1.01, block)
         })
         .collect();
     w.dense

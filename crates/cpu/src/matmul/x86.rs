@@ -58,12 +58,34 @@ const fn f16_const(h: u32) -> f32 {
     }
 }
 
+/// The 8 six-bit scales and 8 mins of a Q4_K super-block from its 12 packed bytes, as 8 bytes each (the layout
+/// [`scale_min_k4`] decodes one at a time), in 32-bit integer ops: ggml's `utmp` unpacking.
+#[inline]
+fn k4_scales_mins(p: *const u8) -> (u64, u64) {
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    // SAFETY: callers pass a pointer to the 12 scale bytes of a Q4_K block inside a validated view.
+    let u = |i: usize| unsafe { p.add(4 * i).cast::<u32>().read_unaligned() };
+    let (a, b, c) = (u(0), u(1), u(2));
+    let scales = u64::from(a & LOW6) | u64::from((c & LOW4) | (((a >> 6) & LOW2) << 4)) << 32;
+    let mins = u64::from(b & LOW6) | u64::from(((c >> 4) & LOW4) | (((b >> 6) & LOW2) << 4)) << 32;
+    (scales, mins)
+}
+
+/// Shuffle control (per 128-bit half, as one i16 lane pattern) broadcasting i16 lane `j` (0..8).
+#[inline]
+const fn k4_pick(j: usize) -> i16 {
+    let lo = 2 * j as i16;
+    ((lo + 1) << 8) | lo
+}
+
 macro_rules! kernels {
     ($feat:literal) => {
         use moestream_quant::{Encoding, FloatType, GgmlType};
 
         use super::super::{Act, Q8Block, RowRef, scalar};
-        use super::scale_min_k4;
+        use super::{k4_pick, k4_scales_mins, scale_min_k4};
 
         /// Scalar f16 → f32 in integer ops. Not F16C: LLVM lowers a one-lane `vcvtph2ps` to `vpinsrw` into
         /// whatever register is free, which made the loop-carried accumulator an input of every block's scale
@@ -581,91 +603,142 @@ macro_rules! q8_kernels {
             }
         }
 
-        /// Q4_K × q8: q8 blocks line up with the 32-element sub-blocks; mins use the exact f32 block sums.
+        /// Q4_K × q8 (ggml's `Q8_K` scheme): the 8 q8 blocks of a super-block share one scale `d_x` (see
+        /// `with_q8`), so `Σ_j sc_j·Σ q·x_q` is summed in integers (`maddubs` per 32 codes, then `madd` with the
+        /// sub-block scale, ≤ 3.9·10⁶ per lane) and converted once; the mins term is `Σ_j mn_j·qsum_j`, also
+        /// integer. Per super-block and row: two float FMAs instead of two per 32 values.
         #[target_feature(enable = $feat)]
         unsafe fn tile_q4_k<const R: usize, const T: usize>(w: [&[u8]; R], q8: &[&[Q8Block]; T]) -> [[f32; T]; R] {
-            // SAFETY: every `w[r]` holds q8[t].len()/8 blocks of 144 bytes.
+            // SAFETY: every `w[r]` holds q8[t].len()/8 blocks of 144 bytes; q8[t] comes in groups of 8.
             unsafe {
                 let m4 = _mm256_set1_epi8(0x0f);
                 let mut acc = [[_mm256_setzero_ps(); T]; R];
-                let mut mins = [[0f32; T]; R];
+                let mut macc = [[_mm_setzero_ps(); T]; R];
                 for sb in 0..q8[0].len() / 8 {
+                    let mut dx = [0f32; T];
+                    let mut qsums = [_mm_setzero_si128(); T];
+                    for t in 0..T {
+                        let xb = q8[t].as_ptr().add(8 * sb);
+                        dx[t] = (*xb).d;
+                        qsums[t] = qsums8(xb);
+                    }
                     for r in 0..R {
-                        let blk = &w[r][144 * sb..144 * (sb + 1)];
-                        let d = f16_at(blk.as_ptr());
-                        let dmin = f16_at(blk.as_ptr().add(2));
-                        let (sc, mn) = scale_min_k4(&blk[4..16]);
-                        let qs = blk.as_ptr().add(16);
+                        let bp = w[r].as_ptr().add(144 * sb);
+                        let d = f16_at(bp);
+                        let dmin = f16_at(bp.add(2));
+                        let (sc, mn) = k4_scales_mins(bp.add(4));
+                        let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
+                        let mn16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64));
+                        let qs = bp.add(16);
+                        let mut isum = [_mm256_setzero_si256(); T];
                         for c in 0..4 {
                             let q = _mm256_loadu_si256(qs.add(32 * c).cast());
                             let (ql, qh) = (_mm256_and_si256(q, m4), _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4));
+                            let s_lo = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16(k4_pick(2 * c)));
+                            let s_hi = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16(k4_pick(2 * c + 1)));
                             for t in 0..T {
-                                let (x0, x1) =
-                                    (q8[t].get_unchecked(8 * sb + 2 * c), q8[t].get_unchecked(8 * sb + 2 * c + 1));
-                                let lo = dot32(ql, load_q8(x0));
-                                let hi = dot32(qh, load_q8(x1));
-                                let s0 = d * f32::from(sc[2 * c]) * x0.d;
-                                let s1 = d * f32::from(sc[2 * c + 1]) * x1.d;
-                                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(s0), acc[r][t]);
-                                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(s1), acc[r][t]);
-                                mins[r][t] +=
-                                    dmin * f32::from(mn[2 * c]) * x0.xsum + dmin * f32::from(mn[2 * c + 1]) * x1.xsum;
+                                let xb = q8[t].as_ptr().add(8 * sb + 2 * c);
+                                let lo = _mm256_madd_epi16(_mm256_maddubs_epi16(ql, load_q8(&*xb)), s_lo);
+                                let hi = _mm256_madd_epi16(_mm256_maddubs_epi16(qh, load_q8(&*xb.add(1))), s_hi);
+                                isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(lo, hi));
                             }
+                        }
+                        for t in 0..T {
+                            acc[r][t] =
+                                _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(d * dx[t]), acc[r][t]);
+                            let m = _mm_cvtepi32_ps(_mm_madd_epi16(mn16, qsums[t]));
+                            macc[r][t] = _mm_fmadd_ps(m, _mm_set1_ps(dmin * dx[t]), macc[r][t]);
                         }
                     }
                 }
                 let mut sums = hsum_tile(acc);
                 for r in 0..R {
                     for t in 0..T {
-                        sums[r][t] -= mins[r][t];
+                        sums[r][t] -= hsum4(macc[r][t]);
                     }
                 }
                 sums
             }
         }
 
-        /// Q6_K × q8 as a tile (the one-pair kernel is `tile_q6_k::<1, 1>`): codes unpacked unsigned (0..63) in
-        /// element order (the layout `dot_q6_k` describes), `Σ(q−32)·x = Σq·x − 32·Σx` per 4-lane, then the two
-        /// 16-element sub-block scales applied as an integer lane vector, then `d·d_x` per q8 block in f32.
+        /// The code sums of 8 consecutive q8 blocks as 8 i16 lanes (each |qsum| ≤ 32·127).
+        ///
+        /// # Safety
+        /// `xb` points at 8 readable blocks.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn qsums8(xb: *const Q8Block) -> __m128i {
+            // SAFETY: guaranteed by the caller.
+            unsafe {
+                let q = |i: usize| (*xb.add(i)).qsum as i16;
+                _mm_setr_epi16(q(0), q(1), q(2), q(3), q(4), q(5), q(6), q(7))
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn hsum4(v: __m128) -> f32 {
+            let s = _mm_add_ps(v, _mm_movehl_ps(v, v));
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+        }
+
+        /// Q6_K × q8 (ggml's `Q8_K` scheme, as `tile_q4_k`): codes unpacked unsigned (0..63) in element order
+        /// (the layout `dot_q6_k` describes); per 32 codes `maddubs(q, x) − maddubs(32, x)` is `Σ(q−32)·x` per
+        /// pair in i16 (|·| ≤ 8128), `madd` with the two 16-element scales makes it i32 (≤ 1.7·10⁷ per lane per
+        /// super-block), and `d·d_x` is applied once per super-block.
         #[target_feature(enable = $feat)]
         unsafe fn tile_q6_k<const R: usize, const T: usize>(w: [&[u8]; R], q8: &[&[Q8Block]; T]) -> [[f32; T]; R] {
-            // SAFETY: every `w[r]` holds q8[t].len()/8 blocks of 210 bytes.
+            // SAFETY: every `w[r]` holds q8[t].len()/8 blocks of 210 bytes; q8[t] comes in groups of 8.
             unsafe {
                 let e32 = _mm256_set1_epi8(32);
                 let mut acc = [[_mm256_setzero_ps(); T]; R];
                 for sb in 0..q8[0].len() / 8 {
-                    // 32·Σx per 4 activations of each q8 block of this super-block, shared by all rows.
+                    // 32·Σx per pair of activations of each q8 block of this super-block, shared by all rows.
                     let mut xs = [[_mm256_setzero_si256(); 8]; T];
+                    let mut dx = [0f32; T];
                     for t in 0..T {
+                        dx[t] = q8[t].get_unchecked(8 * sb).d;
                         for b in 0..8 {
-                            xs[t][b] = dot32(e32, load_q8(q8[t].get_unchecked(8 * sb + b)));
+                            xs[t][b] = _mm256_maddubs_epi16(e32, load_q8(q8[t].get_unchecked(8 * sb + b)));
                         }
                     }
                     for r in 0..R {
                         let bp = w[r].as_ptr().add(210 * sb);
                         let d = f16_at(bp.add(208));
-                        let sc = bp.add(192).cast::<i8>();
+                        // The 16 scales as i16, each 128-bit half holding scales 0..8 (`lo`) or 8..16 (`hi`).
+                        let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(bp.add(192).cast()));
+                        let halves =
+                            [_mm256_permute2x128_si256::<0x00>(sc, sc), _mm256_permute2x128_si256::<0x11>(sc, sc)];
+                        let mut isum = [_mm256_setzero_si256(); T];
                         for h in 0..2 {
                             for (k, q) in q6_quarters(bp, h).into_iter().enumerate() {
-                                let s = 8 * h + 2 * k;
-                                let scv = _mm256_set_m128i(
-                                    _mm_set1_epi32(i32::from(*sc.add(s + 1))),
-                                    _mm_set1_epi32(i32::from(*sc.add(s))),
-                                );
+                                // Scale 2k of this half for the first 16 codes, 2k+1 for the last 16.
+                                let scv = _mm256_shuffle_epi8(halves[h], q6_pick(k));
                                 let b = 4 * h + k;
                                 for t in 0..T {
                                     let xb = q8[t].get_unchecked(8 * sb + b);
-                                    let i = _mm256_sub_epi32(dot32(q, load_q8(xb)), xs[t][b]);
-                                    let i = _mm256_mullo_epi32(i, scv);
-                                    acc[r][t] =
-                                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(d * xb.d), acc[r][t]);
+                                    let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q, load_q8(xb)), xs[t][b]);
+                                    isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(p, scv));
                                 }
                             }
+                        }
+                        for t in 0..T {
+                            acc[r][t] =
+                                _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(d * dx[t]), acc[r][t]);
                         }
                     }
                 }
                 hsum_tile(acc)
             }
+        }
+
+        /// Shuffle control selecting i16 lane `2k` of each 128-bit half in the low half and lane `2k+1` in the
+        /// high half (the two 16-code scales of Q6_K quarter `k`).
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn q6_pick(k: usize) -> __m256i {
+            let (a, b) = (4 * k as i16, 4 * k as i16 + 2);
+            _mm256_set_m128i(_mm_set1_epi16(((b + 1) << 8) | b), _mm_set1_epi16(((a + 1) << 8) | a))
         }
 
         /// MLX 4-bit × q8: nibbles re-interleaved into element order; biases use the exact f32 block sums.
@@ -893,6 +966,29 @@ pub(super) mod avx512 {
     kernels!("avx512f,avx512bw,avx512vl,avx2,fma,f16c");
     q8_kernels!("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c");
 
+    /// Where the next group of rows starts when `w` are consecutive rows of one matrix (the decode walk), else
+    /// null. Never dereferenced here: only prefetched.
+    #[inline]
+    fn next_rows<const R: usize>(w: &[&[u8]; R]) -> *const u8 {
+        let len = w[0].len();
+        let base = w[0].as_ptr();
+        let consecutive = (1..R).all(|r| w[r].as_ptr() == base.wrapping_add(r * len));
+        if consecutive { base.wrapping_add(R * len) } else { std::ptr::null() }
+    }
+
+    /// Prefetches the next row group in step with the walk over this one: when `off` bytes of this group have been
+    /// consumed (summed over its rows), the same share of the next group is requested, so the whole next group is in
+    /// flight by the time this one ends. The hardware streamer does not do this by itself: each row is a short
+    /// stream (1–2 KiB) and four run side by side.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn prefetch_group(next: *const u8, off: usize) {
+        // Prefetch never faults, whatever the address; wrapping_add keeps the pointer arithmetic defined.
+        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(off).cast());
+        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(off + 64).cast());
+        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(off + 128).cast());
+    }
+
     /// `[a ×8, b ×8]`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -914,8 +1010,12 @@ pub(super) mod avx512 {
             let shift = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);
             let dup = _mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0);
             let mut acc = [[_mm512_setzero_ps(); T]; R];
+            let pf = next_rows(&w);
             let mut b = 0;
             while b + 2 <= nb {
+                if T == 1 && !pf.is_null() {
+                    prefetch_group(pf, 18 * R * b);
+                }
                 // Loops, not `array::from_fn`: closures do not inherit target features and were not inlined.
                 let mut xv = [_mm512_setzero_si512(); T];
                 let mut xd = [_mm512_setzero_ps(); T];
@@ -970,6 +1070,29 @@ pub(super) mod avx512 {
 #[cfg(test)]
 mod tests {
     use moestream_quant::{FloatType, decode_floats};
+
+    /// The word-parallel Q4_K scale unpacking against the one-at-a-time reference, on random and extreme bytes.
+    #[test]
+    fn k4_scales_mins_match_scale_min_k4() {
+        let mut state = 0x1234_5678_9abc_def1u64;
+        for i in 0..10_000 {
+            let mut b = [0u8; 12];
+            for v in &mut b {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                *v = match i {
+                    0 => 0,
+                    1 => 0xff,
+                    _ => state as u8,
+                };
+            }
+            let (sc, mn) = super::k4_scales_mins(b.as_ptr());
+            let (want_sc, want_mn) = moestream_quant::ggml::scale_min_k4(&b);
+            assert_eq!(sc.to_le_bytes(), want_sc, "scales of {b:?}");
+            assert_eq!(mn.to_le_bytes(), want_mn, "mins of {b:?}");
+        }
+    }
 
     /// Both hand-written f16 decoders against `quant`'s, on every bit pattern (subnormals, infinities, NaNs).
     #[test]
