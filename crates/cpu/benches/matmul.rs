@@ -14,13 +14,14 @@ fn main() {
     divan::main();
 }
 
-const ENCODINGS: [&str; 4] = ["Q4_0", "Q4_K", "Q8_0", "MLX_Q4_G64"];
+const ENCODINGS: [&str; 5] = ["Q4_0", "Q4_K", "Q6_K", "Q8_0", "MLX_Q4_G64"];
 const SHAPES: [(&str, usize, usize); 2] = [("gate_up", 1536, 2048), ("down", 2048, 768)];
 
 fn encoding(name: &str) -> Encoding {
     match name {
         "Q4_0" => Encoding::Ggml(GgmlType::Q4_0),
         "Q4_K" => Encoding::Ggml(GgmlType::Q4K),
+        "Q6_K" => Encoding::Ggml(GgmlType::Q6K),
         "Q8_0" => Encoding::Ggml(GgmlType::Q8_0),
         _ => Encoding::MlxAffine { params: MlxAffine { bits: 4, group_size: 64 }, scale_type: FloatType::BF16 },
     }
@@ -43,10 +44,18 @@ fn make(enc: Encoding, rows: usize, cols: usize) -> Owned {
     };
     let src: Vec<f32> = (0..rows * cols).map(|_| (next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0).collect();
     match enc {
+        // No encoder for K-quants here: random codes and scales, with finite f16 super-block scales.
         Encoding::Ggml(GgmlType::Q4K) => {
             let mut data: Vec<u8> = (0..rows * cols / 256 * 144).map(|_| next() as u8).collect();
             for b in data.chunks_exact_mut(144) {
                 b[0..4].copy_from_slice(&[0x00, 0x1c, 0x00, 0x1c]); // d = dmin = 2^-8 as f16
+            }
+            Owned { data, scales: vec![], biases: vec![] }
+        }
+        Encoding::Ggml(GgmlType::Q6K) => {
+            let mut data: Vec<u8> = (0..rows * cols / 256 * 210).map(|_| next() as u8).collect();
+            for b in data.chunks_exact_mut(210) {
+                b[208..210].copy_from_slice(&[0x00, 0x1c]); // d = 2^-8 as f16
             }
             Owned { data, scales: vec![], biases: vec![] }
         }

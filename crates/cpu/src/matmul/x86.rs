@@ -608,7 +608,8 @@ macro_rules! q8_kernels {
         /// sub-block scale, ≤ 3.9·10⁶ per lane) and converted once; the mins term is `Σ_j mn_j·qsum_j`, also
         /// integer. Per super-block and row: two float FMAs instead of two per 32 values.
         #[target_feature(enable = $feat)]
-        unsafe fn tile_q4_k<const R: usize, const T: usize>(w: [&[u8]; R], q8: &[&[Q8Block]; T]) -> [[f32; T]; R] {
+        #[allow(dead_code)]
+        unsafe fn tile_q4_k_ymm<const R: usize, const T: usize>(w: [&[u8]; R], q8: &[&[Q8Block]; T]) -> [[f32; T]; R] {
             // SAFETY: every `w[r]` holds q8[t].len()/8 blocks of 144 bytes; q8[t] comes in groups of 8.
             unsafe {
                 let m4 = _mm256_set1_epi8(0x0f);
@@ -687,7 +688,8 @@ macro_rules! q8_kernels {
         /// pair in i16 (|·| ≤ 8128), `madd` with the two 16-element scales makes it i32 (≤ 1.7·10⁷ per lane per
         /// super-block), and `d·d_x` is applied once per super-block.
         #[target_feature(enable = $feat)]
-        unsafe fn tile_q6_k<const R: usize, const T: usize>(w: [&[u8]; R], q8: &[&[Q8Block]; T]) -> [[f32; T]; R] {
+        #[allow(dead_code)]
+        unsafe fn tile_q6_k_ymm<const R: usize, const T: usize>(w: [&[u8]; R], q8: &[&[Q8Block]; T]) -> [[f32; T]; R] {
             // SAFETY: every `w[r]` holds q8[t].len()/8 blocks of 210 bytes; q8[t] comes in groups of 8.
             unsafe {
                 let e32 = _mm256_set1_epi8(32);
@@ -799,7 +801,7 @@ macro_rules! q8_kernels {
 pub(super) mod avx2 {
     use core::arch::x86_64::*;
 
-    use self::tile_q4_0_ymm as tile_q4_0;
+    use self::{tile_q4_0_ymm as tile_q4_0, tile_q4_k_ymm as tile_q4_k, tile_q6_k_ymm as tile_q6_k};
 
     type V = __m256;
     const LANES: usize = 8;
@@ -965,6 +967,178 @@ pub(super) mod avx512 {
 
     kernels!("avx512f,avx512bw,avx512vl,avx2,fma,f16c");
     q8_kernels!("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c");
+
+    /// Two q8 blocks' codes as one 512-bit vector `[a, b]`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn pair_q8(a: &Q8Block, b: &Q8Block) -> __m512i {
+        // SAFETY: both are whole blocks.
+        unsafe { _mm512_inserti64x4::<1>(_mm512_castsi256_si512(load_q8(a)), load_q8(b)) }
+    }
+
+    /// `vpermw` control: each 64-bit lane `i` (four i16 lanes) selects source lane `src[i]`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn i16_lanes(src: [usize; 8]) -> __m512i {
+        let l = |i: usize| 0x0001_0001_0001_0001 * src[i] as i64;
+        _mm512_set_epi64(l(7), l(6), l(5), l(4), l(3), l(2), l(1), l(0))
+    }
+
+    /// Q4_K × q8 (ggml's `Q8_K` scheme), 512-bit: the 256-bit kernel's integer sums two sub-blocks per step.
+    /// 64 code bytes hold sub-blocks `[4p, 4p+2]` (low nibbles) and `[4p+1, 4p+3]` (high nibbles); `maddubs`
+    /// then `vpdpwssd` with the sub-block scales in 16-lane halves (≤ 3.9·10⁶ per lane), one float FMA per
+    /// super-block with `d·d_x`, and the mins `Σ mn_j·qsum_j` in integers.
+    // Index loops: the indices are the layout (sub-block numbers), not just positions.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn tile_q4_k<const R: usize, const T: usize>(w: [&[u8]; R], q8: &[&[Q8Block]; T]) -> [[f32; T]; R] {
+        // SAFETY: every `w[r]` holds q8[t].len()/8 blocks of 144 bytes; q8[t] comes in groups of 8.
+        unsafe {
+            let m4 = _mm512_set1_epi8(0x0f);
+            let mut acc = [[_mm512_setzero_ps(); T]; R];
+            let mut macc = [[_mm_setzero_ps(); T]; R];
+            let pf = next_rows(&w);
+            for sb in 0..q8[0].len() / 8 {
+                let mut dx = [0f32; T];
+                let mut qsums = [_mm_setzero_si128(); T];
+                // Activations of sub-blocks [4p, 4p+2] and [4p+1, 4p+3], matching the code halves.
+                let mut xv = [[[_mm512_setzero_si512(); 2]; 2]; T];
+                for t in 0..T {
+                    let xb = q8[t].as_ptr().add(8 * sb);
+                    dx[t] = (*xb).d;
+                    qsums[t] = qsums8(xb);
+                    for p in 0..2 {
+                        xv[t][p][0] = pair_q8(&*xb.add(4 * p), &*xb.add(4 * p + 2));
+                        xv[t][p][1] = pair_q8(&*xb.add(4 * p + 1), &*xb.add(4 * p + 3));
+                    }
+                }
+                if T == 1 && !pf.is_null() {
+                    prefetch_group(pf, 144 * R * sb);
+                    prefetch_group(pf, 144 * R * sb + 192);
+                    prefetch_group(pf, 144 * R * sb + 384);
+                }
+                for r in 0..R {
+                    let bp = w[r].as_ptr().add(144 * sb);
+                    let d = f16_at(bp);
+                    let dmin = f16_at(bp.add(2));
+                    let (sc, mn) = k4_scales_mins(bp.add(4));
+                    let sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
+                    let mn16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64));
+                    let mut isum = [_mm512_setzero_si512(); T];
+                    for p in 0..2 {
+                        let v = _mm512_loadu_si512(bp.add(16 + 64 * p).cast());
+                        let q = [_mm512_and_si512(v, m4), _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4)];
+                        for n in 0..2 {
+                            // Sub-block 4p+n's scale for the first 32 codes, 4p+n+2's for the last 32.
+                            let (a, b) = (4 * p + n, 4 * p + n + 2);
+                            let scv = _mm512_permutexvar_epi16(i16_lanes([a, a, a, a, b, b, b, b]), sc16);
+                            for t in 0..T {
+                                let prod = _mm512_maddubs_epi16(q[n], xv[t][p][n]);
+                                isum[t] = _mm512_dpwssd_epi32(isum[t], prod, scv);
+                            }
+                        }
+                    }
+                    for t in 0..T {
+                        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_set1_ps(d * dx[t]), acc[r][t]);
+                        let m = _mm_cvtepi32_ps(_mm_madd_epi16(mn16, qsums[t]));
+                        macc[r][t] = _mm_fmadd_ps(m, _mm_set1_ps(dmin * dx[t]), macc[r][t]);
+                    }
+                }
+            }
+            let mut out = [[0f32; T]; R];
+            for r in 0..R {
+                for t in 0..T {
+                    out[r][t] = _mm512_reduce_add_ps(acc[r][t]) - hsum4(macc[r][t]);
+                }
+            }
+            out
+        }
+    }
+
+    /// Q6_K × q8 (ggml's `Q8_K` scheme), 512-bit: the 256-bit kernel's sums two quarters per step. Half h's
+    /// 64 low-nibble bytes `[a, b]` and its 32 high-bit bytes, duplicated and shifted by `[0, 2]`, give quarters
+    /// `[0, 1]` (low nibbles | bits 0–1 or 2–3) and `[2, 3]` (high nibbles | bits 4–5 or 6–7) of the element-order
+    /// layout; `maddubs(q, x) − maddubs(32, x)` then `vpdpwssd` with one scale per 16 codes.
+    // Index loops: the indices are the layout (sub-block numbers), not just positions.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn tile_q6_k<const R: usize, const T: usize>(w: [&[u8]; R], q8: &[&[Q8Block]; T]) -> [[f32; T]; R] {
+        // SAFETY: every `w[r]` holds q8[t].len()/8 blocks of 210 bytes; q8[t] comes in groups of 8.
+        unsafe {
+            let m4 = _mm512_set1_epi8(0x0f);
+            let m30 = _mm512_set1_epi8(0x30);
+            let e32 = _mm512_set1_epi8(32);
+            let shift = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);
+            let mut acc = [[_mm512_setzero_ps(); T]; R];
+            let pf = next_rows(&w);
+            for sb in 0..q8[0].len() / 8 {
+                let mut dx = [0f32; T];
+                // Per half h: activations of quarters [0, 1] and [2, 3], and 32·Σx per pair of each.
+                let mut xv = [[[_mm512_setzero_si512(); 2]; 2]; T];
+                let mut xs = [[[_mm512_setzero_si512(); 2]; 2]; T];
+                for t in 0..T {
+                    let xb = q8[t].as_ptr().add(8 * sb);
+                    dx[t] = (*xb).d;
+                    for h in 0..2 {
+                        for n in 0..2 {
+                            let b = 4 * h + 2 * n;
+                            xv[t][h][n] = pair_q8(&*xb.add(b), &*xb.add(b + 1));
+                            xs[t][h][n] = _mm512_maddubs_epi16(e32, xv[t][h][n]);
+                        }
+                    }
+                }
+                if T == 1 && !pf.is_null() {
+                    prefetch_group(pf, 210 * R * sb);
+                    prefetch_group(pf, 210 * R * sb + 192);
+                    prefetch_group(pf, 210 * R * sb + 384);
+                    prefetch_group(pf, 210 * R * sb + 576);
+                }
+                for r in 0..R {
+                    let bp = w[r].as_ptr().add(210 * sb);
+                    let d = f16_at(bp.add(208));
+                    let sc16 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(bp.add(192).cast())));
+                    let mut isum = [_mm512_setzero_si512(); T];
+                    for h in 0..2 {
+                        let ab = _mm512_loadu_si512(bp.add(64 * h).cast());
+                        let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(bp.add(128 + 32 * h).cast()));
+                        let qh = _mm512_srlv_epi64(qh, shift);
+                        let q = [
+                            _mm512_or_si512(
+                                _mm512_and_si512(ab, m4),
+                                _mm512_and_si512(_mm512_slli_epi16::<4>(qh), m30),
+                            ),
+                            _mm512_or_si512(
+                                _mm512_and_si512(_mm512_srli_epi16::<4>(ab), m4),
+                                _mm512_and_si512(qh, m30),
+                            ),
+                        ];
+                        for n in 0..2 {
+                            // Scales 8h+4n .. 8h+4n+4, one per 16 codes.
+                            let f = 8 * h + 4 * n;
+                            let scv = _mm512_permutexvar_epi16(
+                                i16_lanes([f, f, f + 1, f + 1, f + 2, f + 2, f + 3, f + 3]),
+                                sc16,
+                            );
+                            for t in 0..T {
+                                let prod = _mm512_sub_epi16(_mm512_maddubs_epi16(q[n], xv[t][h][n]), xs[t][h][n]);
+                                isum[t] = _mm512_dpwssd_epi32(isum[t], prod, scv);
+                            }
+                        }
+                    }
+                    for t in 0..T {
+                        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_set1_ps(d * dx[t]), acc[r][t]);
+                    }
+                }
+            }
+            let mut out = [[0f32; T]; R];
+            for r in 0..R {
+                for t in 0..T {
+                    out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+                }
+            }
+            out
+        }
+    }
 
     /// Where the next group of rows starts when `w` are consecutive rows of one matrix (the decode walk), else
     /// null. Never dereferenced here: only prefetched.
