@@ -12,6 +12,6 @@ pub mod pool;
 
 pub use matmul::{
     Activations, Dispatch, Isa, MatmulError, WeightView, gathered_down, gathered_gate_up, gathered_gate_up_split, gemm,
-    gemv,
+    gemv, sum_parts,
 };
 pub use pool::ThreadPool;

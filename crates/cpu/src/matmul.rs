@@ -654,6 +654,54 @@ impl Dispatch {
         });
         Ok(())
     }
+
+    /// The unweighted parts of [`Dispatch::gathered_down`]: `parts[j·H + r] = down_j[r]·h_j` for each of the k
+    /// `[H, I]` slots. [`sum_parts`] over them equals `gathered_down` bit for bit (same per-expert values, summed
+    /// in the same order), so a caller can compute some experts' parts before others are resident.
+    pub fn gathered_down_parts(
+        &self,
+        pool: &ThreadPool,
+        slots: &[WeightView],
+        h: &[f32],
+        parts: &mut [f32],
+    ) -> Result<(), MatmulError> {
+        let Some(first) = slots.first() else {
+            check_len("h", 0, h.len())?;
+            return check_len("parts", 0, parts.len());
+        };
+        check_slots("down", slots, first.rows, first.cols)?;
+        let (hidden, inter) = (first.rows, first.cols);
+        check_len("h", slots.len() * inter, h.len())?;
+        check_len("parts", slots.len() * hidden, parts.len())?;
+        let per = rows_per_task(hidden, row_cost(first), pool.n_threads());
+        let chunks = hidden.div_ceil(per);
+        let dst = OutPtr(parts.as_mut_ptr());
+        with_q8(self.q8(), h, inter, first.encoding, |q8| {
+            let rows4 = self.rows4_for(first, q8);
+            pool.run(slots.len() * chunks, &|t| {
+                let (j, c) = (t / chunks, t % chunks);
+                let (w, band) = (&slots[j], c * per..((c + 1) * per).min(hidden));
+                let act = Act { x: &h[j * inter..(j + 1) * inter], q8: q8_part(q8, inter, j) };
+                if let Some(rows4) = rows4 {
+                    for r0 in band.clone().step_by(4) {
+                        let row = |i: usize| w.row((r0 + i).min(band.end - 1));
+                        // SAFETY: rows of validated views, q8 blocks of expert j's activations.
+                        let res = unsafe { dot_rows4(rows4, row, act.q8) };
+                        for (i, &v) in res.iter().enumerate().take(band.end - r0) {
+                            // SAFETY: j·hidden + r0 + i < k·hidden = parts.len(); (j, band) is this task's.
+                            unsafe { dst.write(j * hidden + r0 + i, v) };
+                        }
+                    }
+                } else {
+                    for r in band {
+                        // SAFETY: as above.
+                        unsafe { dst.write(j * hidden + r, self.dot(&w.row(r), &act)) };
+                    }
+                }
+            })
+        });
+        Ok(())
+    }
 }
 
 /// Four rows (`row(0..4)`) dotted with one token's q8 blocks.
@@ -667,6 +715,25 @@ unsafe fn dot_rows4<'a>(rows4: Rows4Dot, row: impl Fn(usize) -> RowRef<'a>, q8: 
     let done = unsafe { rows4(&[row(0), row(1), row(2), row(3)], q8, &mut res) };
     debug_assert!(done, "tile_covers and the tile kernels disagree");
     res
+}
+
+/// `out[r] = Σ_j weights[j]·parts[at[j]·H + r]`, summed over `j` in index order from zero exactly as
+/// [`Dispatch::gathered_down`] sums its experts, so the two agree bit for bit whatever order the parts were
+/// computed and stored in (`at[j]` says where expert `j`'s part is). `parts` is `k × H`.
+pub fn sum_parts(parts: &[f32], at: &[usize], weights: &[f32], out: &mut [f32]) -> Result<(), MatmulError> {
+    let h = out.len();
+    check_len("parts", weights.len() * h, parts.len())?;
+    check_len("at", weights.len(), at.len())?;
+    if let Some(&bad) = at.iter().find(|&&p| p >= weights.len()) {
+        return Err(MatmulError::Len { what: "part index", expected: weights.len(), got: bad });
+    }
+    out.fill(0.0);
+    for (&p, &wt) in at.iter().zip(weights) {
+        for (o, &v) in out.iter_mut().zip(&parts[p * h..(p + 1) * h]) {
+            *o += wt * v;
+        }
+    }
+    Ok(())
 }
 
 /// The encodings the x86 tile kernels cover (the others run row by row).

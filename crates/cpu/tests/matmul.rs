@@ -188,6 +188,24 @@ fn gathered_ops_equal_composed_gemv() {
                 let mut got = vec![f32::NAN; 37];
                 d.gathered_down(&pool, &views, &h, &weights, &mut got).expect("valid");
                 assert_eq!(got, want, "down {} {} k={k}", d.name(), encoding.name());
+
+                // Parts: the odd experts first, then the even ones (as decode computes resident experts before
+                // the ones being read), summed afterwards in expert order.
+                let order: Vec<usize> = (1..k).step_by(2).chain((0..k).step_by(2)).collect();
+                let cut = k / 2;
+                let (mut hp, mut at) = (vec![0f32; k * inter], vec![0usize; k]);
+                let vp: Vec<WeightView> = order.iter().map(|&j| views[j]).collect();
+                for (p, &j) in order.iter().enumerate() {
+                    hp[p * inter..(p + 1) * inter].copy_from_slice(&h[j * inter..(j + 1) * inter]);
+                    at[j] = p;
+                }
+                let mut parts = vec![f32::NAN; k * 37];
+                let (p0, p1) = parts.split_at_mut(cut * 37);
+                d.gathered_down_parts(&pool, &vp[..cut], &hp[..cut * inter], p0).expect("valid");
+                d.gathered_down_parts(&pool, &vp[cut..], &hp[cut * inter..], p1).expect("valid");
+                let mut summed = vec![f32::NAN; 37];
+                moestream_cpu::sum_parts(&parts, &at, &weights, &mut summed).expect("valid");
+                assert_eq!(summed, want, "down parts {} {} k={k}", d.name(), encoding.name());
             }
         }
     }

@@ -13,12 +13,12 @@ use moestream_cpu::gdn::{conv1d_silu_step, delta_rule_step, l2norm_inplace, rmsn
 use moestream_cpu::ops::{
     attend_head, rmsnorm, rmsnorm_heads_inplace, rope_inv_freq, rope_neox, silu, softmax_inplace, top_k,
 };
-use moestream_cpu::{Dispatch, ThreadPool, WeightView};
+use moestream_cpu::{Dispatch, ThreadPool, WeightView, sum_parts};
 use moestream_format::{Architecture, LayerAttention, ModelConfig, TensorIndex};
 use std::sync::Mutex;
 
 use moestream_store::{
-    CacheSize, EvictionPolicy, ExpertStore, OwnedWeight, ReadOptions, ResidentWeights, StoreStats, WeightId,
+    CacheSize, EMPTY_SLOT, EvictionPolicy, ExpertStore, OwnedWeight, ReadOptions, ResidentWeights, StoreStats, WeightId,
 };
 
 use crate::ModelError;
@@ -383,6 +383,8 @@ struct Scratch {
     act: Vec<f32>,
     xin: Vec<f32>,
     dn: Vec<f32>,
+    /// Decode: each chosen expert's unweighted down output (`[k × H]`), summed by `sum_parts`.
+    parts: Vec<f32>,
     order: Vec<u32>,
     offsets: Vec<u32>,
     scores: Vec<f32>,
@@ -656,6 +658,7 @@ impl Qwen3Moe {
                 act: vec![0.0; t * inter],
                 xin: vec![0.0; t * h],
                 dn: vec![0.0; t * h],
+                parts: vec![0.0; k * h],
                 order: vec![0; t * k],
                 offsets: vec![0; c.num_experts + 1],
                 scores: vec![0.0; c.num_heads * capacity],
@@ -1022,6 +1025,73 @@ impl Qwen3Moe {
         self.matmul(&w(down), &s.act[..n * im], n, &mut s.moe_out[..n * h])
     }
 
+    /// Decode of one MoE layer whose `ensure_begin` left reads in flight: gate_up and down of the experts already
+    /// resident (slot ≠ `EMPTY_SLOT`) first, overlapping the reads, then `ensure_end` and the experts that arrived.
+    /// Experts are computed in that order (hits, then misses) into `act` and `parts`, and summed in choice order
+    /// by `sum_parts`, so the output is bit-identical to the one-pass gathered form at any cache size.
+    fn moe_decode_overlapped(
+        &self,
+        l: usize,
+        s: &mut Scratch,
+        store: &mut std::sync::MutexGuard<'_, ExpertStore>,
+        slots: &mut [u32],
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        let (h, im, k) = (c.hidden_size, c.moe_intermediate_size, slots.len());
+        // Choice indices, hits first; `at[j]` is where choice j's activations and part go.
+        let (mut order, mut at) = ([0usize; 32], [0usize; 32]);
+        let mut n_hit = 0;
+        for (j, &sl) in slots.iter().enumerate() {
+            if sl != EMPTY_SLOT {
+                order[n_hit] = j;
+                n_hit += 1;
+            }
+        }
+        let mut p = n_hit;
+        for (j, &sl) in slots.iter().enumerate() {
+            if sl == EMPTY_SLOT {
+                order[p] = j;
+                p += 1;
+            }
+        }
+        for (p, &j) in order[..k].iter().enumerate() {
+            at[j] = p;
+        }
+        let (pool, d) = (&self.pool, &self.dispatch);
+        let x = &s.hn[..h];
+        let run = |store: &std::sync::MutexGuard<'_, ExpertStore>,
+                   slots: &[u32],
+                   range: std::ops::Range<usize>,
+                   act: &mut [f32],
+                   parts: &mut [f32]|
+         -> Result<(), ModelError> {
+            if range.is_empty() {
+                return Ok(());
+            }
+            let layer = store.layer(l).ok_or_else(|| ModelError::Unsupported(format!("layer {l} has no experts")))?;
+            let mut views_gu = [slot_view(layer.gate_up, slots[order[range.start]], 2 * im, h); 32];
+            let mut views_dn = [slot_view(layer.down, slots[order[range.start]], h, im); 32];
+            for (q, &j) in order[range.clone()].iter().enumerate() {
+                views_gu[q] = slot_view(layer.gate_up, slots[j], 2 * im, h);
+                views_dn[q] = slot_view(layer.down, slots[j], h, im);
+            }
+            let m = range.len();
+            let (a, pt) = (&mut act[range.start * im..range.end * im], &mut parts[range.start * h..range.end * h]);
+            d.gathered_gate_up(pool, &views_gu[..m], x, a)?;
+            d.gathered_down_parts(pool, &views_dn[..m], a, pt)?;
+            Ok(())
+        };
+        let (act, parts) = (&mut s.act[..k * im], &mut s.parts[..k * h]);
+        run(store, slots, 0..n_hit, act, parts)?;
+        store.ensure_end(slots)?;
+        if slots.contains(&EMPTY_SLOT) {
+            return Err(ModelError::Unsupported(format!("layer {l}: an expert read did not complete")));
+        }
+        run(store, slots, n_hit..k, act, parts)?;
+        sum_parts(parts, &at[..k], &s.topk_w[..k], &mut s.moe_out[..h])?;
+        Ok(())
+    }
+
     fn moe(&self, l: usize, s: &mut Scratch, n: usize) -> Result<(), ModelError> {
         let c = &self.config;
         let (h, e, im, k) = (c.hidden_size, c.num_experts, c.moe_intermediate_size, self.top_k);
@@ -1044,7 +1114,14 @@ impl Qwen3Moe {
             if k > slots.len() {
                 return Err(ModelError::Unsupported(format!("top-k {k} above 32")));
             }
-            store.ensure(l, &s.topk_idx[..k], &mut slots[..k])?;
+            let overlap = self.kernels.stacked && self.kernels.fuse_gate_up;
+            let pending = store.ensure_begin(l, &s.topk_idx[..k], &mut slots[..k])?;
+            if pending > 0 && overlap {
+                // Compute the resident experts while the missed ones are read, then the rest.
+                self.moe_decode_overlapped(l, s, &mut store, &mut slots[..k])?;
+            } else {
+                store.ensure_end(&mut slots[..k])?;
+            }
             if let Some(nl) = self.next_moe[l] {
                 match self.prefetch {
                     Prefetch::None => {}
@@ -1060,6 +1137,9 @@ impl Qwen3Moe {
                         store.prefetch(nl, &s.la_idx, &[]);
                     }
                 }
+            }
+            if pending > 0 && overlap {
+                return Ok(());
             }
             let layer = store.layer(l).ok_or_else(|| ModelError::Unsupported(format!("layer {l} has no experts")))?;
             let mut views_gu = [slot_view(layer.gate_up, slots[0], 2 * im, h); 32];

@@ -24,6 +24,9 @@ use crate::{SlotBuffer, StoreError};
 
 const EMPTY: u32 = u32::MAX;
 
+/// What [`ExpertStore::ensure_begin`] writes for an expert whose read is still in flight.
+pub const EMPTY_SLOT: u32 = EMPTY;
+
 /// How many slots each MoE layer gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheSize {
@@ -210,6 +213,8 @@ pub struct ExpertStore {
     pf_misses: Vec<Miss>,
     /// The layer and start time of the prefetch in flight.
     pf_in_flight: Option<(usize, Instant)>,
+    /// The layer and start time of the demand batch `ensure_begin` left in flight (`batch`, `batch_misses`).
+    demand_in_flight: Option<(usize, Instant)>,
     slots_per_layer: usize,
     num_experts: usize,
     bytes: u64,
@@ -321,6 +326,7 @@ impl ExpertStore {
             pf_batch: Vec::with_capacity(slots * ranges_per_expert),
             pf_misses: Vec::with_capacity(slots),
             pf_in_flight: None,
+            demand_in_flight: None,
             slots_per_layer: slots,
             num_experts: e,
             bytes,
@@ -346,7 +352,12 @@ impl ExpertStore {
                         done: now,
                         failed: false,
                     }));
-                    store.read_batch(l)?;
+                    let cache = store.layers[l].as_mut().expect("checked above");
+                    plan_batch(cache, &store.batch_misses, &mut store.batch, now);
+                    // SAFETY: `batch` and the slots stay untouched until `finish_demand` just below.
+                    unsafe { store.reader.submit(&mut store.batch) };
+                    store.demand_in_flight = Some((l, now));
+                    store.finish_demand()?;
                 }
             }
             store.reset_stats();
@@ -384,8 +395,21 @@ impl ExpertStore {
     }
 
     /// Make `experts` (distinct ids) of `layer` resident and write their slots to `slots`. At most
-    /// `slots_per_layer` experts per call.
+    /// `slots_per_layer` experts per call. [`ExpertStore::ensure_begin`] then [`ExpertStore::ensure_end`].
     pub fn ensure(&mut self, layer: usize, experts: &[u32], slots: &mut [u32]) -> Result<(), StoreError> {
+        self.ensure_begin(layer, experts, slots)?;
+        self.ensure_end(slots)
+    }
+
+    /// The first half of [`ExpertStore::ensure`]: writes the slots of the experts already resident (hits) to
+    /// `slots` and [`EMPTY_SLOT`] for the others (misses), starts reading the misses into victim slots, and
+    /// returns the number of misses without waiting. The hits' slots can be computed from while the reads run
+    /// (victims are never hits of this call). [`ExpertStore::ensure_end`] with the same `slots` waits and fills
+    /// in the misses; any other call on the store first completes the reads (a failed one is then read again by
+    /// the next `ensure` that needs it, which reports the error).
+    pub fn ensure_begin(&mut self, layer: usize, experts: &[u32], slots: &mut [u32]) -> Result<usize, StoreError> {
+        // An earlier batch never ended: complete it (its error, if any, resurfaces when its expert is needed).
+        let _ = self.finish_demand();
         if experts.len() > self.slots_per_layer {
             return Err(StoreError::Budget(format!(
                 "{} experts requested at once in layer {layer}, but the layer has {} slots",
@@ -393,10 +417,18 @@ impl ExpertStore {
                 self.slots_per_layer
             )));
         }
+        if slots.len() < experts.len() {
+            return Err(StoreError::Budget(format!(
+                "{} experts requested with room for {} slots",
+                experts.len(),
+                slots.len()
+            )));
+        }
         self.finish_prefetch();
         self.clock += 1;
         let clock = self.clock;
         let e = self.num_experts;
+        self.batch_misses.clear();
         let Some(cache) = self.layers.get_mut(layer).and_then(Option::as_mut) else {
             return Err(StoreError::Layout { tensor: format!("blk.{layer}"), msg: "not a MoE layer".into() });
         };
@@ -422,13 +454,12 @@ impl ExpertStore {
         self.stats.hits += hits;
         self.stats.per_layer[layer].0 += hits;
         if misses == 0 {
-            return Ok(());
+            return Ok(0);
         }
         self.stats.misses += misses;
         self.stats.per_layer[layer].1 += misses;
         // Pass 2: each miss takes the policy's victim among slots this call has not pinned (empty slots first).
         let cache = self.layers[layer].as_mut().expect("checked above");
-        self.batch_misses.clear();
         let now = Instant::now();
         for j in 0..experts.len() {
             if slots[j] != EMPTY {
@@ -449,12 +480,42 @@ impl ExpertStore {
                 failed: false,
             });
         }
-        // Pass 3: read every miss in one batch.
-        let r = self.read_batch(layer);
+        // Pass 3: start reading every miss as one batch.
+        plan_batch(cache, &self.batch_misses, &mut self.batch, now);
+        // SAFETY: `batch` and the victim slots (unmapped above, so no `layer` view of a resident expert covers them)
+        // are left alone until `finish_demand`, which `ensure_end`, `ensure_begin`, `prefetch` and drop call first.
+        unsafe { self.reader.submit(&mut self.batch) };
+        self.demand_in_flight = Some((layer, now));
+        Ok(misses as usize)
+    }
+
+    /// The second half of [`ExpertStore::ensure`]: waits for the reads `ensure_begin` started and writes the
+    /// missed experts' slots into `slots` (the same slice). Returns the first read error, if any (its expert stays
+    /// not resident).
+    pub fn ensure_end(&mut self, slots: &mut [u32]) -> Result<(), StoreError> {
+        let r = self.finish_demand();
         for m in &self.batch_misses {
-            if !m.failed {
-                slots[m.at as usize] = m.slot;
+            if !m.failed
+                && let Some(s) = slots.get_mut(m.at as usize)
+            {
+                *s = m.slot;
             }
+        }
+        self.batch_misses.clear();
+        r
+    }
+
+    /// Wait for the demand batch in flight, if any, and map the experts that arrived.
+    fn finish_demand(&mut self) -> Result<(), StoreError> {
+        let Some((layer, t0)) = self.demand_in_flight.take() else { return Ok(()) };
+        let w = Instant::now();
+        self.reader.wait();
+        // The stall a caller sees: time blocked here, not the reads' whole duration.
+        self.stats.read_wait_us += w.elapsed().as_micros() as u64;
+        let cache = self.layers[layer].as_mut().expect("demand reads target a MoE layer");
+        let r = complete_batch(cache, &mut self.batch_misses, &mut self.batch, &mut self.stats, t0, true);
+        for (d, a) in self.stats.direct_io.iter_mut().zip(self.reader.direct_active()) {
+            *d = a;
         }
         r
     }
@@ -468,6 +529,9 @@ impl ExpertStore {
     /// the same layer whose slots the caller is still computing from (a prefill wave), which the reader must not
     /// overwrite.
     pub fn prefetch(&mut self, layer: usize, experts: &[u32], keep: &[u32]) {
+        // A demand batch in flight is completed first (its error, if any, resurfaces at the next `ensure`).
+        let _ = self.finish_demand();
+        self.batch_misses.clear();
         self.finish_prefetch();
         let e = self.num_experts;
         let Some(cache) = self.layers.get_mut(layer).and_then(Option::as_mut) else { return };
@@ -519,22 +583,6 @@ impl ExpertStore {
         let misses = &self.pf_misses;
         self.stats.prefetch_bytes +=
             self.pf_batch.iter().filter(|r| !misses[r.tag as usize].failed).map(|r| r.range.len).sum::<u64>();
-    }
-
-    /// Read the experts of `batch_misses` into their slots (which are already unmapped) as one concurrent batch.
-    /// Experts whose reads all succeeded are mapped; the others stay empty (marked `failed`) and the first error
-    /// is returned.
-    fn read_batch(&mut self, layer: usize) -> Result<(), StoreError> {
-        let t0 = Instant::now();
-        let cache = self.layers[layer].as_mut().expect("MoE layer");
-        plan_batch(cache, &self.batch_misses, &mut self.batch, t0);
-        self.reader.run(&mut self.batch);
-        self.stats.read_wait_us += t0.elapsed().as_micros() as u64;
-        let r = complete_batch(cache, &mut self.batch_misses, &mut self.batch, &mut self.stats, t0, true);
-        for (d, a) in self.stats.direct_io.iter_mut().zip(self.reader.direct_active()) {
-            *d = a;
-        }
-        r
     }
 }
 

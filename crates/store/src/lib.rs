@@ -15,7 +15,7 @@ mod reader;
 mod resident;
 
 pub use aligned::AlignedBuf;
-pub use cache::{CachePlan, CacheSize, ExpertLayer, ExpertStore, StoreStats};
+pub use cache::{CachePlan, CacheSize, EMPTY_SLOT, ExpertLayer, ExpertStore, StoreStats};
 pub use policy::EvictionPolicy;
 pub use reader::{BLOCK, ReadOptions};
 pub use resident::{OwnedWeight, ResidentWeights, SlotBuffer, WeightId};

@@ -424,7 +424,8 @@ impl ExpertReader {
     }
 
     /// Execute every request of `reqs` on the I/O threads and return when all have finished (successfully or
-    /// not: check each request's `error`). Allocates nothing.
+    /// not: check each request's `error`). Allocates nothing. The store itself submits and waits separately.
+    #[cfg(test)]
     pub fn run(&mut self, reqs: &mut [ReadRequest]) {
         // SAFETY: `reqs` is borrowed mutably until `wait` below returns, which is before this call ends.
         unsafe { self.submit(reqs) };
