@@ -213,11 +213,14 @@ fn q8_part(q8: &[Q8Block], cols: usize, i: usize) -> &[Q8Block] {
 /// `act.q8` is empty or holds `act.x`'s blocks, and the CPU supports the kernel's instruction set.
 type RowDot = unsafe fn(&RowRef<'_>, &Act<'_>) -> f32;
 
-/// A 2-row × 4-token q8 tile kernel (`out[r][t] = rows[r] · acts[t]`), bit-identical per pair to the table's
-/// [`RowDot`]; returns false (computing nothing) for encodings it does not cover. Safety contract: both rows come
+/// A [`TILE_ROWS`]-row × 4-token q8 tile kernel (`out[r][t] = rows[r] · acts[t]`), bit-identical per pair to the
+/// table's [`RowDot`]; returns false (computing nothing) for encodings it does not cover. Safety contract: the rows come
 /// from one validated view, every `acts[t]` holds the q8 blocks of that view's column count, and the CPU supports
 /// the kernel's instruction set.
-type TileDot = unsafe fn(&[RowRef<'_>; 2], &[&[Q8Block]; 4], &mut [[f32; 4]; 2]) -> bool;
+type TileDot = unsafe fn(&[RowRef<'_>; TILE_ROWS], &[&[Q8Block]; 4], &mut [[f32; 4]; TILE_ROWS]) -> bool;
+
+/// Rows per `gemm` tile call (× 4 tokens): each token's activation blocks are prepared once per this many rows.
+const TILE_ROWS: usize = 4;
 
 /// Four rows × one q8 activation (decode), bit-identical per row to the table's [`RowDot`]; same contract as
 /// [`TileDot`].
@@ -749,7 +752,7 @@ fn tile_covers(e: Encoding) -> bool {
     ) || matches!(e, Encoding::MlxAffine { params, .. } if params.bits == 4)
 }
 
-/// One task of a tiled `gemm`: rows `band` × all `n` tokens, 4 tokens (outer) by 2 rows (inner), so the band's
+/// One task of a tiled `gemm`: rows `band` × all `n` tokens, 4 tokens (outer) by [`TILE_ROWS`] rows (inner), so the band's
 /// weights are reused from cache for every token group while the group's activations sit in L1. Odd rows and a
 /// short last token group are padded by repeating the last row or token; padded results are dropped. Returns
 /// false when the tile kernel does not cover the encoding (nothing written).
@@ -765,16 +768,16 @@ unsafe fn gemm_band_tiled(
     band: std::ops::Range<usize>,
     out: OutPtr,
 ) -> bool {
-    let mut res = [[0f32; 4]; 2];
+    let mut res = [[0f32; 4]; TILE_ROWS];
     for t0 in (0..n).step_by(4) {
         let acts: [&[Q8Block]; 4] = std::array::from_fn(|i| q8_part(q8, w.cols, (t0 + i).min(n - 1)));
-        for r0 in band.clone().step_by(2) {
-            let r1 = (r0 + 1).min(band.end - 1);
+        for r0 in band.clone().step_by(TILE_ROWS) {
+            let rows: [RowRef<'_>; TILE_ROWS] = std::array::from_fn(|i| w.row((r0 + i).min(band.end - 1)));
             // SAFETY: guaranteed by the caller.
-            if !unsafe { tile(&[w.row(r0), w.row(r1)], &acts, &mut res) } {
+            if !unsafe { tile(&rows, &acts, &mut res) } {
                 return false;
             }
-            for (i, row_res) in res.iter().enumerate().take(band.end - r0).take(2) {
+            for (i, row_res) in res.iter().enumerate().take(band.end - r0) {
                 for (j, &v) in row_res.iter().enumerate().take(n - t0) {
                     // SAFETY: (t0 + j) < n and r0 + i < band.end ≤ rows; rows of `band` belong to this task.
                     unsafe { out.write((t0 + j) * w.rows + r0 + i, v) };

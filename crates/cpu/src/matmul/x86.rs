@@ -465,22 +465,23 @@ macro_rules! q8_kernels {
             }
         }
 
-        /// Tile entry of the q8 table: `out[r][t] = rows[r] · acts[t]` for 2 rows × 4 token activations, each
+        /// Tile entry of the q8 table: `out[r][t] = rows[r] · acts[t]` for 4 rows × 4 token activations, each
         /// value bit-identical to `row_dot_q8` on the same pair (same per-pair operation order), so prefill
         /// (`gemm`) and decode (`gemv`) agree exactly. Unpacks each weight block once for 4 tokens and loads each
-        /// activation block once for 2 rows. Returns false, computing nothing, for encodings without a tile.
+        /// activation block once for 4 rows. Returns false, computing nothing, for encodings without a tile.
         ///
         /// # Safety
         /// Both rows come from one validated view; every `acts[t]` holds the q8 blocks of that view's column count.
         #[target_feature(enable = $feat)]
-        pub(crate) unsafe fn tile_q8(rows: &[RowRef<'_>; 2], acts: &[&[Q8Block]; 4], out: &mut [[f32; 4]; 2]) -> bool {
+        pub(crate) unsafe fn tile_q8(rows: &[RowRef<'_>; 4], acts: &[&[Q8Block]; 4], out: &mut [[f32; 4]; 4]) -> bool {
+            let d = |r: usize| rows[r].data;
             // SAFETY: as for `row_dot_q8`, per row and per activation.
             unsafe {
                 match rows[0].encoding {
-                    Encoding::Ggml(GgmlType::Q4_0) => *out = tile_q4_0([rows[0].data, rows[1].data], acts),
-                    Encoding::Ggml(GgmlType::Q8_0) => *out = tile_q8_0([rows[0].data, rows[1].data], acts),
-                    Encoding::Ggml(GgmlType::Q4K) => *out = tile_q4_k([rows[0].data, rows[1].data], acts),
-                    Encoding::Ggml(GgmlType::Q6K) => *out = tile_q6_k([rows[0].data, rows[1].data], acts),
+                    Encoding::Ggml(GgmlType::Q4_0) => *out = tile_q4_0([d(0), d(1), d(2), d(3)], acts),
+                    Encoding::Ggml(GgmlType::Q8_0) => *out = tile_q8_0([d(0), d(1), d(2), d(3)], acts),
+                    Encoding::Ggml(GgmlType::Q4K) => *out = tile_q4_k([d(0), d(1), d(2), d(3)], acts),
+                    Encoding::Ggml(GgmlType::Q6K) => *out = tile_q6_k([d(0), d(1), d(2), d(3)], acts),
                     Encoding::MlxAffine { params, scale_type } if params.bits == 4 => {
                         *out = tile_mlx4(rows, params.group_size, scale_type, acts)
                     }
