@@ -53,6 +53,15 @@ impl AlignedBuf {
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
+    /// Bytes `r` of the buffer, without creating a reference to the rest: other parts may be written meanwhile
+    /// through [`AlignedBuf::as_mut_ptr`] (the expert reader fills victim slots while resident slots are read).
+    /// Panics if `r` is out of bounds, as slice indexing does.
+    pub fn range(&self, r: std::ops::Range<usize>) -> &[u8] {
+        assert!(r.start <= r.end && r.end <= self.len, "range {r:?} of a {}-byte buffer", self.len);
+        // SAFETY: in bounds (checked); the memory is initialised (zeroed at allocation) and lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(r.start), r.len()) }
+    }
+
     /// The start of the buffer as a raw pointer, without creating a reference: pointers derived from it stay valid
     /// side by side (the expert reader writes disjoint parts of one buffer from several threads).
     pub fn as_mut_ptr(&mut self) -> *mut u8 {

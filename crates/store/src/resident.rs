@@ -185,11 +185,12 @@ impl SlotBuffer {
         })
     }
 
-    /// (data, scales, biases) of slot `s`.
+    /// (data, scales, biases) of slot `s`: references to this slot's bytes only, since other slots may be
+    /// being filled by the expert reader at the same time.
     pub fn slot(&self, s: usize) -> (&[u8], &[u8], &[u8]) {
-        let d = &self.data.as_slice()[s * self.data_stride..(s + 1) * self.data_stride];
+        let d = self.data.range(s * self.data_stride..(s + 1) * self.data_stride);
         let g = s * self.group_stride..(s + 1) * self.group_stride;
-        (d, &self.scales.as_slice()[g.clone()], &self.biases.as_slice()[g])
+        (d, self.scales.range(g.clone()), self.biases.range(g))
     }
 
     /// Queue reads of one expert's `parts` (gate and up, or down) into slot `s`: one request per range, each
