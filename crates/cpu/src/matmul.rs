@@ -84,13 +84,34 @@ impl WeightView<'_> {
     /// Row `r` of a validated view.
     #[inline]
     fn row(&self, r: usize) -> RowRef<'_> {
+        self.rows().get(r)
+    }
+
+    /// Row access with the row sizes computed once (the per-row form costs two encoding matches per row).
+    #[inline]
+    fn rows(&self) -> Rows<'_> {
         let rb = self.encoding.row_bytes(self.cols).unwrap_or(0);
-        let sb = side_row_bytes(self.encoding, self.cols);
+        Rows { w: self, rb, sb: side_row_bytes(self.encoding, self.cols) }
+    }
+}
+
+/// The rows of a validated view, sizes precomputed.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    w: &'a WeightView<'a>,
+    rb: usize,
+    sb: usize,
+}
+
+impl<'a> Rows<'a> {
+    #[inline]
+    fn get(&self, r: usize) -> RowRef<'a> {
+        let (rb, sb) = (self.rb, self.sb);
         RowRef {
-            encoding: self.encoding,
-            data: &self.data[r * rb..(r + 1) * rb],
-            scales: &self.scales[r * sb..(r + 1) * sb],
-            biases: &self.biases[r * sb..(r + 1) * sb],
+            encoding: self.w.encoding,
+            data: &self.w.data[r * rb..(r + 1) * rb],
+            scales: &self.w.scales[r * sb..(r + 1) * sb],
+            biases: &self.w.biases[r * sb..(r + 1) * sb],
         }
     }
 }
@@ -408,11 +429,12 @@ impl Dispatch {
         let out = OutPtr(y.as_mut_ptr());
         with_q8(self.q8(), x, w.cols, w.encoding, |q8| {
             if let Some(rows4) = self.rows4_for(w, q8) {
+                let rw = w.rows();
                 pool.run(w.rows.div_ceil(per), &|t| {
                     let band = t * per..((t + 1) * per).min(w.rows);
                     for r0 in band.clone().step_by(4) {
                         // SAFETY: rows of the validated view, `q8` holds x's blocks; the table's ISA is supported.
-                        let res = unsafe { dot_rows4(rows4, |i| w.row((r0 + i).min(band.end - 1)), q8) };
+                        let res = unsafe { dot_rows4(rows4, |i| rw.get((r0 + i).min(band.end - 1)), q8) };
                         for (i, &v) in res.iter().enumerate().take(band.end - r0) {
                             // SAFETY: r0 + i < band.end ≤ rows = y.len(); rows of `band` belong to this task.
                             unsafe { out.write(r0 + i, v) };
@@ -502,11 +524,11 @@ impl Dispatch {
             if let Some(rows4) = self.rows4_for(first, q8) {
                 // Gate and up rows i, i+1 of one expert per call; the pair's second half is dropped at a band end.
                 return self.swiglu_pairs(pool, slots.len(), inter, 2 * row_cost(first), out, &|j, i, last| {
-                    let w = &slots[j];
+                    let w = slots[j].rows();
                     let i1 = (i + 1).min(last);
                     let rows = [i, i1, inter + i, inter + i1];
                     // SAFETY: rows of a validated view, `q8` holds x's blocks; the table's ISA is supported.
-                    let r = unsafe { dot_rows4(rows4, |q| w.row(rows[q]), q8) };
+                    let r = unsafe { dot_rows4(rows4, |q| w.get(rows[q]), q8) };
                     [(r[0], r[2]), (r[1], r[3])]
                 });
             }
@@ -628,7 +650,8 @@ impl Dispatch {
                     for r0 in band.clone().step_by(4) {
                         let mut acc = [0f32; 4];
                         for (j, (w, &wt)) in slots.iter().zip(weights).enumerate() {
-                            let row = |i: usize| w.row((r0 + i).min(band.end - 1));
+                            let w = w.rows();
+                            let row = |i: usize| w.get((r0 + i).min(band.end - 1));
                             // SAFETY: rows of validated views, q8 blocks of expert j's activations.
                             let res = unsafe { dot_rows4(rows4, row, q8_part(q8, inter, j)) };
                             for (a, v) in acc.iter_mut().zip(res) {
@@ -686,8 +709,9 @@ impl Dispatch {
                 let (w, band) = (&slots[j], c * per..((c + 1) * per).min(hidden));
                 let act = Act { x: &h[j * inter..(j + 1) * inter], q8: q8_part(q8, inter, j) };
                 if let Some(rows4) = rows4 {
+                    let w = w.rows();
                     for r0 in band.clone().step_by(4) {
-                        let row = |i: usize| w.row((r0 + i).min(band.end - 1));
+                        let row = |i: usize| w.get((r0 + i).min(band.end - 1));
                         // SAFETY: rows of validated views, q8 blocks of expert j's activations.
                         let res = unsafe { dot_rows4(rows4, row, act.q8) };
                         for (i, &v) in res.iter().enumerate().take(band.end - r0) {
@@ -769,10 +793,11 @@ unsafe fn gemm_band_tiled(
     out: OutPtr,
 ) -> bool {
     let mut res = [[0f32; 4]; TILE_ROWS];
+    let rw = w.rows();
     for t0 in (0..n).step_by(4) {
         let acts: [&[Q8Block]; 4] = std::array::from_fn(|i| q8_part(q8, w.cols, (t0 + i).min(n - 1)));
         for r0 in band.clone().step_by(TILE_ROWS) {
-            let rows: [RowRef<'_>; TILE_ROWS] = std::array::from_fn(|i| w.row((r0 + i).min(band.end - 1)));
+            let rows: [RowRef<'_>; TILE_ROWS] = std::array::from_fn(|i| rw.get((r0 + i).min(band.end - 1)));
             // SAFETY: guaranteed by the caller.
             if !unsafe { tile(&rows, &acts, &mut res) } {
                 return false;

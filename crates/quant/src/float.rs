@@ -25,6 +25,7 @@ impl FloatType {
     }
 
     /// Bytes per element.
+    #[inline]
     pub fn size(self) -> usize {
         match self {
             FloatType::F32 => 4,

@@ -77,6 +77,7 @@ impl GgmlType {
     }
 
     /// Elements per block (1 for plain floats).
+    #[inline]
     pub fn block_elems(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
@@ -87,6 +88,7 @@ impl GgmlType {
     }
 
     /// Bytes per block.
+    #[inline]
     pub fn block_bytes(self) -> usize {
         match self {
             GgmlType::F32 => 4,
@@ -104,6 +106,7 @@ impl GgmlType {
     }
 
     /// Bytes for a row of `elems` elements, or `None` when `elems` is not a whole number of blocks.
+    #[inline]
     pub fn row_bytes(self, elems: usize) -> Option<usize> {
         if !elems.is_multiple_of(self.block_elems()) {
             return None;

@@ -29,6 +29,8 @@ pub enum Encoding {
 impl Encoding {
     /// Bytes of one row of `cols` elements, or `None` when `cols` does not fit the encoding's blocks or groups.
     /// For MLX this counts the packed codes only; scales and biases are separate buffers.
+    // Inline across crates: the matmul kernels size a row per call on the token path.
+    #[inline]
     pub fn row_bytes(&self, cols: usize) -> Option<usize> {
         match self {
             Encoding::Float(f) => cols.checked_mul(f.size()),

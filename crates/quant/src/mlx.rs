@@ -36,6 +36,7 @@ impl MlxAffine {
     }
 
     /// Packed bytes for `elems` codes (a whole number of groups, so always whole u32 words).
+    #[inline]
     pub fn packed_bytes(self, elems: usize) -> usize {
         elems / 8 * usize::from(self.bits)
     }
