@@ -6,7 +6,8 @@
 //! - `scalar`: the reference (decode with `moestream_quant`, then dot in f32), used for every encoding;
 //! - `x86::avx2` / `x86::avx512`: SIMD kernels for the encodings real checkpoints use, in two flavours: exact f32
 //!   ([`Dispatch::new`]) and q8 activations ([`Dispatch::new_q8`]: `x` quantized once per call into a
-//!   thread-local scratch, integer dot products for Q4_0/Q8_0/Q4_K/MLX q4);
+//!   thread-local scratch, integer dot products for Q4_0/Q8_0/Q4_K/Q6_K/MLX q4; for Q4_K and Q6_K one activation
+//!   scale per 256 values, ggml's `Q8_K`, so their sub-block scales are applied in integers);
 //! - `arm::row_dot` / `arm::row_dot_q8`: NEON kernels for the same encodings on aarch64 (exact f32; the q8 table
 //!   needs the `dotprod` extension for `sdot`).
 //!
