@@ -236,9 +236,9 @@ fn q8_part(q8: &[Q8Block], cols: usize, i: usize) -> &[Q8Block] {
 type RowDot = unsafe fn(&RowRef<'_>, &Act<'_>) -> f32;
 
 /// A [`TILE_ROWS`]-row × 4-token q8 tile kernel (`out[r][t] = rows[r] · acts[t]`), bit-identical per pair to the
-/// table's [`RowDot`]; returns false (computing nothing) for encodings it does not cover. Safety contract: the rows come
-/// from one validated view, every `acts[t]` holds the q8 blocks of that view's column count, and the CPU supports
-/// the kernel's instruction set.
+/// table's [`RowDot`]; returns false (computing nothing) for encodings it does not cover. Safety contract: the rows
+/// come from one validated view, every `acts[t]` holds the q8 blocks of that view's column count, and the CPU
+/// supports the kernel's instruction set.
 type TileDot = unsafe fn(&[RowRef<'_>; TILE_ROWS], &[&[Q8Block]; 4], &mut [[f32; 4]; TILE_ROWS]) -> bool;
 
 /// Rows per `gemm` tile call (× 4 tokens): each token's activation blocks are prepared once per this many rows.
@@ -777,9 +777,9 @@ fn tile_covers(e: Encoding) -> bool {
     ) || matches!(e, Encoding::MlxAffine { params, .. } if params.bits == 4)
 }
 
-/// One task of a tiled `gemm`: rows `band` × all `n` tokens, 4 tokens (outer) by [`TILE_ROWS`] rows (inner), so the band's
-/// weights are reused from cache for every token group while the group's activations sit in L1. Odd rows and a
-/// short last token group are padded by repeating the last row or token; padded results are dropped. Returns
+/// One task of a tiled `gemm`: rows `band` × all `n` tokens, 4 tokens (outer) by [`TILE_ROWS`] rows (inner), so
+/// the band's weights are reused from cache for every token group while the group's activations sit in L1. A short
+/// last row or token group is padded by repeating the last row or token; padded results are dropped. Returns
 /// false when the tile kernel does not cover the encoding (nothing written).
 ///
 /// # Safety

@@ -79,10 +79,10 @@ impl AlignedBuf {
 /// alignment above 16 bytes memsets the whole buffer, faulting in 4 KiB pages before the advice could apply.
 #[cfg(target_os = "linux")]
 fn huge_zeroed(len: usize) -> Result<AlignedBuf, StoreError> {
-    let err = StoreError::Alloc { bytes: len };
+    let err = || StoreError::Alloc { bytes: len };
     // Whole 4 KiB pages, so the trimmed tail starts on a page boundary (munmap rounds the length up itself).
-    let pages = len.checked_next_multiple_of(ALIGN).ok_or(StoreError::Alloc { bytes: len })?;
-    let map_len = pages.checked_add(HUGE).ok_or(StoreError::Alloc { bytes: len })?;
+    let pages = len.checked_next_multiple_of(ALIGN).ok_or_else(err)?;
+    let map_len = pages.checked_add(HUGE).ok_or_else(err)?;
     // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
     let base = unsafe {
         libc::mmap(
@@ -95,12 +95,12 @@ fn huge_zeroed(len: usize) -> Result<AlignedBuf, StoreError> {
         )
     };
     if base == libc::MAP_FAILED {
-        return Err(err);
+        return Err(err());
     }
     let start = (base as usize).next_multiple_of(HUGE);
     let head = start - base as usize;
     let tail = map_len - head - pages;
-    // SAFETY: both ranges lie inside the mapping just made and outside [start, start + len); `head` and `tail`
+    // SAFETY: both ranges lie inside the mapping just made and outside [start, start + pages); `head` and `tail`
     // are multiples of the 4 KiB page size because `base`, `pages` and HUGE are. Advice failure (no THP) leaves
     // ordinary pages: correct, only slower.
     unsafe {

@@ -471,23 +471,12 @@ macro_rules! q8_kernels {
         /// activation block once for 4 rows. Returns false, computing nothing, for encodings without a tile.
         ///
         /// # Safety
-        /// Both rows come from one validated view; every `acts[t]` holds the q8 blocks of that view's column count.
+        /// The rows come from one validated view; every `acts[t]` holds the q8 blocks of that view's column count.
         #[target_feature(enable = $feat)]
         pub(crate) unsafe fn tile_q8(rows: &[RowRef<'_>; 4], acts: &[&[Q8Block]; 4], out: &mut [[f32; 4]; 4]) -> bool {
-            let d = |r: usize| rows[r].data;
-            // SAFETY: as for `row_dot_q8`, per row and per activation.
-            unsafe {
-                match rows[0].encoding {
-                    Encoding::Ggml(GgmlType::Q4_0) => *out = tile_q4_0([d(0), d(1), d(2), d(3)], acts),
-                    Encoding::Ggml(GgmlType::Q8_0) => *out = tile_q8_0([d(0), d(1), d(2), d(3)], acts),
-                    Encoding::Ggml(GgmlType::Q4K) => *out = tile_q4_k([d(0), d(1), d(2), d(3)], acts),
-                    Encoding::Ggml(GgmlType::Q6K) => *out = tile_q6_k([d(0), d(1), d(2), d(3)], acts),
-                    Encoding::MlxAffine { params, scale_type } if params.bits == 4 => {
-                        *out = tile_mlx4(rows, params.group_size, scale_type, acts)
-                    }
-                    _ => return false,
-                }
-            }
+            // SAFETY: guaranteed by the caller.
+            let Some(res) = (unsafe { tile_rows4(rows, acts) }) else { return false };
+            *out = res;
             true
         }
 
@@ -498,24 +487,35 @@ macro_rules! q8_kernels {
         /// As [`tile_q8`], with `act` the q8 blocks of the view's column count.
         #[target_feature(enable = $feat)]
         pub(crate) unsafe fn rows4_q8(rows: &[RowRef<'_>; 4], act: &[Q8Block], out: &mut [f32; 4]) -> bool {
-            let d = |r: usize| rows[r].data;
-            // SAFETY: as for `row_dot_q8`, per row.
-            let res: [[f32; 1]; 4] = unsafe {
-                match rows[0].encoding {
-                    Encoding::Ggml(GgmlType::Q4_0) => tile_q4_0([d(0), d(1), d(2), d(3)], &[act]),
-                    Encoding::Ggml(GgmlType::Q8_0) => tile_q8_0([d(0), d(1), d(2), d(3)], &[act]),
-                    Encoding::Ggml(GgmlType::Q4K) => tile_q4_k([d(0), d(1), d(2), d(3)], &[act]),
-                    Encoding::Ggml(GgmlType::Q6K) => tile_q6_k([d(0), d(1), d(2), d(3)], &[act]),
-                    Encoding::MlxAffine { params, scale_type } if params.bits == 4 => {
-                        tile_mlx4(rows, params.group_size, scale_type, &[act])
-                    }
-                    _ => return false,
-                }
-            };
+            // SAFETY: guaranteed by the caller.
+            let Some(res) = (unsafe { tile_rows4(rows, &[act]) }) else { return false };
             for (o, r) in out.iter_mut().zip(res) {
                 *o = r[0];
             }
             true
+        }
+
+        /// The encoding's tile kernel over 4 rows × T tokens, or `None` for encodings without one.
+        ///
+        /// # Safety
+        /// As [`tile_q8`].
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn tile_rows4<const T: usize>(rows: &[RowRef<'_>; 4], acts: &[&[Q8Block]; T]) -> Option<[[f32; T]; 4]> {
+            let d = [rows[0].data, rows[1].data, rows[2].data, rows[3].data];
+            // SAFETY: as for `row_dot_q8`, per row and per activation.
+            unsafe {
+                Some(match rows[0].encoding {
+                    Encoding::Ggml(GgmlType::Q4_0) => tile_q4_0(d, acts),
+                    Encoding::Ggml(GgmlType::Q8_0) => tile_q8_0(d, acts),
+                    Encoding::Ggml(GgmlType::Q4K) => tile_q4_k(d, acts),
+                    Encoding::Ggml(GgmlType::Q6K) => tile_q6_k(d, acts),
+                    Encoding::MlxAffine { params, scale_type } if params.bits == 4 => {
+                        tile_mlx4(rows, params.group_size, scale_type, acts)
+                    }
+                    _ => return None,
+                })
+            }
         }
 
         /// Block `b` of every token's activations, with its codes loaded.
@@ -553,7 +553,8 @@ macro_rules! q8_kernels {
             out
         }
 
-        /// Q4_0 × q8, 256-bit: `Σ(q−8)·x = Σq·x − 8·Σx`, the correction exact in integers (one lane). The AVX2 table's Q4_0 kernel; AVX-512 has a 512-bit one.
+        /// Q4_0 × q8, 256-bit: `Σ(q−8)·x = Σq·x − 8·Σx`, the correction exact in integers (one lane). The AVX2
+        /// table's Q4_0 kernel; AVX-512 has a 512-bit one.
         #[allow(dead_code)]
         #[target_feature(enable = $feat)]
         unsafe fn tile_q4_0_ymm<const R: usize, const T: usize>(w: [&[u8]; R], q8: &[&[Q8Block]; T]) -> [[f32; T]; R] {
@@ -1014,9 +1015,7 @@ pub(super) mod avx512 {
                     }
                 }
                 if T == 1 && !pf.is_null() {
-                    prefetch_group(pf, 144 * R * sb);
-                    prefetch_group(pf, 144 * R * sb + 192);
-                    prefetch_group(pf, 144 * R * sb + 384);
+                    prefetch_span(pf, 144 * R * sb, 144 * R);
                 }
                 for r in 0..R {
                     let bp = w[r].as_ptr().add(144 * sb);
@@ -1089,10 +1088,7 @@ pub(super) mod avx512 {
                     }
                 }
                 if T == 1 && !pf.is_null() {
-                    prefetch_group(pf, 210 * R * sb);
-                    prefetch_group(pf, 210 * R * sb + 192);
-                    prefetch_group(pf, 210 * R * sb + 384);
-                    prefetch_group(pf, 210 * R * sb + 576);
+                    prefetch_span(pf, 210 * R * sb, 210 * R);
                 }
                 for r in 0..R {
                     let bp = w[r].as_ptr().add(210 * sb);
@@ -1151,17 +1147,17 @@ pub(super) mod avx512 {
         if consecutive { base.wrapping_add(R * len) } else { std::ptr::null() }
     }
 
-    /// Prefetches the next row group in step with the walk over this one: when `off` bytes of this group have been
-    /// consumed (summed over its rows), the same share of the next group is requested, so the whole next group is in
-    /// flight by the time this one ends. The hardware streamer does not do this by itself: each row is a short
-    /// stream (1–2 KiB) and four run side by side.
+    /// Prefetches the next row group in step with the walk over this one: when a step has consumed bytes
+    /// `off..off + len` of this group (summed over its rows), the same bytes of the next group are requested, so the
+    /// whole next group is in flight by the time this one ends. The hardware streamer does not do this by itself:
+    /// each row is a short stream (1–2 KiB) and four run side by side.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    fn prefetch_group(next: *const u8, off: usize) {
+    fn prefetch_span(next: *const u8, off: usize, len: usize) {
         // Prefetch never faults, whatever the address; wrapping_add keeps the pointer arithmetic defined.
-        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(off).cast());
-        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(off + 64).cast());
-        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(off + 128).cast());
+        for at in (off..off + len).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(at).cast());
+        }
     }
 
     /// `[a ×8, b ×8]`.
@@ -1189,7 +1185,7 @@ pub(super) mod avx512 {
             let mut b = 0;
             while b + 2 <= nb {
                 if T == 1 && !pf.is_null() {
-                    prefetch_group(pf, 18 * R * b);
+                    prefetch_span(pf, 18 * R * b, 36 * R);
                 }
                 // Loops, not `array::from_fn`: closures do not inherit target features and were not inlined.
                 let mut xv = [_mm512_setzero_si512(); T];
