@@ -172,6 +172,10 @@ struct EngineArgs {
     /// logits; llama.cpp always does this).
     #[arg(long)]
     q8_activations: bool,
+    /// With --q8-activations: keep Q4_0 matrices row-major instead of regrouping them 16 rows at a time for the
+    /// AVX-512 VNNI / AMX kernels (for comparison; same values, summed in another order).
+    #[arg(long)]
+    no_pack: bool,
     /// Expert cache size: `all` (every expert resident) or a byte budget such as `6GiB`, `512MiB`, split evenly
     /// over the MoE layers. The minimum is top-k slots per layer.
     #[arg(long, default_value = "all")]
@@ -226,6 +230,7 @@ impl EngineArgs {
         }
         opts.top_k = self.top_k;
         opts.q8_activations = self.q8_activations;
+        opts.pack_q4_0 = !self.no_pack;
         let env_off = |name: &str| std::env::var(name).is_ok_and(|v| matches!(v.trim(), "0" | "false" | "no" | "off"));
         opts.moe_kernels = moestream_models::MoeKernels {
             stacked: !(self.no_stacked || env_off("MLX_MOE_STACKED")),

@@ -14,12 +14,13 @@ fn main() {
     divan::main();
 }
 
-const ENCODINGS: [&str; 5] = ["Q4_0", "Q4_K", "Q6_K", "Q8_0", "MLX_Q4_G64"];
+const ENCODINGS: [&str; 6] = ["Q4_0", "Q4_0x16", "Q4_K", "Q6_K", "Q8_0", "MLX_Q4_G64"];
 const SHAPES: [(&str, usize, usize); 2] = [("gate_up", 1536, 2048), ("down", 2048, 768)];
 
 fn encoding(name: &str) -> Encoding {
     match name {
         "Q4_0" => Encoding::Ggml(GgmlType::Q4_0),
+        "Q4_0x16" => Encoding::Q4_0x16,
         "Q4_K" => Encoding::Ggml(GgmlType::Q4K),
         "Q6_K" => Encoding::Ggml(GgmlType::Q6K),
         "Q8_0" => Encoding::Ggml(GgmlType::Q8_0),
@@ -74,6 +75,12 @@ fn make(enc: Encoding, rows: usize, cols: usize) -> Owned {
             encode_floats(scale_type, &b, &mut biases).expect("biases");
             Owned { data, scales, biases }
         }
+        Encoding::Q4_0x16 => {
+            let rowmajor = make(Encoding::Ggml(GgmlType::Q4_0), rows, cols);
+            let mut data = vec![0u8; rowmajor.data.len()];
+            moestream_quant::packed::pack_q4_0x16(&rowmajor.data, &mut data, rows, cols).expect("pack");
+            Owned { data, scales: vec![], biases: vec![] }
+        }
         Encoding::Float(_) => unreachable!("not benchmarked"),
     }
 }
@@ -91,6 +98,10 @@ fn cases() -> Vec<String> {
 }
 
 fn run(bencher: Bencher, case: &str, copies_for_bytes: usize) {
+    run_n(bencher, case, copies_for_bytes, 1);
+}
+
+fn run_n(bencher: Bencher, case: &str, copies_for_bytes: usize, n: usize) {
     let mut parts = case.split('/');
     let (isa, enc, shape) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let d = Dispatch::supported().find(|d| d.name() == isa).expect("supported table");
@@ -108,11 +119,16 @@ fn run(bencher: Bencher, case: &str, copies_for_bytes: usize) {
         .map(|o| WeightView { encoding: enc, rows, cols, data: &o.data, scales: &o.scales, biases: &o.biases })
         .collect();
     let pool = ThreadPool::new(2);
-    let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
-    let mut y = vec![0f32; rows];
+    let x: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mut y = vec![0f32; n * rows];
     let mut i = 0;
-    bencher.counter(BytesCount::new(bytes)).bench_local(|| {
-        d.gemv(&pool, &views[i], &x, &mut y).expect("valid");
+    // Bytes × tokens: for n > 1 the rate is weight bytes applied per second (gemm work), not bytes streamed.
+    bencher.counter(BytesCount::new(bytes * n)).bench_local(|| {
+        if n == 1 {
+            d.gemv(&pool, &views[i], &x, &mut y).expect("valid");
+        } else {
+            d.gemm(&pool, &views[i], &x, n, &mut y).expect("valid");
+        }
         i = (i + 1) % views.len();
     });
 }
@@ -127,4 +143,11 @@ fn hot(bencher: Bencher, case: &str) {
 #[divan::bench(args = cases(), max_time = 1.0)]
 fn cold(bencher: Bencher, case: &str) {
     run(bencher, case, 256 << 20);
+}
+
+/// Prefill-like: one matrix × 32 tokens (an expert's share of a 512-token prompt), cache-resident. Q4_0 and
+/// Q4_0x16 on the q8 tables only: the comparison the packed layout exists for.
+#[divan::bench(args = cases().into_iter().filter(|c| c.contains("-q8/Q4_0")).collect::<Vec<_>>(), max_time = 1.0)]
+fn gemm32(bencher: Bencher, case: &str) {
+    run_n(bencher, case, 0, 32);
 }

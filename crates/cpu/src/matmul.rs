@@ -11,12 +11,17 @@
 //! - `arm::row_dot` / `arm::row_dot_q8`: NEON kernels for the same encodings on aarch64 (exact f32; the q8 table
 //!   needs the `dotprod` extension for `sdot`).
 //!
+//! `Q4_0x16` views (ggml `Q4_0` regrouped 16 rows at a time, see `packed`) have no rows to hand out: every entry
+//! point walks them by 16-row group instead, through `packed`'s kernels (AVX-512 VNNI for one token, AMX tiles for
+//! `gemm` where the CPU and OS allow, a scalar reference otherwise), which all give the same bits.
+//!
 //! It must not allocate on the per-call path, own weight memory, or know which model or expert a view belongs to.
 //! Every output element is written by exactly one task with a fixed summation order, so results are bit-identical
 //! for any thread count.
 
 #[cfg(target_arch = "aarch64")]
 mod arm;
+mod packed;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -24,6 +29,7 @@ mod x86;
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
+use moestream_quant::packed::GROUP;
 use moestream_quant::{Encoding, QuantError};
 
 use crate::pool::ThreadPool;
@@ -60,6 +66,10 @@ pub enum MatmulError {
     SlotShape { what: &'static str, slot: usize, rows: usize, cols: usize, expected_rows: usize, expected_cols: usize },
     #[error("gate_up slot has {rows} rows; a fused [2I, H] view needs an even count")]
     OddGateUp { rows: usize },
+    #[error("Q4_0x16 [{rows}, {cols}]: {what} is not a whole number of 16-row groups")]
+    PackedRows { what: &'static str, rows: usize, cols: usize },
+    #[error("{what} slot {slot} is {got}, but slot 0 is Q4_0x16; packed slots cannot be mixed with row-major ones")]
+    MixedPacking { what: &'static str, slot: usize, got: String },
 }
 
 impl WeightView<'_> {
@@ -75,6 +85,9 @@ impl WeightView<'_> {
             params.validate().map_err(|source| MatmulError::Params { encoding, source })?;
         }
         let row_bytes = encoding.row_bytes(cols).ok_or(MatmulError::Cols { encoding, cols })?;
+        if encoding == Encoding::Q4_0x16 && !rows.is_multiple_of(GROUP) {
+            return Err(MatmulError::PackedRows { what: "the row count", rows, cols });
+        }
         bytes("data", rows.checked_mul(row_bytes).ok_or(too_large.clone())?, self.data.len())?;
         let side = side_row_bytes(encoding, cols);
         let side = rows.checked_mul(side).ok_or(too_large)?;
@@ -311,7 +324,15 @@ pub struct Dispatch {
     tile: Option<TileDot>,
     /// Multi-row kernel for the one-token paths (decode); q8 tables on x86 only.
     rows4: Option<Rows4Dot>,
+    /// 16-row group kernel for `Q4_0x16` weights (q8 tables with AVX-512 VNNI); others use the scalar one.
+    dot16: Option<Dot16>,
+    /// Prefill of `Q4_0x16` weights through AMX tiles (q8 table, CPU and OS permitting).
+    amx: bool,
 }
+
+/// A `Q4_0x16` group kernel: 16 rows × one token's q8 blocks. Safety contract: the group comes from a validated
+/// view, the q8 blocks are the token's (one per block column), and the CPU supports the kernel.
+type Dot16 = unsafe fn(&[u8], &[Q8Block], &mut [f32; GROUP]);
 
 impl std::fmt::Debug for Dispatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -336,13 +357,15 @@ impl Dispatch {
             // The ISAs of other architectures (unsupported, so already refused above).
             _ => return None,
         };
-        Some(Dispatch { isa, activations: Activations::F32, row_dot, tile: None, rows4: None })
+        Some(Dispatch { isa, activations: Activations::F32, row_dot, tile: None, rows4: None, dot16: None, amx: false })
     }
 
     /// The q8-activation table for `isa`, or `None` when the CPU lacks it (AVX2 uses `maddubs`; AVX-512 needs
     /// VNNI; NEON needs `dotprod` for `sdot`). There is no scalar q8 table: the f32 reference is what q8 is
     /// checked against.
     pub fn new_q8(isa: Isa) -> Option<Dispatch> {
+        let mut dot16: Option<Dot16> = None;
+        let mut amx = false;
         let (row_dot, tile, rows4): (RowDot, Option<TileDot>, Option<Rows4Dot>) = match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 if x86::has_avx2() => {
@@ -350,13 +373,32 @@ impl Dispatch {
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 if x86::has_avx512_vnni() => {
+                dot16 = Some(packed::x86::dot16);
+                amx = packed::x86::has_amx();
                 (x86::avx512::row_dot_q8, Some(x86::avx512::tile_q8), Some(x86::avx512::rows4_q8))
             }
             #[cfg(target_arch = "aarch64")]
             Isa::Neon if arm::has_dotprod() => (arm::row_dot_q8, None, None),
             _ => return None,
         };
-        Some(Dispatch { isa, activations: Activations::Q8, row_dot, tile, rows4 })
+        Some(Dispatch { isa, activations: Activations::Q8, row_dot, tile, rows4, dot16, amx })
+    }
+
+    /// Whether this table has fast kernels for `Q4_0x16`, i.e. whether a model should pack its `Q4_0` matrices
+    /// (those with a multiple of 16 rows) for it. Packed weights run on every table, but only these are faster
+    /// than row-major `Q4_0`.
+    pub fn packs_q4_0(&self) -> bool {
+        self.q8() && self.dot16.is_some()
+    }
+
+    /// Whether `gemm` on `Q4_0x16` weights uses AMX tiles (for reports and benchmarks).
+    pub fn uses_amx(&self) -> bool {
+        self.amx
+    }
+
+    /// This table without AMX (same results, bit for bit: for tests and A/B measurements).
+    pub fn without_amx(self) -> Dispatch {
+        Dispatch { amx: false, ..self }
     }
 
     /// Every table this CPU supports: the f32 ones (reference first), then the q8 ones.
@@ -407,7 +449,15 @@ impl Dispatch {
 
     /// The reference table, available everywhere.
     pub fn scalar() -> Dispatch {
-        Dispatch { isa: Isa::Scalar, activations: Activations::F32, row_dot: scalar_row_dot, tile: None, rows4: None }
+        Dispatch {
+            isa: Isa::Scalar,
+            activations: Activations::F32,
+            row_dot: scalar_row_dot,
+            tile: None,
+            rows4: None,
+            dot16: None,
+            amx: false,
+        }
     }
 
     pub fn isa(&self) -> Isa {
@@ -428,6 +478,23 @@ impl Dispatch {
         check_len("y", w.rows, y.len())?;
         let per = rows_per_task(w.rows, row_cost(w), pool.n_threads());
         let out = OutPtr(y.as_mut_ptr());
+        if w.encoding == Encoding::Q4_0x16 {
+            with_q8(self.q8(), x, w.cols, w.encoding, |q8| {
+                let act = Act { x, q8 };
+                let (groups, per) = (w.rows / GROUP, groups_per_task(per));
+                pool.run(groups.div_ceil(per), &|t| {
+                    let mut r = [0f32; GROUP];
+                    for gi in t * per..((t + 1) * per).min(groups) {
+                        self.group_dot(group(w, gi), &act, &mut r);
+                        for (i, &v) in r.iter().enumerate() {
+                            // SAFETY: 16·gi + i < rows = y.len(); group gi belongs to this task only.
+                            unsafe { out.write(GROUP * gi + i, v) };
+                        }
+                    }
+                })
+            });
+            return Ok(());
+        }
         with_q8(self.q8(), x, w.cols, w.encoding, |q8| {
             if let Some(rows4) = self.rows4_for(w, q8) {
                 let rw = w.rows();
@@ -476,6 +543,17 @@ impl Dispatch {
         }
         let per = rows_per_task(w.rows, row_cost(w), pool.n_threads());
         let out = OutPtr(y.as_mut_ptr());
+        if w.encoding == Encoding::Q4_0x16 {
+            with_q8(self.q8(), x, w.cols, w.encoding, |q8| {
+                let (groups, per) = (w.rows / GROUP, groups_per_task(per));
+                pool.run(groups.div_ceil(per), &|t| {
+                    for gi in t * per..((t + 1) * per).min(groups) {
+                        self.group_gemm(group(w, gi), w.cols, x, q8, n, out, w.rows, GROUP * gi);
+                    }
+                })
+            });
+            return Ok(());
+        }
         with_q8(self.q8(), x, w.cols, w.encoding, |q8| {
             if let Some(tile) = self.tile.filter(|_| !q8.is_empty() && n > 1 && tile_covers(w.encoding)) {
                 pool.run(w.rows.div_ceil(per), &|t| {
@@ -521,6 +599,25 @@ impl Dispatch {
         let inter = first.rows / 2;
         check_len("x", first.cols, x.len())?;
         check_len("out", slots.len() * inter, out.len())?;
+        if first.encoding == Encoding::Q4_0x16 {
+            check_packed("gate_up", slots)?;
+            if !inter.is_multiple_of(GROUP) {
+                return Err(MatmulError::PackedRows {
+                    what: "each half of gate_up",
+                    rows: first.rows,
+                    cols: first.cols,
+                });
+            }
+            with_q8(self.q8(), x, first.cols, first.encoding, |q8| {
+                let act = Act { x, q8 };
+                let half = inter / GROUP;
+                self.packed_swiglu(pool, slots.len(), inter, 2 * row_cost(first), out, &|j, gi, g, u| {
+                    self.group_dot(group(&slots[j], gi), &act, g);
+                    self.group_dot(group(&slots[j], half + gi), &act, u);
+                });
+            });
+            return Ok(());
+        }
         with_q8(self.q8(), x, first.cols, first.encoding, |q8| {
             if let Some(rows4) = self.rows4_for(first, q8) {
                 // Gate and up rows i, i+1 of one expert per call; the pair's second half is dropped at a band end.
@@ -560,6 +657,18 @@ impl Dispatch {
         let inter = first.rows;
         check_len("x", first.cols, x.len())?;
         check_len("out", gate.len() * inter, out.len())?;
+        if first.encoding == Encoding::Q4_0x16 {
+            check_packed("gate", gate)?;
+            check_packed("up", up)?;
+            with_q8(self.q8(), x, first.cols, first.encoding, |q8| {
+                let act = Act { x, q8 };
+                self.packed_swiglu(pool, gate.len(), inter, 2 * row_cost(first), out, &|j, gi, g, u| {
+                    self.group_dot(group(&gate[j], gi), &act, g);
+                    self.group_dot(group(&up[j], gi), &act, u);
+                });
+            });
+            return Ok(());
+        }
         with_q8(self.q8(), x, first.cols, first.encoding, |q8| {
             let act = Act { x, q8 };
             self.swiglu_tasks(pool, gate.len(), inter, 2 * row_cost(first), out, &|j, i| {
@@ -644,6 +753,30 @@ impl Dispatch {
         check_len("out", hidden, out.len())?;
         let per = rows_per_task(hidden, slots.len() * row_cost(first), pool.n_threads());
         let dst = OutPtr(out.as_mut_ptr());
+        if first.encoding == Encoding::Q4_0x16 {
+            check_packed("down", slots)?;
+            with_q8(self.q8(), h, inter, first.encoding, |q8| {
+                let (groups, per) = (hidden / GROUP, groups_per_task(per));
+                pool.run(groups.div_ceil(per), &|t| {
+                    let mut r = [0f32; GROUP];
+                    for gi in t * per..((t + 1) * per).min(groups) {
+                        let mut acc = [0f32; GROUP];
+                        for (j, (w, &wt)) in slots.iter().zip(weights).enumerate() {
+                            let act = Act { x: &h[j * inter..(j + 1) * inter], q8: q8_part(q8, inter, j) };
+                            self.group_dot(group(w, gi), &act, &mut r);
+                            for (a, &v) in acc.iter_mut().zip(&r) {
+                                *a += wt * v;
+                            }
+                        }
+                        for (i, &v) in acc.iter().enumerate() {
+                            // SAFETY: 16·gi + i < hidden = out.len(); group gi belongs to this task only.
+                            unsafe { dst.write(GROUP * gi + i, v) };
+                        }
+                    }
+                })
+            });
+            return Ok(());
+        }
         with_q8(self.q8(), h, inter, first.encoding, |q8| {
             if let Some(rows4) = self.rows4_for(first, q8) {
                 pool.run(hidden.div_ceil(per), &|t| {
@@ -701,8 +834,28 @@ impl Dispatch {
         check_len("h", slots.len() * inter, h.len())?;
         check_len("parts", slots.len() * hidden, parts.len())?;
         let per = rows_per_task(hidden, row_cost(first), pool.n_threads());
-        let chunks = hidden.div_ceil(per);
         let dst = OutPtr(parts.as_mut_ptr());
+        if first.encoding == Encoding::Q4_0x16 {
+            check_packed("down", slots)?;
+            with_q8(self.q8(), h, inter, first.encoding, |q8| {
+                let (groups, per) = (hidden / GROUP, groups_per_task(per));
+                let chunks = groups.div_ceil(per);
+                pool.run(slots.len() * chunks, &|t| {
+                    let (j, c) = (t / chunks, t % chunks);
+                    let act = Act { x: &h[j * inter..(j + 1) * inter], q8: q8_part(q8, inter, j) };
+                    let mut r = [0f32; GROUP];
+                    for gi in c * per..((c + 1) * per).min(groups) {
+                        self.group_dot(group(&slots[j], gi), &act, &mut r);
+                        for (i, &v) in r.iter().enumerate() {
+                            // SAFETY: j·hidden + 16·gi + i < k·hidden = parts.len(); (j, gi) is this task's.
+                            unsafe { dst.write(j * hidden + GROUP * gi + i, v) };
+                        }
+                    }
+                })
+            });
+            return Ok(());
+        }
+        let chunks = hidden.div_ceil(per);
         with_q8(self.q8(), h, inter, first.encoding, |q8| {
             let rows4 = self.rows4_for(first, q8);
             pool.run(slots.len() * chunks, &|t| {
@@ -729,6 +882,85 @@ impl Dispatch {
             })
         });
         Ok(())
+    }
+
+    /// One `Q4_0x16` group (16 rows) · one token: the table's group kernel on q8 blocks, the scalar one when the
+    /// table has none, exact f32 when activations are not quantized.
+    #[inline]
+    fn group_dot(&self, g: &[u8], act: &Act<'_>, out: &mut [f32; GROUP]) {
+        if act.q8.is_empty() {
+            packed::dot16_f32(g, act.x, out);
+        } else if let Some(k) = self.dot16 {
+            // SAFETY: `g` is a whole group of a validated view and `act.q8` its token's blocks (one per block
+            // column); `Dispatch::new_q8` only sets `dot16` where the CPU supports it.
+            unsafe { k(g, act.q8, out) };
+        } else {
+            packed::dot16_scalar(g, act.q8, out);
+        }
+    }
+
+    /// One `Q4_0x16` group × `n` tokens (`x`, `q8`: the call's activations), written to `out[t·ld + r0 + i]`.
+    /// AMX when the table has it, else one group dot per token: the same values either way.
+    #[allow(clippy::too_many_arguments)]
+    fn group_gemm(
+        &self,
+        g: &[u8],
+        cols: usize,
+        x: &[f32],
+        q8: &[Q8Block],
+        n: usize,
+        out: OutPtr,
+        ld: usize,
+        r0: usize,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if self.amx && !q8.is_empty() {
+            // SAFETY: `amx` is only set when `has_amx` held; `g` is a whole group of `cols / 32` block columns,
+            // `q8` holds n tokens' blocks, and rows r0..r0+16 of every token's output belong to this task.
+            unsafe { packed::x86::gemm16(g, cols / 32, q8, n, out.0.add(r0), ld) };
+            return;
+        }
+        let mut r = [0f32; GROUP];
+        for t in 0..n {
+            let act = Act { x: &x[t * cols..(t + 1) * cols], q8: q8_part(q8, cols, t) };
+            self.group_dot(g, &act, &mut r);
+            for (i, &v) in r.iter().enumerate() {
+                // SAFETY: t·ld + r0 + i < n·ld = out's length; the group's rows are this task's.
+                unsafe { out.write(t * ld + r0 + i, v) };
+            }
+        }
+    }
+
+    /// SwiGLU over k packed experts: tasks of whole 16-row groups; `rows(j, gi, g, u)` fills the gate and up
+    /// values of expert `j`'s group `gi`.
+    #[allow(clippy::type_complexity)]
+    fn packed_swiglu(
+        &self,
+        pool: &ThreadPool,
+        k: usize,
+        inter: usize,
+        cost: usize,
+        out: &mut [f32],
+        rows: &(dyn Fn(usize, usize, &mut [f32; GROUP], &mut [f32; GROUP]) + Sync),
+    ) {
+        let groups = inter / GROUP;
+        if groups == 0 {
+            return;
+        }
+        let per = groups_per_task(rows_per_task(k * inter, cost, pool.n_threads())).min(groups);
+        let chunks = groups.div_ceil(per);
+        let dst = OutPtr(out.as_mut_ptr());
+        pool.run(k * chunks, &|t| {
+            let (j, c) = (t / chunks, t % chunks);
+            let (mut g, mut u) = ([0f32; GROUP], [0f32; GROUP]);
+            for gi in c * per..((c + 1) * per).min(groups) {
+                rows(j, gi, &mut g, &mut u);
+                for i in 0..GROUP {
+                    // SAFETY: j < k and 16·gi + i < inter, so in bounds; each (j, gi) is in one task.
+                    unsafe { dst.write(j * inter + GROUP * gi + i, silu(g[i]) * u[i]) };
+                }
+            }
+        });
     }
 }
 
@@ -907,6 +1139,26 @@ fn rows_per_task(rows: usize, row_bytes: usize, threads: usize) -> usize {
     let max_rows = (TASK_BYTES / row_bytes).max(1);
     let min_rows = (MIN_TASK_BYTES / row_bytes).clamp(1, max_rows);
     rows.div_ceil(4 * threads.max(1)).clamp(min_rows, max_rows)
+}
+
+/// Group `gi` (rows `16·gi..16·gi + 16`) of a validated `Q4_0x16` view.
+#[inline]
+fn group<'a>(w: &WeightView<'a>, gi: usize) -> &'a [u8] {
+    let gb = GROUP * w.encoding.row_bytes(w.cols).unwrap_or(0);
+    &w.data[gi * gb..(gi + 1) * gb]
+}
+
+/// Whole groups per task for a row count per task.
+fn groups_per_task(rows: usize) -> usize {
+    rows.div_ceil(GROUP).max(1)
+}
+
+/// Every slot after the first is `Q4_0x16` too (the packed paths address groups, not rows).
+fn check_packed(what: &'static str, slots: &[WeightView]) -> Result<(), MatmulError> {
+    match slots.iter().position(|w| w.encoding != Encoding::Q4_0x16) {
+        Some(slot) => Err(MatmulError::MixedPacking { what, slot, got: slots[slot].encoding.name() }),
+        None => Ok(()),
+    }
 }
 
 /// The output buffer shared by the tasks of one run; each task writes disjoint elements.

@@ -434,3 +434,64 @@ fn hybrid_gguf_mtp_blocks_are_ignored() {
     let b = logits_of(&Qwen3Moe::load(&TensorIndex::open(&src).expect("index"), &opts).expect("load"), &prompt, 2);
     assert!(a.0 == b.0 && a.1 == b.1, "MTP block changed the logits");
 }
+
+/// With `--q8-activations` ours quantizes activations as llama.cpp does (8-bit blocks of 32 for Q4_0 weights), and
+/// on x86 with AVX-512 VNNI the Q4_0 matrices run packed (`Q4_0x16`: AMX tiles in prefill where the CPU has them,
+/// VNNI in decode). Measured on gqa_headdim-q4_0, over positions with unambiguous routing: ours vs the f64 model
+/// 2.8e-2 of max |logit| (llama.cpp 1.3e-2; the row-major q8 path gives the same 2.8e-2), vs llama.cpp ≤ 2.2e-2;
+/// packed vs row-major 2.4e-7; token-by-token decode equal to the prefill.
+#[test]
+fn q8_activations_on_q4_0_stay_within_activation_rounding() {
+    let d = dir();
+    let name = "gqa_headdim-q4_0";
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(d.join(format!("{name}.reference.json"))).unwrap())
+        .expect("json");
+    let prompt = ids(&r["prompt_tokens"]);
+    let llama = read_f32(&d.join(r["logits_file"].as_str().unwrap()));
+    let exact = read_f32(&d.join(r["f64_dequant_logits_file"].as_str().unwrap()));
+    let router_gaps = floats(&r["f64_dequant_prompt_router_gaps"]);
+    let index = TensorIndex::open(&d.join(format!("{name}.gguf"))).expect("index");
+    let scale = max_abs(&exact);
+    let m = Qwen3Moe::load(&index, &ModelOptions { threads: 2, q8_activations: true, ..ModelOptions::default() })
+        .expect("load");
+    let v = m.config.vocab_size;
+    let mut sess = m.new_session(64);
+    let mut ours = Vec::new();
+    m.forward(&mut sess, &prompt, true, &mut ours).expect("prefill");
+    // Worst over the positions whose routing is unambiguous (at the others either engine may swap an expert).
+    let worst = |x: &[f32]| {
+        (0..prompt.len())
+            .filter(|&t| router_gaps[t] >= ROUTER_MARGIN)
+            .map(|t| max_diff(&x[t * v..(t + 1) * v], &exact[t * v..(t + 1) * v]) / scale)
+            .fold(0f64, f64::max)
+    };
+    let (ours_vs_exact, llama_vs_exact) = (worst(&ours), worst(&llama));
+    eprintln!("{name}: vs f64, ours q8 {ours_vs_exact:.3e}, llama.cpp {llama_vs_exact:.3e}");
+    // Both engines carry 8-bit activation rounding (independently rounded, so neither tracks the other closely).
+    assert!(ours_vs_exact < 0.05, "ours q8 vs f64 {ours_vs_exact:.3e}");
+    for (t, &gap) in router_gaps.iter().enumerate() {
+        let e = max_diff(&ours[t * v..(t + 1) * v], &llama[t * v..(t + 1) * v]) / scale;
+        assert!(e < 0.035 || gap < ROUTER_MARGIN, "position {t}: ours q8 vs llama.cpp {e:.3e} (router gap {gap:.3})");
+    }
+    // Packed and row-major Q4_0 compute the same quantized products in a different order: f32 noise apart. A wrong
+    // nibble, scale or group offset in a packed kernel moves logits by the weight error (~30% here).
+    let rowmajor = Qwen3Moe::load(
+        &index,
+        &ModelOptions { threads: 2, q8_activations: true, pack_q4_0: false, ..ModelOptions::default() },
+    )
+    .expect("load");
+    let mut sess = rowmajor.new_session(64);
+    let mut plain = Vec::new();
+    rowmajor.forward(&mut sess, &prompt, true, &mut plain).expect("prefill");
+    let e = max_diff(&ours, &plain) / scale;
+    eprintln!("{name}: packed vs row-major q8 {e:.3e}");
+    assert!(e < 1e-4, "packed vs row-major Q4_0 (q8): {e:.3e}");
+    // The prompt again, one token per forward (decode kernels): the same logits as the prefill (tiles) gave.
+    let mut sess = m.new_session(64);
+    for (t, &tok) in prompt.iter().enumerate() {
+        let mut one = Vec::new();
+        m.forward(&mut sess, &[tok], false, &mut one).expect("decode");
+        let e = max_diff(&one, &ours[t * v..(t + 1) * v]) / scale;
+        assert!(e < 1e-6, "position {t}: decode vs prefill {e:.3e}");
+    }
+}

@@ -43,13 +43,17 @@ fn warm_decode_steps_do_not_allocate() {
     synth(&SynthOptions::new(Preset::TinyQwen3Moe, SynthFormat::GgufQ4_0, &path)).expect("synth");
     let index = TensorIndex::open(&path).expect("index");
     let k = index.config.num_experts_per_tok;
-    for (cache, prefetch) in [
-        (CacheSize::All, Prefetch::None),
-        (CacheSize::Slots(k), Prefetch::None),
-        (CacheSize::Slots(k + 1), Prefetch::Lookahead),
-        (CacheSize::Slots(k), Prefetch::Prev),
+    // q8: the packed Q4_0x16 path where the CPU has it (experts packed by the I/O threads on the way in).
+    for (cache, prefetch, q8) in [
+        (CacheSize::All, Prefetch::None, false),
+        (CacheSize::Slots(k), Prefetch::None, false),
+        (CacheSize::Slots(k + 1), Prefetch::Lookahead, false),
+        (CacheSize::Slots(k), Prefetch::Prev, false),
+        (CacheSize::All, Prefetch::None, true),
+        (CacheSize::Slots(k), Prefetch::None, true),
     ] {
-        let opts = ModelOptions { threads: 2, expert_cache: cache, prefetch, ..ModelOptions::default() };
+        let opts =
+            ModelOptions { threads: 2, expert_cache: cache, prefetch, q8_activations: q8, ..ModelOptions::default() };
         let m = Qwen3Moe::load(&index, &opts).expect("load");
         let mut s = m.new_session(64);
         let mut logits = Vec::with_capacity(m.config.vocab_size);
@@ -67,7 +71,7 @@ fn warm_decode_steps_do_not_allocate() {
         let allocs = ALLOCS.load(Ordering::SeqCst) - before;
         // store_stats() clones (allocates), so read it only after counting.
         let st = m.store_stats();
-        assert_eq!(allocs, 0, "{cache:?} {prefetch:?}: {allocs} allocations in 16 decode steps");
+        assert_eq!(allocs, 0, "{cache:?} {prefetch:?} q8 {q8}: {allocs} allocations in 16 decode steps");
         if cache != CacheSize::All {
             assert!(st.misses > misses, "{cache:?} {prefetch:?}: the counted steps never missed");
         }

@@ -301,8 +301,8 @@ impl ExpertStore {
                 layers.push(None);
                 continue;
             };
-            let gate_up = SlotBuffer::new(&[g, u], h, slots)?;
-            let down = SlotBuffer::new(&[d], i, slots)?;
+            let gate_up = SlotBuffer::new(&[g, u], h, slots, read.pack_q4_0)?;
+            let down = SlotBuffer::new(&[d], i, slots, read.pack_q4_0)?;
             for b in [&gate_up, &down] {
                 bytes += (b.data.len() + b.scales.len() + b.biases.len()) as u64;
             }
@@ -683,7 +683,7 @@ fn coalesce(batch: &mut Vec<ReadRequest>, first: usize, span: FileRange, tag: u3
     let planned = &mut batch[first..];
     debug_assert!(planned.len() <= MAX_SEGS);
     planned.sort_unstable_by_key(|r| r.range.offset);
-    let mut segs = [Segment { dst: std::ptr::null_mut(), len: 0 }; MAX_SEGS];
+    let mut segs = [Segment { dst: std::ptr::null_mut(), len: 0, pack_cols: 0 }; MAX_SEGS];
     for (s, r) in segs.iter_mut().zip(planned.iter()) {
         *s = r.segments()[0];
     }

@@ -55,11 +55,15 @@ pub struct ReadOptions {
     /// fallback on filesystems that accept O_DIRECT.
     #[doc(hidden)]
     pub simulate_direct_einval: bool,
+    /// Store `Q4_0` experts (whose parts have a multiple of 16 rows) as `Q4_0x16`, packed by the I/O thread on the
+    /// way from its staging buffer into the slot. The model sets this when its kernels want packed weights
+    /// (`Dispatch::packs_q4_0`); the bytes a slot holds change, the values do not.
+    pub pack_q4_0: bool,
 }
 
 impl Default for ReadOptions {
     fn default() -> Self {
-        ReadOptions { direct_io: true, io_threads: 8, simulate_direct_einval: false }
+        ReadOptions { direct_io: true, io_threads: 8, simulate_direct_einval: false, pack_q4_0: false }
     }
 }
 
@@ -72,9 +76,35 @@ pub(crate) const MAX_SEGS: usize = 9;
 pub(crate) struct Segment {
     pub dst: *mut u8,
     pub len: usize,
+    /// Non-zero: the bytes are `Q4_0` rows of this many columns, to be stored packed as `Q4_0x16`.
+    pub pack_cols: u32,
 }
 
-const NO_SEGMENT: Segment = Segment { dst: std::ptr::null_mut(), len: 0 };
+const NO_SEGMENT: Segment = Segment { dst: std::ptr::null_mut(), len: 0, pack_cols: 0 };
+
+impl Segment {
+    /// Whether the bytes must pass through a staging buffer (to be packed) rather than land in place.
+    fn staged(&self) -> bool {
+        self.pack_cols != 0
+    }
+
+    /// Moves `src` (this segment's bytes as read) into the segment: a copy, or the `Q4_0x16` pack.
+    ///
+    /// # Safety
+    /// `dst` is valid for `len` writable bytes that nobody else touches during the batch (see `ReadRequest`).
+    unsafe fn fill_from(&self, src: &[u8]) -> io::Result<()> {
+        // SAFETY: guaranteed by the caller.
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.dst, self.len) };
+        if self.pack_cols == 0 {
+            dst.copy_from_slice(src);
+            return Ok(());
+        }
+        let cols = self.pack_cols as usize;
+        let rows = moestream_quant::GgmlType::Q4_0.row_bytes(cols).map_or(0, |rb| self.len / rb);
+        moestream_quant::packed::pack_q4_0x16(src, dst, rows, cols)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("packing Q4_0 rows: {e}")))
+    }
+}
 
 /// One range to read into slot memory: into one destination, or (a coalesced read of an expert whose ranges are
 /// adjacent in one file, as in a pack sidecar) scattered over up to `MAX_SEGS` destinations, in order, whose lengths
@@ -101,7 +131,7 @@ impl ReadRequest {
     /// Read `range` into the `range.len` writable bytes at `dst`.
     pub fn new(range: FileRange, dst: *mut u8, tag: u32, now: Instant) -> Self {
         let mut segs = [NO_SEGMENT; MAX_SEGS];
-        segs[0] = Segment { dst, len: range.len as usize };
+        segs[0] = Segment { dst, len: range.len as usize, pack_cols: 0 };
         ReadRequest { range, segs, nsegs: 1, tag, disk_bytes: 0, direct: false, done_at: now, error: None }
     }
 
@@ -119,6 +149,12 @@ impl ReadRequest {
     /// The destination segments, in file order.
     pub fn segments(&self) -> &[Segment] {
         &self.segs[..self.nsegs]
+    }
+
+    /// Marks a single-destination request as `Q4_0` rows of `cols` columns, to be stored as `Q4_0x16`.
+    pub fn packed(mut self, cols: usize) -> Self {
+        self.segs[0].pack_cols = cols as u32;
+        self
     }
 }
 
@@ -194,7 +230,11 @@ impl ReaderFiles {
             }
         }
         if !tried_direct {
-            r = preadv_exact(&self.buffered[f], segs, req.range.offset).map(|_| (req.range.len, false));
+            r = if segs.iter().any(Segment::staged) {
+                read_staged(&self.buffered[f], req.range, segs, bounce).map(|_| (req.range.len, false))
+            } else {
+                preadv_exact(&self.buffered[f], segs, req.range.offset).map(|_| (req.range.len, false))
+            };
         }
         match r {
             Ok((n, direct)) => {
@@ -243,6 +283,7 @@ impl ReaderFiles {
         }
         let aligned = |x: u64| x.is_multiple_of(BLOCK);
         if let [seg] = segs
+            && !seg.staged()
             && aligned(range.offset)
             && aligned(range.len)
             && aligned(seg.dst as u64)
@@ -263,15 +304,28 @@ impl ReaderFiles {
         if got < need {
             return Err(short_read(range, got.saturating_sub(head)));
         }
-        let mut at = head;
-        for seg in segs {
-            // SAFETY: as above.
-            let dst = unsafe { std::slice::from_raw_parts_mut(seg.dst, seg.len) };
-            dst.copy_from_slice(&buf[at..at + seg.len]);
-            at += seg.len;
-        }
+        scatter(segs, &buf[head..need])?;
         Ok(got as u64)
     }
+}
+
+/// Moves a request's bytes from a staging buffer into its segments, in order.
+fn scatter(segs: &[Segment], mut src: &[u8]) -> io::Result<()> {
+    for seg in segs {
+        let (now, rest) = src.split_at(seg.len);
+        // SAFETY: see `ReadRequest`: each segment is valid for `len` bytes that nobody else touches during the batch.
+        unsafe { seg.fill_from(now)? };
+        src = rest;
+    }
+    Ok(())
+}
+
+/// Buffered read of `range` into the staging buffer `bounce`, then into `segs` (for segments that are packed on
+/// the way).
+fn read_staged(f: &File, range: FileRange, segs: &[Segment], bounce: &mut [u8]) -> io::Result<()> {
+    let buf = &mut bounce[..range.len as usize];
+    f.read_exact_at(buf, range.offset)?;
+    scatter(segs, buf)
 }
 
 /// Buffered positioned read of `offset..` into `segs` in order (one `preadv`, with one iovec per segment, repeated
@@ -397,8 +451,9 @@ impl ExpertReader {
         });
         let threads = opts.io_threads.max(1);
         // The aligned superset of a request spans at most its length plus one block on each side. Buffered reads
-        // (`preadv`) need no bounce buffer.
-        let bounce_len = if opts.direct_io { (max_range.div_ceil(BLOCK) + 2) * BLOCK } else { 0 } as usize;
+        // (`preadv`) need no bounce buffer, unless they are packed on the way.
+        let staged = opts.direct_io || opts.pack_q4_0;
+        let bounce_len = if staged { (max_range.div_ceil(BLOCK) + 2) * BLOCK } else { 0 } as usize;
         let mut reader = ExpertReader { shared, workers: Vec::with_capacity(threads) };
         for i in 0..threads {
             let bounce = AlignedBuf::zeroed(bounce_len)?;

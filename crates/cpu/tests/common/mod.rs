@@ -79,6 +79,14 @@ pub fn make_weight(encoding: Encoding, rows: usize, cols: usize, rng: &mut Rng) 
     let mut data: Vec<u8>;
     let (mut scales, mut biases) = (Vec::new(), Vec::new());
     match encoding {
+        Encoding::Q4_0x16 => {
+            // The same values as a Q4_0 matrix, regrouped: the reference decode is the row-major one.
+            let mut w = make_weight(Encoding::Ggml(GgmlType::Q4_0), rows, cols, rng);
+            let mut packed = vec![0u8; w.data.len()];
+            moestream_quant::packed::pack_q4_0x16(&w.data, &mut packed, rows, cols).expect("16-row groups");
+            (w.encoding, w.data) = (encoding, packed);
+            return w;
+        }
         Encoding::Float(ft) => {
             data = vec![0u8; n * ft.size()];
             encode_floats(ft, &src, &mut data).expect("encode floats");

@@ -1,0 +1,324 @@
+//! Kernels for `Q4_0x16` weights (ggml `Q4_0` regrouped 16 rows at a time, layout in `moestream_quant::packed`):
+//! 16 rows × 1 token (decode) and 16 rows × up to 16 tokens per AMX tile (prefill).
+//!
+//! Why a layout of our own: in ggml's row-major `Q4_0` a row's block dot lands in SIMD lanes that must be summed
+//! across, and each block scale is applied per (row, token) pair: ~8 multiply-adds per vector op. With 16 rows
+//! interleaved 4 codes at a time, one `vpdpbusd` does 4 codes × 16 rows with one broadcast activation word, the 16
+//! scales are one vector, and the same 64-byte chunks are an AMX `tdpbssd` B tile (16 columns × 4 codes): a tile
+//! op is 16 rows × 16 tokens × 32 codes.
+//!
+//! Every kernel here computes, per (row, token), exactly this — the one order that makes them interchangeable bit
+//! for bit, so prefill (AMX) equals decode (VNNI) equals the scalar reference:
+//! ```text
+//! acc = 0
+//! for each 32-block b:  isum = Σ (q − 8)·x_q   (exact i32)
+//!                       acc  = fma(f32(isum), f32(d_w) · d_x, acc)
+//! ```
+//! It owns arithmetic only; shapes, tasks and the choice of kernel live in `matmul`.
+
+use moestream_quant::packed::{GROUP, GROUP_BLOCK};
+use moestream_quant::{FloatType, decode_floats};
+
+use super::Q8Block;
+
+/// The scalar reference: `out[i]` = row `i` of the 16-row group `g` (`nb` block columns) · one token's q8 blocks.
+pub(crate) fn dot16_scalar(g: &[u8], q8: &[Q8Block], out: &mut [f32; GROUP]) {
+    let mut acc = [0f32; GROUP];
+    let mut d = [0f32; GROUP];
+    for (blk, xb) in g.chunks_exact(GROUP_BLOCK).zip(q8) {
+        decode_floats(FloatType::F16, &blk[..2 * GROUP], &mut d).expect("16 f16 scales");
+        let codes = &blk[2 * GROUP..];
+        for (r, a) in acc.iter_mut().enumerate() {
+            let mut isum = 0i32;
+            for c in 0..4 {
+                for i in 0..4 {
+                    let q = codes[64 * c + 4 * r + i];
+                    isum += (i32::from(q & 15) - 8) * i32::from(xb.qs[4 * c + i]);
+                    isum += (i32::from(q >> 4) - 8) * i32::from(xb.qs[16 + 4 * c + i]);
+                }
+            }
+            *a = (isum as f32).mul_add(d[r] * xb.d, *a);
+        }
+    }
+    *out = acc;
+}
+
+/// Exact-f32 activations (no q8 table): dequantize a block column and dot per row in column order. Only for
+/// completeness — packed weights are made for the q8 tables — so it favours obviousness over speed.
+pub(crate) fn dot16_f32(g: &[u8], x: &[f32], out: &mut [f32; GROUP]) {
+    let mut acc = [0f32; GROUP];
+    let mut vals = [0f32; GROUP * 32];
+    for (blk, xb) in g.chunks_exact(GROUP_BLOCK).zip(x.chunks_exact(32)) {
+        moestream_quant::packed::dequantize_q4_0x16(blk, 32, &mut vals).expect("one whole block column");
+        for (r, a) in acc.iter_mut().enumerate() {
+            for (w, v) in vals[32 * r..32 * r + 32].iter().zip(xb) {
+                *a += w * v;
+            }
+        }
+    }
+    *out = acc;
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    use super::{GROUP, GROUP_BLOCK, Q8Block};
+
+    /// AVX-512 VNNI: 16 rows × one token. Same contract and result as [`super::dot16_scalar`].
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL + VNNI; `g` holds `q8.len()` block columns.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    pub(crate) unsafe fn dot16(g: &[u8], q8: &[Q8Block], out: &mut [f32; GROUP]) {
+        debug_assert!(g.len() >= q8.len() * GROUP_BLOCK);
+        let low = _mm512_set1_epi8(15);
+        let mut acc = _mm512_setzero_ps();
+        let p = g.as_ptr();
+        for (b, xb) in q8.iter().enumerate() {
+            // SAFETY: block column b of the group is in bounds (checked by the caller's contract).
+            let blk = unsafe { p.add(b * GROUP_BLOCK) };
+            let x = xb.qs.as_ptr().cast::<i32>();
+            // Two chains (low and high nibbles): integers, so the split does not change the sum.
+            let mut lo_acc = _mm512_set1_epi32(-8 * xb.qsum);
+            let mut hi_acc = _mm512_setzero_si512();
+            for c in 0..4 {
+                // SAFETY: chunk c of the block column, and x words c and 4 + c of the 32-byte code array.
+                let (w, xl, xh) = unsafe {
+                    (
+                        _mm512_loadu_si512(blk.add(32 + 64 * c).cast()),
+                        x.add(c).read_unaligned(),
+                        x.add(4 + c).read_unaligned(),
+                    )
+                };
+                let lo = _mm512_and_si512(w, low);
+                let hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+                lo_acc = _mm512_dpbusd_epi32(lo_acc, lo, _mm512_set1_epi32(xl));
+                hi_acc = _mm512_dpbusd_epi32(hi_acc, hi, _mm512_set1_epi32(xh));
+            }
+            let isum = _mm512_add_epi32(lo_acc, hi_acc);
+            // SAFETY: the block column starts with 16 f16 scales.
+            let dw = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.cast()) });
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(xb.d)), acc);
+        }
+        // SAFETY: `out` is 16 f32.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
+    }
+
+    /// Whether AMX-INT8 tiles can be used: the CPU has them and the kernel granted this process the tile state
+    /// (Linux needs `ARCH_REQ_XCOMP_PERM` once per process before any thread touches a tile register).
+    pub(crate) fn has_amx() -> bool {
+        static OK: OnceLock<bool> = OnceLock::new();
+        *OK.get_or_init(|| {
+            if std::env::var_os("MOESTREAM_NO_AMX").is_some() || !super::super::x86::has_avx512_vnni() {
+                return false;
+            }
+            // CPUID.(7,0).EDX: bit 24 AMX-TILE, bit 25 AMX-INT8.
+            let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+            if edx & (3 << 24) != 3 << 24 {
+                return false;
+            }
+            request_tile_permission()
+        })
+    }
+
+    #[cfg(target_os = "linux")]
+    fn request_tile_permission() -> bool {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a plain syscall with integer arguments; it only changes which register state the process may use.
+        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn request_tile_permission() -> bool {
+        false
+    }
+
+    /// The 64-byte tile configuration: palette 1; tmm0 = C (m tokens × 16 i32), tmm1 = A (m tokens × 32 codes),
+    /// tmm2 = B (8 rows of 16 columns × 4 codes).
+    #[repr(C, align(64))]
+    struct TileCfg([u8; 64]);
+
+    impl TileCfg {
+        fn new(m: usize) -> TileCfg {
+            let mut c = [0u8; 64];
+            c[0] = 1;
+            for (i, (colsb, rows)) in [(64u16, m as u8), (32, m as u8), (64, 8)].into_iter().enumerate() {
+                c[16 + 2 * i..18 + 2 * i].copy_from_slice(&colsb.to_le_bytes());
+                c[48 + i] = rows;
+            }
+            TileCfg(c)
+        }
+    }
+
+    #[repr(C, align(64))]
+    struct Buf<const N: usize>([u8; N]);
+
+    /// AMX: 16 rows of group `g` (`nb` block columns) × `n` tokens (`q8`: `n × nb` blocks, token-major), 16 tokens
+    /// per tile. Writes `out[t·ld .. t·ld + 16]` for each token `t`. Bit-identical per (row, token) to
+    /// [`super::dot16_scalar`]: the tile op yields each block's exact integer sum, and the scale is applied per
+    /// block in the same order.
+    ///
+    /// # Safety
+    /// [`has_amx`] returned true; `g` holds `nb` block columns; `q8.len() == n·nb`; `out` may be written at
+    /// `t·ld + i` for `t < n`, `i < 16`, and nobody else touches those floats during the call (other tasks write
+    /// the floats in between, which is why this is a pointer and not a slice).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    pub(crate) unsafe fn gemm16(g: &[u8], nb: usize, q8: &[Q8Block], n: usize, out: *mut f32, ld: usize) {
+        debug_assert!(g.len() >= nb * GROUP_BLOCK && q8.len() == n * nb);
+        let low = _mm512_set1_epi8(15);
+        let eight = _mm512_set1_epi8(8);
+        let mut bbuf = Buf::<512>([0; 512]);
+        let mut cbuf = Buf::<1024>([0; 1024]);
+        let stride = nb * size_of::<Q8Block>();
+        for t0 in (0..n).step_by(16) {
+            let m = (n - t0).min(16);
+            let cfg = TileCfg::new(m);
+            // SAFETY: a valid palette-1 configuration; the process holds the tile permission (`has_amx`).
+            unsafe { asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
+            let mut acc = [_mm512_setzero_ps(); 16];
+            for b in 0..nb {
+                // SAFETY: block column b of the group (caller's contract).
+                let blk = unsafe { g.as_ptr().add(b * GROUP_BLOCK) };
+                for c in 0..4 {
+                    // SAFETY: chunk c of the column; bbuf rows c and 4 + c are in bounds.
+                    unsafe {
+                        let w = _mm512_loadu_si512(blk.add(32 + 64 * c).cast());
+                        let lo = _mm512_sub_epi8(_mm512_and_si512(w, low), eight);
+                        let hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(w, 4), low), eight);
+                        _mm512_store_si512(bbuf.0.as_mut_ptr().add(64 * c).cast(), lo);
+                        _mm512_store_si512(bbuf.0.as_mut_ptr().add(64 * (4 + c)).cast(), hi);
+                    }
+                }
+                // SAFETY: A reads m rows of 32 bytes at `stride` from token t0's block b (all inside `q8`); B reads
+                // bbuf, C is stored to cbuf (m rows of 64 bytes); the tile shapes match the configuration.
+                unsafe {
+                    asm!(
+                        "tilezero tmm0",
+                        "tileloadd tmm1, [{a} + {sa}*1]",
+                        "tileloadd tmm2, [{b} + {sb}*1]",
+                        "tdpbssd tmm0, tmm1, tmm2",
+                        "tilestored [{c} + {sb}*1], tmm0",
+                        a = in(reg) q8.as_ptr().add(t0 * nb + b).cast::<u8>(),
+                        sa = in(reg) stride,
+                        b = in(reg) bbuf.0.as_ptr(),
+                        sb = in(reg) 64usize,
+                        c = in(reg) cbuf.0.as_mut_ptr(),
+                        options(nostack),
+                    );
+                }
+                // SAFETY: the column's 16 f16 scales.
+                let dw = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.cast()) });
+                for (i, a) in acc.iter_mut().enumerate() {
+                    // Rows past m hold stale sums; their results are never stored.
+                    let t = t0 + i.min(m - 1);
+                    // SAFETY: row i of cbuf; block (t, b) of q8.
+                    let (isum, dx) = unsafe {
+                        (_mm512_load_si512(cbuf.0.as_ptr().add(64 * i).cast()), q8.get_unchecked(t * nb + b).d)
+                    };
+                    *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), *a);
+                }
+            }
+            for (i, a) in acc.iter().enumerate().take(m) {
+                // SAFETY: token t0 + i < n's 16 floats, which the caller lends us.
+                unsafe { _mm512_storeu_ps(out.add((t0 + i) * ld), *a) };
+            }
+        }
+        // SAFETY: returns the tiles to their initial state so context switches do not save 8 KiB of tile data.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::matmul::quantize_q8;
+    use moestream_quant::{GgmlType, ggml, packed::pack_q4_0x16};
+
+    /// A pseudo-random packed group of `nb` block columns and `n` tokens' q8 blocks (values of both signs, some
+    /// zero blocks, scales over a wide range).
+    fn case(nb: usize, n: usize, seed: u64) -> (Vec<u8>, Vec<Q8Block>, Vec<f32>) {
+        let mut s = seed;
+        let mut rnd = move || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        let cols = 32 * nb;
+        let w: Vec<f32> = (0..GROUP * cols).map(|i| rnd() * (1.0 + (i / 32 % 7) as f32)).collect();
+        let mut rows = vec![0u8; GROUP * nb * 18];
+        ggml::quantize(GgmlType::Q4_0, &w, &mut rows).unwrap();
+        let mut g = vec![0u8; rows.len()];
+        pack_q4_0x16(&rows, &mut g, GROUP, cols).unwrap();
+        let x: Vec<f32> = (0..n * cols)
+            .map(|i| if i / 32 % 5 == 3 { 0.0 } else { rnd() * 10f32.powi((i / 32 % 4) as i32 - 2) })
+            .collect();
+        let mut q8 = vec![Q8Block::ZERO; n * nb];
+        quantize_q8(&x, &mut q8, 1);
+        let mut deq = vec![0f32; GROUP * cols];
+        ggml::dequantize(GgmlType::Q4_0, &rows, &mut deq).unwrap();
+        (g, q8, deq)
+    }
+
+    #[test]
+    fn scalar_is_close_to_the_f64_dot_of_the_dequantized_rows() {
+        for nb in [1, 3, 8] {
+            let (g, q8, deq) = case(nb, 1, nb as u64);
+            let mut out = [0f32; GROUP];
+            dot16_scalar(&g, &q8, &mut out);
+            for (r, &got) in out.iter().enumerate() {
+                let (mut want, mut mag) = (0f64, 0f64);
+                for (c, w) in deq[r * 32 * nb..(r + 1) * 32 * nb].iter().enumerate() {
+                    let xb = &q8[c / 32];
+                    let x = f64::from(xb.d) * f64::from(xb.qs[c % 32]);
+                    want += f64::from(*w) * x;
+                    mag += (f64::from(*w) * x).abs();
+                }
+                assert!((f64::from(got) - want).abs() <= 1e-5 * mag.max(1e-6), "nb {nb} row {r}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_and_amx_equal_the_scalar_reference_bit_for_bit() {
+        if !crate::matmul::x86::has_avx512_vnni() {
+            eprintln!("skipped: no AVX-512 VNNI");
+            return;
+        }
+        let amx = x86::has_amx();
+        for (nb, n) in [(1, 1), (2, 5), (3, 16), (7, 17), (64, 33), (5, 40)] {
+            let (g, q8, _) = case(nb, n, (nb * 100 + n) as u64);
+            let mut want = vec![0f32; n * GROUP];
+            for t in 0..n {
+                let mut o = [0f32; GROUP];
+                dot16_scalar(&g, &q8[t * nb..(t + 1) * nb], &mut o);
+                want[t * GROUP..(t + 1) * GROUP].copy_from_slice(&o);
+                let mut v = [0f32; GROUP];
+                // SAFETY: AVX-512 VNNI checked above; g holds nb columns.
+                unsafe { x86::dot16(&g, &q8[t * nb..(t + 1) * nb], &mut v) };
+                assert_eq!(v.map(f32::to_bits), o.map(f32::to_bits), "vnni nb {nb} token {t}");
+            }
+            if amx {
+                // Every other float of a wider output is the caller's: the kernel must leave it alone.
+                let ld = 2 * GROUP;
+                let mut got = vec![f32::NAN; n * ld];
+                // SAFETY: AMX granted; g holds nb columns, q8 n·nb blocks, got n rows of ld floats.
+                unsafe { x86::gemm16(&g, nb, &q8, n, got.as_mut_ptr(), ld) };
+                for t in 0..n {
+                    let row = &got[t * ld..(t + 1) * ld];
+                    assert_eq!(
+                        row[..GROUP].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        want[t * GROUP..(t + 1) * GROUP].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "amx nb {nb} n {n} token {t}"
+                    );
+                    assert!(row[GROUP..].iter().all(|v| v.is_nan()), "amx wrote outside its columns");
+                }
+            } else {
+                eprintln!("AMX part skipped: no AMX-INT8 or no tile permission");
+            }
+        }
+    }
+}
