@@ -137,8 +137,9 @@ pub(crate) mod x86 {
         false
     }
 
-    /// The 64-byte tile configuration: palette 1; tmm0 = C (m tokens × 16 i32), tmm1 = A (m tokens × 32 codes),
-    /// tmm2 = B (8 rows of 16 columns × 4 codes).
+    /// The 64-byte tile configuration, palette 1, two sets used alternately by consecutive blocks (so one block's
+    /// tile op runs while the previous block's sums are scaled): tmm0/tmm3 = C (m tokens × 16 i32), tmm1/tmm4 = A
+    /// (m tokens × 32 codes), tmm2/tmm5 = B (8 rows of 16 columns × 4 codes).
     #[repr(C, align(64))]
     struct TileCfg([u8; 64]);
 
@@ -146,7 +147,8 @@ pub(crate) mod x86 {
         fn new(m: usize) -> TileCfg {
             let mut c = [0u8; 64];
             c[0] = 1;
-            for (i, (colsb, rows)) in [(64u16, m as u8), (32, m as u8), (64, 8)].into_iter().enumerate() {
+            let shapes = [(64u16, m as u8), (32, m as u8), (64, 8)];
+            for (i, (colsb, rows)) in shapes.into_iter().chain(shapes).enumerate() {
                 c[16 + 2 * i..18 + 2 * i].copy_from_slice(&colsb.to_le_bytes());
                 c[48 + i] = rows;
             }
@@ -157,10 +159,29 @@ pub(crate) mod x86 {
     #[repr(C, align(64))]
     struct Buf<const N: usize>([u8; N]);
 
+    /// Codes of block column `blk` as a signed B tile (`q − 8`): chunk c's low nibbles are tile row c, its high
+    /// nibbles row 4 + c.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn unpack_b(blk: *const u8, out: *mut u8) {
+        let low = _mm512_set1_epi8(15);
+        let eight = _mm512_set1_epi8(8);
+        for c in 0..4 {
+            // SAFETY: chunk c of the column; rows c and 4 + c of the 512-byte tile buffer (caller's contract).
+            unsafe {
+                let w = _mm512_loadu_si512(blk.add(32 + 64 * c).cast());
+                let lo = _mm512_sub_epi8(_mm512_and_si512(w, low), eight);
+                let hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(w, 4), low), eight);
+                _mm512_store_si512(out.add(64 * c).cast(), lo);
+                _mm512_store_si512(out.add(64 * (4 + c)).cast(), hi);
+            }
+        }
+    }
+
     /// AMX: 16 rows of group `g` (`nb` block columns) × `n` tokens (`q8`: `n × nb` blocks, token-major), 16 tokens
     /// per tile. Writes `out[t·ld .. t·ld + 16]` for each token `t`. Bit-identical per (row, token) to
     /// [`super::dot16_scalar`]: the tile op yields each block's exact integer sum, and the scale is applied per
-    /// block in the same order.
+    /// block in the same order. Leaves the tiles configured; the caller ends its task with [`release`].
     ///
     /// # Safety
     /// [`has_amx`] returned true; `g` holds `nb` block columns; `q8.len() == n·nb`; `out` may be written at
@@ -169,57 +190,60 @@ pub(crate) mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
     pub(crate) unsafe fn gemm16(g: &[u8], nb: usize, q8: &[Q8Block], n: usize, out: *mut f32, ld: usize) {
         debug_assert!(g.len() >= nb * GROUP_BLOCK && q8.len() == n * nb);
-        let low = _mm512_set1_epi8(15);
-        let eight = _mm512_set1_epi8(8);
-        let mut bbuf = Buf::<512>([0; 512]);
-        let mut cbuf = Buf::<1024>([0; 1024]);
+        let mut bbuf = [Buf::<512>([0; 512]), Buf::<512>([0; 512])];
+        let mut cbuf = [Buf::<1024>([0; 1024]), Buf::<1024>([0; 1024])];
         let stride = nb * size_of::<Q8Block>();
+        let (gp, qp) = (g.as_ptr(), q8.as_ptr());
         for t0 in (0..n).step_by(16) {
             let m = (n - t0).min(16);
             let cfg = TileCfg::new(m);
             // SAFETY: a valid palette-1 configuration; the process holds the tile permission (`has_amx`).
             unsafe { asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
-            let mut acc = [_mm512_setzero_ps(); 16];
-            for b in 0..nb {
-                // SAFETY: block column b of the group (caller's contract).
-                let blk = unsafe { g.as_ptr().add(b * GROUP_BLOCK) };
-                for c in 0..4 {
-                    // SAFETY: chunk c of the column; bbuf rows c and 4 + c are in bounds.
-                    unsafe {
-                        let w = _mm512_loadu_si512(blk.add(32 + 64 * c).cast());
-                        let lo = _mm512_sub_epi8(_mm512_and_si512(w, low), eight);
-                        let hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(w, 4), low), eight);
-                        _mm512_store_si512(bbuf.0.as_mut_ptr().add(64 * c).cast(), lo);
-                        _mm512_store_si512(bbuf.0.as_mut_ptr().add(64 * (4 + c)).cast(), hi);
-                    }
+            // Issue block b's tile op into set b % 2 (not stored yet).
+            // SAFETY (both closures' asm): A reads m rows of 32 bytes at `stride` from token t0's block b (inside
+            // `q8`); B reads a 512-byte buffer; the shapes match the configuration.
+            let issue = |b: usize, bbuf: &mut [Buf<512>; 2]| unsafe {
+                let bb = bbuf[b % 2].0.as_mut_ptr();
+                unpack_b(gp.add(b * GROUP_BLOCK), bb);
+                let a = qp.add(t0 * nb + b).cast::<u8>();
+                if b.is_multiple_of(2) {
+                    asm!("tilezero tmm0", "tileloadd tmm1, [{a} + {sa}*1]", "tileloadd tmm2, [{b} + {sb}*1]",
+                        "tdpbssd tmm0, tmm1, tmm2", a = in(reg) a, sa = in(reg) stride, b = in(reg) bb,
+                        sb = in(reg) 64usize, options(nostack));
+                } else {
+                    asm!("tilezero tmm3", "tileloadd tmm4, [{a} + {sa}*1]", "tileloadd tmm5, [{b} + {sb}*1]",
+                        "tdpbssd tmm3, tmm4, tmm5", a = in(reg) a, sa = in(reg) stride, b = in(reg) bb,
+                        sb = in(reg) 64usize, options(nostack));
                 }
-                // SAFETY: A reads m rows of 32 bytes at `stride` from token t0's block b (all inside `q8`); B reads
-                // bbuf, C is stored to cbuf (m rows of 64 bytes); the tile shapes match the configuration.
-                unsafe {
-                    asm!(
-                        "tilezero tmm0",
-                        "tileloadd tmm1, [{a} + {sa}*1]",
-                        "tileloadd tmm2, [{b} + {sb}*1]",
-                        "tdpbssd tmm0, tmm1, tmm2",
-                        "tilestored [{c} + {sb}*1], tmm0",
-                        a = in(reg) q8.as_ptr().add(t0 * nb + b).cast::<u8>(),
-                        sa = in(reg) stride,
-                        b = in(reg) bbuf.0.as_ptr(),
-                        sb = in(reg) 64usize,
-                        c = in(reg) cbuf.0.as_mut_ptr(),
-                        options(nostack),
-                    );
+            };
+            // SAFETY: stores set b % 2's C tile (m rows of 64 bytes) into its buffer.
+            let store = |b: usize, cbuf: &mut [Buf<1024>; 2]| unsafe {
+                let c = cbuf[b % 2].0.as_mut_ptr();
+                if b.is_multiple_of(2) {
+                    asm!("tilestored [{c} + {s}*1], tmm0", c = in(reg) c, s = in(reg) 64usize, options(nostack));
+                } else {
+                    asm!("tilestored [{c} + {s}*1], tmm3", c = in(reg) c, s = in(reg) 64usize, options(nostack));
+                }
+            };
+            let mut acc = [_mm512_setzero_ps(); 16];
+            issue(0, &mut bbuf);
+            store(0, &mut cbuf);
+            for b in 0..nb {
+                if b + 1 < nb {
+                    issue(b + 1, &mut bbuf);
                 }
                 // SAFETY: the column's 16 f16 scales.
-                let dw = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.cast()) });
+                let dw = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(gp.add(b * GROUP_BLOCK).cast()) });
+                let cb = cbuf[b % 2].0.as_ptr();
                 for (i, a) in acc.iter_mut().enumerate() {
                     // Rows past m hold stale sums; their results are never stored.
                     let t = t0 + i.min(m - 1);
-                    // SAFETY: row i of cbuf; block (t, b) of q8.
-                    let (isum, dx) = unsafe {
-                        (_mm512_load_si512(cbuf.0.as_ptr().add(64 * i).cast()), q8.get_unchecked(t * nb + b).d)
-                    };
+                    // SAFETY: row i of the C buffer; block (t, b) of q8.
+                    let (isum, dx) = unsafe { (_mm512_load_si512(cb.add(64 * i).cast()), (*qp.add(t * nb + b)).d) };
                     *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), *a);
+                }
+                if b + 1 < nb {
+                    store(b + 1, &mut cbuf);
                 }
             }
             for (i, a) in acc.iter().enumerate().take(m) {
@@ -227,7 +251,15 @@ pub(crate) mod x86 {
                 unsafe { _mm512_storeu_ps(out.add((t0 + i) * ld), *a) };
             }
         }
-        // SAFETY: returns the tiles to their initial state so context switches do not save 8 KiB of tile data.
+    }
+
+    /// Returns the tiles to their initial state, so context switches do not save 8 KiB of tile data. Once per task
+    /// (not per group: a release costs more than a configuration).
+    ///
+    /// # Safety
+    /// [`has_amx`] returned true.
+    pub(crate) unsafe fn release() {
+        // SAFETY: guaranteed by the caller.
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     }
 }

@@ -30,6 +30,61 @@ pub(super) fn has_avx512() -> bool {
 
 use moestream_quant::ggml::scale_min_k4;
 
+use super::Q8Block;
+
+/// AVX-512 form of `quantize_q8_scalar`, bit for bit: the same `v·(1/d)` products, the same half-away rounding
+/// (truncate, then step by the exact remainder), `xsum` reduced in the same pairwise order.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL; `x.len() == 32·out.len()` and `out.len()` is a multiple of `group`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn quantize_q8_avx512(x: &[f32], out: &mut [Q8Block], group: usize) {
+    use std::arch::x86_64::*;
+    debug_assert_eq!(x.len(), 32 * out.len());
+    for (bs, xs) in out.chunks_mut(group).zip(x.chunks(32 * group)) {
+        let mut m = _mm512_setzero_ps();
+        for v in xs.chunks_exact(16) {
+            // SAFETY: 16 floats.
+            m = _mm512_max_ps(m, _mm512_abs_ps(unsafe { _mm512_loadu_ps(v.as_ptr()) }));
+        }
+        let amax = _mm512_reduce_max_ps(m);
+        let d = amax / 127.0;
+        let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+        let idv = _mm512_set1_ps(id);
+        for (b, xb) in bs.iter_mut().zip(xs.chunks_exact(32)) {
+            // SAFETY: 32 floats.
+            let (lo, hi) = unsafe { (_mm512_loadu_ps(xb.as_ptr()), _mm512_loadu_ps(xb.as_ptr().add(16))) };
+            let round = |v: __m512| {
+                let r = _mm512_mul_ps(v, idv);
+                let t = _mm512_cvttps_epi32(r);
+                let f = _mm512_sub_ps(r, _mm512_cvtepi32_ps(t));
+                let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(f, _mm512_set1_ps(0.5));
+                let down = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(f, _mm512_set1_ps(-0.5));
+                let t = _mm512_mask_add_epi32(t, up, t, _mm512_set1_epi32(1));
+                _mm512_mask_sub_epi32(t, down, t, _mm512_set1_epi32(1))
+            };
+            let (ql, qh) = (round(lo), round(hi));
+            // SAFETY: qs is 32 bytes; each store writes 16.
+            unsafe {
+                _mm_storeu_si128(b.qs.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(ql));
+                _mm_storeu_si128(b.qs.as_mut_ptr().add(16).cast(), _mm512_cvtepi32_epi8(qh));
+            }
+            b.qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(ql, qh));
+            // x[i] + x[i+16], then halves: 8, 4, 2, 1 (the scalar reference's order).
+            let s = _mm512_add_ps(lo, hi);
+            let s = _mm256_add_ps(
+                _mm512_castps512_ps256(s),
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(s))),
+            );
+            let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+            b.d = d;
+            b.xsum = _mm_cvtss_f32(s);
+        }
+    }
+}
+
 /// Every f16 bit pattern as f32 (256 KiB, built at compile time), for block scales: ggml's approach. F16C's
 /// one-lane `vcvtph2ps` is lowered by LLVM into a false dependency on the accumulator (measured: q8 Q8_0 gemv at
 /// 6.8 GB/s instead of 14), and the branchy integer decoder costs ~10 ops per block.
