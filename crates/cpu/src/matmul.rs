@@ -256,6 +256,29 @@ fn with_q8<R>(enabled: bool, x: &[f32], cols: usize, e: Encoding, f: impl FnOnce
     })
 }
 
+thread_local! {
+    /// Per calling thread, like [`Q8_SCRATCH`]: the AMX activation tiles of the current `gemm`.
+    static TILE_SCRATCH: RefCell<Vec<packed::ATile>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with `n` tokens' q8 blocks (`nb` per token) regrouped as AMX activation tiles.
+fn with_tiles<R>(q8: &[Q8Block], n: usize, nb: usize, f: impl FnOnce(&[packed::ATile]) -> R) -> R {
+    let need = n.div_ceil(GROUP) * nb;
+    TILE_SCRATCH.with(|cell| {
+        let Ok(mut v) = cell.try_borrow_mut() else {
+            // Re-entered on this thread (no caller does today): a buffer of its own rather than a panic.
+            let mut v = vec![packed::ATile::ZERO; need];
+            packed::pack_tiles(q8, n, nb, &mut v);
+            return f(&v);
+        };
+        if v.len() < need {
+            v.resize(need, packed::ATile::ZERO);
+        }
+        packed::pack_tiles(q8, n, nb, &mut v[..need]);
+        f(&v[..need])
+    })
+}
+
 /// The q8 blocks of vector `i` of a batch of `cols`-long vectors (empty stays empty).
 fn q8_part(q8: &[Q8Block], cols: usize, i: usize) -> &[Q8Block] {
     if q8.is_empty() { q8 } else { &q8[i * cols / 32..(i + 1) * cols / 32] }
@@ -563,14 +586,34 @@ impl Dispatch {
         if w.encoding == Encoding::Q4_0x16 {
             with_q8(self.q8(), x, w.cols, w.encoding, |q8| {
                 let (groups, per) = (w.rows / GROUP, groups_per_task(per));
+                #[cfg(target_arch = "x86_64")]
+                if self.amx && !q8.is_empty() {
+                    return with_tiles(q8, n, w.cols / 32, |tiles| {
+                        pool.run(groups.div_ceil(per), &|t| {
+                            // SAFETY: `amx` is only set when `has_amx` held; configured before and released after
+                            // this task's groups, each a whole group of the validated view; `tiles` holds the n
+                            // tokens; rows of this task's groups belong to it alone.
+                            unsafe {
+                                packed::x86::configure();
+                                let band = t * per..((t + 1) * per).min(groups);
+                                for gi in band {
+                                    packed::x86::gemm16(
+                                        group(w, gi),
+                                        w.cols / 32,
+                                        tiles,
+                                        n,
+                                        out.at(GROUP * gi),
+                                        w.rows,
+                                    );
+                                }
+                                packed::x86::release();
+                            }
+                        })
+                    });
+                }
                 pool.run(groups.div_ceil(per), &|t| {
                     for gi in t * per..((t + 1) * per).min(groups) {
                         self.group_gemm(group(w, gi), w.cols, x, q8, n, out, w.rows, GROUP * gi);
-                    }
-                    #[cfg(target_arch = "x86_64")]
-                    if self.amx && !q8.is_empty() {
-                        // SAFETY: `amx` is only set when `has_amx` held.
-                        unsafe { packed::x86::release() };
                     }
                 })
             });
@@ -921,8 +964,8 @@ impl Dispatch {
         }
     }
 
-    /// One `Q4_0x16` group × `n` tokens (`x`, `q8`: the call's activations), written to `out[t·ld + r0 + i]`.
-    /// AMX when the table has it, else one group dot per token: the same values either way.
+    /// One `Q4_0x16` group × `n` tokens (`x`, `q8`: the call's activations), written to `out[t·ld + r0 + i]`, one
+    /// group dot per token (the AMX path in `gemm` gives the same values).
     #[allow(clippy::too_many_arguments)]
     fn group_gemm(
         &self,
@@ -935,13 +978,6 @@ impl Dispatch {
         ld: usize,
         r0: usize,
     ) {
-        #[cfg(target_arch = "x86_64")]
-        if self.amx && !q8.is_empty() {
-            // SAFETY: `amx` is only set when `has_amx` held; `g` is a whole group of `cols / 32` block columns,
-            // `q8` holds n tokens' blocks, and rows r0..r0+16 of every token's output belong to this task.
-            unsafe { packed::x86::gemm16(g, cols / 32, q8, n, out.0.add(r0), ld) };
-            return;
-        }
         let mut r = [0f32; GROUP];
         for t in 0..n {
             let act = Act { x: &x[t * cols..(t + 1) * cols], q8: q8_part(q8, cols, t) };
@@ -1193,6 +1229,12 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
+    /// The address of element `i` (for kernels that write strided runs themselves).
+    #[inline]
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+
     /// # Safety
     /// `i` is in bounds of the buffer and no other task touches element `i` during the run.
     #[inline]

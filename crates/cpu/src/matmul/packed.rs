@@ -59,13 +59,41 @@ pub(crate) fn dot16_f32(g: &[u8], x: &[f32], out: &mut [f32; GROUP]) {
     *out = acc;
 }
 
+/// One AMX A tile's worth of activations: 16 tokens' codes of one 32-block, rows 32 bytes apart and 64-byte
+/// aligned (a tile load from a token-major `Q8Block` array reads 16 misaligned rows 44·nb bytes apart, measured
+/// at twice the cost of the tile op itself), and their 16 scales. Rows past the last token are zero.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub(crate) struct ATile {
+    qs: [[i8; 32]; GROUP],
+    d: [f32; GROUP],
+}
+
+impl ATile {
+    pub(crate) const ZERO: ATile = ATile { qs: [[0; 32]; GROUP], d: [0.0; GROUP] };
+}
+
+/// Regroups `n` tokens' q8 blocks (`n × nb`, token-major) into `ceil(n/16) × nb` tiles, tile-major then block.
+/// `out` holds at least that many tiles.
+pub(crate) fn pack_tiles(q8: &[Q8Block], n: usize, nb: usize, out: &mut [ATile]) {
+    for (tt, tiles) in out.chunks_exact_mut(nb).take(n.div_ceil(GROUP)).enumerate() {
+        for (b, tile) in tiles.iter_mut().enumerate() {
+            for i in 0..GROUP {
+                let t = tt * GROUP + i;
+                let (qs, d) = if t < n { (q8[t * nb + b].qs, q8[t * nb + b].d) } else { ([0; 32], 0.0) };
+                (tile.qs[i], tile.d[i]) = (qs, d);
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     use std::arch::asm;
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
-    use super::{GROUP, GROUP_BLOCK, Q8Block};
+    use super::{ATile, GROUP, GROUP_BLOCK, Q8Block};
 
     /// AVX-512 VNNI: 16 rows × one token. Same contract and result as [`super::dot16_scalar`].
     ///
@@ -138,22 +166,33 @@ pub(crate) mod x86 {
     }
 
     /// The 64-byte tile configuration, palette 1, two sets used alternately by consecutive blocks (so one block's
-    /// tile op runs while the previous block's sums are scaled): tmm0/tmm3 = C (m tokens × 16 i32), tmm1/tmm4 = A
-    /// (m tokens × 32 codes), tmm2/tmm5 = B (8 rows of 16 columns × 4 codes).
+    /// tile op runs while the previous block's sums are scaled): tmm0/tmm3 = C (16 tokens × 16 i32), tmm1/tmm4 = A
+    /// (16 tokens × 32 codes), tmm2/tmm5 = B (8 rows of 16 columns × 4 codes).
     #[repr(C, align(64))]
     struct TileCfg([u8; 64]);
 
-    impl TileCfg {
-        fn new(m: usize) -> TileCfg {
-            let mut c = [0u8; 64];
-            c[0] = 1;
-            let shapes = [(64u16, m as u8), (32, m as u8), (64, 8)];
-            for (i, (colsb, rows)) in shapes.into_iter().chain(shapes).enumerate() {
-                c[16 + 2 * i..18 + 2 * i].copy_from_slice(&colsb.to_le_bytes());
-                c[48 + i] = rows;
-            }
-            TileCfg(c)
+    const CFG: TileCfg = {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let shapes = [(64u16, 16u8), (32, 16), (64, 8)];
+        let mut i = 0;
+        while i < 6 {
+            let (colsb, rows) = shapes[i % 3];
+            c[16 + 2 * i] = colsb as u8;
+            c[17 + 2 * i] = (colsb >> 8) as u8;
+            c[48 + i] = rows;
+            i += 1;
         }
+        TileCfg(c)
+    };
+
+    /// Loads the tile configuration [`gemm16`] expects. Once per task, before its first `gemm16`.
+    ///
+    /// # Safety
+    /// [`has_amx`] returned true.
+    pub(crate) unsafe fn configure() {
+        // SAFETY: a valid palette-1 configuration; the process holds the tile permission (`has_amx`).
+        unsafe { asm!("ldtilecfg [{0}]", in(reg) CFG.0.as_ptr(), options(nostack, readonly)) };
     }
 
     #[repr(C, align(64))]
@@ -178,77 +217,89 @@ pub(crate) mod x86 {
         }
     }
 
-    /// AMX: 16 rows of group `g` (`nb` block columns) × `n` tokens (`q8`: `n × nb` blocks, token-major), 16 tokens
-    /// per tile. Writes `out[t·ld .. t·ld + 16]` for each token `t`. Bit-identical per (row, token) to
+    /// AMX: 16 rows of group `g` (`nb` block columns) × `n` tokens given as [`ATile`]s (`ceil(n/16) × nb`, from
+    /// `pack_tiles`). Writes `out[t·ld .. t·ld + 16]` for each token `t < n`. Bit-identical per (row, token) to
     /// [`super::dot16_scalar`]: the tile op yields each block's exact integer sum, and the scale is applied per
-    /// block in the same order. Leaves the tiles configured; the caller ends its task with [`release`].
+    /// block in the same order.
     ///
     /// # Safety
-    /// [`has_amx`] returned true; `g` holds `nb` block columns; `q8.len() == n·nb`; `out` may be written at
-    /// `t·ld + i` for `t < n`, `i < 16`, and nobody else touches those floats during the call (other tasks write
-    /// the floats in between, which is why this is a pointer and not a slice).
+    /// [`has_amx`] returned true and [`configure`] ran on this thread since its last [`release`]; `g` holds `nb`
+    /// block columns; `tiles` holds `ceil(n/16)·nb` tiles; `out` may be written at `t·ld + i` for `t < n`,
+    /// `i < 16`, and nobody else touches those floats during the call (other tasks write the floats in between,
+    /// which is why this is a pointer and not a slice).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    pub(crate) unsafe fn gemm16(g: &[u8], nb: usize, q8: &[Q8Block], n: usize, out: *mut f32, ld: usize) {
-        debug_assert!(g.len() >= nb * GROUP_BLOCK && q8.len() == n * nb);
-        let mut bbuf = [Buf::<512>([0; 512]), Buf::<512>([0; 512])];
+    pub(crate) unsafe fn gemm16(g: &[u8], nb: usize, tiles: &[ATile], n: usize, out: *mut f32, ld: usize) {
+        debug_assert!(g.len() >= nb * GROUP_BLOCK && tiles.len() >= n.div_ceil(GROUP) * nb);
+        // B tiles are unpacked a chunk of columns ahead of their tile loads: a tile load right after the vector
+        // stores that wrote its buffer waits for them to reach L1 (measured: most of the kernel's time).
+        const CHUNK: usize = 64;
+        let mut bbuf = Buf::<{ 512 * CHUNK }>([0; 512 * CHUNK]);
         let mut cbuf = [Buf::<1024>([0; 1024]), Buf::<1024>([0; 1024])];
-        let stride = nb * size_of::<Q8Block>();
-        let (gp, qp) = (g.as_ptr(), q8.as_ptr());
-        for t0 in (0..n).step_by(16) {
-            let m = (n - t0).min(16);
-            let cfg = TileCfg::new(m);
-            // SAFETY: a valid palette-1 configuration; the process holds the tile permission (`has_amx`).
-            unsafe { asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
-            // Issue block b's tile op into set b % 2 (not stored yet).
-            // SAFETY (both closures' asm): A reads m rows of 32 bytes at `stride` from token t0's block b (inside
-            // `q8`); B reads a 512-byte buffer; the shapes match the configuration.
-            let issue = |b: usize, bbuf: &mut [Buf<512>; 2]| unsafe {
-                let bb = bbuf[b % 2].0.as_mut_ptr();
-                unpack_b(gp.add(b * GROUP_BLOCK), bb);
-                let a = qp.add(t0 * nb + b).cast::<u8>();
-                if b.is_multiple_of(2) {
-                    asm!("tilezero tmm0", "tileloadd tmm1, [{a} + {sa}*1]", "tileloadd tmm2, [{b} + {sb}*1]",
-                        "tdpbssd tmm0, tmm1, tmm2", a = in(reg) a, sa = in(reg) stride, b = in(reg) bb,
-                        sb = in(reg) 64usize, options(nostack));
-                } else {
-                    asm!("tilezero tmm3", "tileloadd tmm4, [{a} + {sa}*1]", "tileloadd tmm5, [{b} + {sb}*1]",
-                        "tdpbssd tmm3, tmm4, tmm5", a = in(reg) a, sa = in(reg) stride, b = in(reg) bb,
-                        sb = in(reg) 64usize, options(nostack));
-                }
-            };
-            // SAFETY: stores set b % 2's C tile (m rows of 64 bytes) into its buffer.
-            let store = |b: usize, cbuf: &mut [Buf<1024>; 2]| unsafe {
-                let c = cbuf[b % 2].0.as_mut_ptr();
-                if b.is_multiple_of(2) {
-                    asm!("tilestored [{c} + {s}*1], tmm0", c = in(reg) c, s = in(reg) 64usize, options(nostack));
-                } else {
-                    asm!("tilestored [{c} + {s}*1], tmm3", c = in(reg) c, s = in(reg) 64usize, options(nostack));
-                }
-            };
-            let mut acc = [_mm512_setzero_ps(); 16];
-            issue(0, &mut bbuf);
-            store(0, &mut cbuf);
-            for b in 0..nb {
-                if b + 1 < nb {
-                    issue(b + 1, &mut bbuf);
-                }
-                // SAFETY: the column's 16 f16 scales.
-                let dw = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(gp.add(b * GROUP_BLOCK).cast()) });
-                let cb = cbuf[b % 2].0.as_ptr();
-                for (i, a) in acc.iter_mut().enumerate() {
-                    // Rows past m hold stale sums; their results are never stored.
-                    let t = t0 + i.min(m - 1);
-                    // SAFETY: row i of the C buffer; block (t, b) of q8.
-                    let (isum, dx) = unsafe { (_mm512_load_si512(cb.add(64 * i).cast()), (*qp.add(t * nb + b)).d) };
-                    *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), *a);
-                }
-                if b + 1 < nb {
-                    store(b + 1, &mut cbuf);
-                }
+        let gp = g.as_ptr();
+        for c0 in (0..nb).step_by(CHUNK) {
+            let cn = CHUNK.min(nb - c0);
+            for j in 0..cn {
+                // SAFETY: column c0 + j < nb of the group; slot j of the chunk buffer.
+                unsafe { unpack_b(gp.add((c0 + j) * GROUP_BLOCK), bbuf.0.as_mut_ptr().add(512 * j)) };
             }
-            for (i, a) in acc.iter().enumerate().take(m) {
-                // SAFETY: token t0 + i < n's 16 floats, which the caller lends us.
-                unsafe { _mm512_storeu_ps(out.add((t0 + i) * ld), *a) };
+            for (tt, row) in tiles.chunks_exact(nb).take(n.div_ceil(GROUP)).enumerate() {
+                let live = (n - tt * GROUP).min(GROUP);
+                // Issue column c0 + j's tile op into set j % 2 (not stored yet).
+                // SAFETY (both closures' asm): A is a whole aligned tile of `row`, B one of the chunk's unpacked
+                // tiles, the shapes are the configured ones.
+                let issue = |j: usize| unsafe {
+                    let bb = bbuf.0.as_ptr().add(512 * j);
+                    let a = row[c0 + j].qs.as_ptr();
+                    if j.is_multiple_of(2) {
+                        asm!("tilezero tmm0", "tileloadd tmm1, [{a} + {sa}*1]", "tileloadd tmm2, [{b} + {sb}*1]",
+                            "tdpbssd tmm0, tmm1, tmm2", a = in(reg) a, sa = in(reg) 32usize, b = in(reg) bb,
+                            sb = in(reg) 64usize, options(nostack));
+                    } else {
+                        asm!("tilezero tmm3", "tileloadd tmm4, [{a} + {sa}*1]", "tileloadd tmm5, [{b} + {sb}*1]",
+                            "tdpbssd tmm3, tmm4, tmm5", a = in(reg) a, sa = in(reg) 32usize, b = in(reg) bb,
+                            sb = in(reg) 64usize, options(nostack));
+                    }
+                };
+                // SAFETY: stores set j % 2's C tile (16 rows of 64 bytes) into its buffer.
+                let store = |j: usize, cbuf: &mut [Buf<1024>; 2]| unsafe {
+                    let c = cbuf[j % 2].0.as_mut_ptr();
+                    if j.is_multiple_of(2) {
+                        asm!("tilestored [{c} + {s}*1], tmm0", c = in(reg) c, s = in(reg) 64usize, options(nostack));
+                    } else {
+                        asm!("tilestored [{c} + {s}*1], tmm3", c = in(reg) c, s = in(reg) 64usize, options(nostack));
+                    }
+                };
+                // The running sums carry over from the previous chunk through `out` (same values, same order).
+                let mut acc = [_mm512_setzero_ps(); 16];
+                if c0 > 0 {
+                    for (i, a) in acc.iter_mut().enumerate().take(live) {
+                        // SAFETY: token tt·16 + i < n's 16 floats, written by the previous chunk.
+                        *a = unsafe { _mm512_loadu_ps(out.add((tt * GROUP + i) * ld)) };
+                    }
+                }
+                issue(0);
+                store(0, &mut cbuf);
+                for j in 0..cn {
+                    if j + 1 < cn {
+                        issue(j + 1);
+                    }
+                    // SAFETY: column c0 + j's 16 f16 scales.
+                    let dw = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(gp.add((c0 + j) * GROUP_BLOCK).cast()) });
+                    let cb = cbuf[j % 2].0.as_ptr();
+                    let dx = &row[c0 + j].d;
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        // SAFETY: row i of the C buffer.
+                        let isum = unsafe { _mm512_load_si512(cb.add(64 * i).cast()) };
+                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(dx[i])), *a);
+                    }
+                    if j + 1 < cn {
+                        store(j + 1, &mut cbuf);
+                    }
+                }
+                for (i, a) in acc.iter().enumerate().take(live) {
+                    // SAFETY: token tt·16 + i < n's 16 floats, which the caller lends us.
+                    unsafe { _mm512_storeu_ps(out.add((tt * GROUP + i) * ld), *a) };
+                }
             }
         }
     }
@@ -321,7 +372,7 @@ mod tests {
             return;
         }
         let amx = x86::has_amx();
-        for (nb, n) in [(1, 1), (2, 5), (3, 16), (7, 17), (64, 33), (5, 40)] {
+        for (nb, n) in [(1, 1), (2, 5), (3, 16), (7, 17), (64, 33), (5, 40), (65, 3), (130, 18)] {
             let (g, q8, _) = case(nb, n, (nb * 100 + n) as u64);
             let mut want = vec![0f32; n * GROUP];
             for t in 0..n {
@@ -337,8 +388,14 @@ mod tests {
                 // Every other float of a wider output is the caller's: the kernel must leave it alone.
                 let ld = 2 * GROUP;
                 let mut got = vec![f32::NAN; n * ld];
-                // SAFETY: AMX granted; g holds nb columns, q8 n·nb blocks, got n rows of ld floats.
-                unsafe { x86::gemm16(&g, nb, &q8, n, got.as_mut_ptr(), ld) };
+                let mut tiles = vec![ATile::ZERO; n.div_ceil(GROUP) * nb];
+                pack_tiles(&q8, n, nb, &mut tiles);
+                // SAFETY: AMX granted; g holds nb columns, tiles the n tokens, got n rows of ld floats.
+                unsafe {
+                    x86::configure();
+                    x86::gemm16(&g, nb, &tiles, n, got.as_mut_ptr(), ld);
+                    x86::release();
+                }
                 for t in 0..n {
                     let row = &got[t * ld..(t + 1) * ld];
                     assert_eq!(
@@ -352,5 +409,35 @@ mod tests {
                 eprintln!("AMX part skipped: no AMX-INT8 or no tile permission");
             }
         }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod timing {
+    use super::*;
+
+    /// Not a test: `cargo test --release -p moestream-cpu --lib gemm16_timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn gemm16_timing() {
+        if !x86::has_amx() {
+            return;
+        }
+        let (nb, n): (usize, usize) = (64, 32);
+        let g = vec![0x5au8; nb * GROUP_BLOCK];
+        let tiles = vec![ATile::ZERO; n.div_ceil(GROUP) * nb];
+        let mut out = vec![0f32; n * GROUP];
+        let iters = 20_000;
+        let t = std::time::Instant::now();
+        // SAFETY: AMX granted; shapes as documented.
+        unsafe {
+            x86::configure();
+            for _ in 0..iters {
+                x86::gemm16(&g, nb, &tiles, n, out.as_mut_ptr(), GROUP);
+            }
+            x86::release();
+        }
+        let per = t.elapsed().as_secs_f64() / (iters * nb * n.div_ceil(GROUP)) as f64;
+        eprintln!("gemm16: {:.1} ns per 16x16x32 tile op", per * 1e9);
     }
 }
