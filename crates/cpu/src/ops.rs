@@ -1,4 +1,5 @@
-//! Elementwise and small-vector ops of the forward pass: RMSNorm, NeoX RoPE, softmax, SiLU, top-k.
+//! Elementwise and small-vector ops of the forward pass: RMSNorm, NeoX RoPE, softmax, SiLU, top-k (attention has
+//! its own module, `attention`).
 //!
 //! All in f32, written as plain loops the compiler vectorises; they are a few percent of a token's time next to
 //! the matmuls. They never allocate: tables (RoPE frequencies) and outputs are passed in.
@@ -92,90 +93,9 @@ pub fn top_k(x: &[f32], k: usize, idx: &mut [u32], val: &mut [f32]) {
     }
 }
 
-/// Causal attention of one query position over `n_pos` cached positions, all heads, GQA.
-///
-/// `q` is `n_heads × d`; `k_cache`/`v_cache` hold at least `n_pos` rows of `n_kv_heads × d`; `scores` has room
-/// for `n_pos`; `out` is `n_heads × d`. Query head h reads kv head `h / (n_heads / n_kv_heads)`.
-#[allow(clippy::too_many_arguments)]
-pub fn attend_one(
-    q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    n_pos: usize,
-    n_heads: usize,
-    n_kv_heads: usize,
-    d: usize,
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    for h in 0..n_heads {
-        attend_head(q, k_cache, v_cache, n_pos, h, n_heads, n_kv_heads, d, scale, scores, &mut out[h * d..(h + 1) * d]);
-    }
-}
-
-/// `Σ a·b` in 16 independent lanes, then the lanes summed: a plain `.sum()` is one serial chain of dependent adds
-/// (strict f32 order forbids LLVM to vectorize it), which made attention scores latency-bound in prefill.
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    let mut acc = [0f32; 16];
-    for (x, y) in ac.zip(bc) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// One head of [`attend_one`], so callers can spread heads over threads.
-#[allow(clippy::too_many_arguments)]
-pub fn attend_head(
-    q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    n_pos: usize,
-    h: usize,
-    n_heads: usize,
-    n_kv_heads: usize,
-    d: usize,
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    let kv = h / (n_heads / n_kv_heads);
-    let row = n_kv_heads * d;
-    let qh = &q[h * d..(h + 1) * d];
-    let scores = &mut scores[..n_pos];
-    for (p, s) in scores.iter_mut().enumerate() {
-        let kr = &k_cache[p * row + kv * d..p * row + (kv + 1) * d];
-        *s = dot(qh, kr) * scale;
-    }
-    softmax_inplace(scores);
-    out.fill(0.0);
-    for (p, &w) in scores.iter().enumerate() {
-        let vr = &v_cache[p * row + kv * d..p * row + (kv + 1) * d];
-        for (o, &v) in out.iter_mut().zip(vr) {
-            *o += w * v;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dot_matches_f64_reference_on_odd_lengths() {
-        for n in [0, 1, 15, 16, 17, 33, 128, 131] {
-            let a: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
-            let b: Vec<f32> = (0..n).map(|i| ((i * 53 % 13) as f32 - 6.0) * 0.7).collect();
-            let want: f64 = a.iter().zip(&b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
-            let mag: f64 = a.iter().zip(&b).map(|(&x, &y)| f64::from((x * y).abs())).sum();
-            assert!((f64::from(dot(&a, &b)) - want).abs() <= 1e-6 * mag.max(1.0), "n={n}");
-        }
-    }
 
     #[test]
     fn rmsnorm_unit_rms() {
@@ -208,16 +128,5 @@ mod tests {
         top_k(&x, 3, &mut i, &mut v);
         assert_eq!(i, [4, 1, 2]);
         assert_eq!(v, [0.9, 0.5, 0.5]);
-    }
-
-    #[test]
-    fn attention_over_one_position_returns_its_value() {
-        let q = [1.0f32; 8];
-        let k = [0.5f32; 4];
-        let v = [1.0f32, 2.0, 3.0, 4.0];
-        let mut s = [0f32; 1];
-        let mut o = [0f32; 8];
-        attend_one(&q, &k, &v, 1, 2, 1, 4, 0.5, &mut s, &mut o);
-        assert_eq!(o, [1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]);
     }
 }

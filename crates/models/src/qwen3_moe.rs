@@ -9,10 +9,9 @@
 //! with SwiGLU, then down with the router weights. Prefill groups the chunk's tokens by expert (as ggml's
 //! `mul_mat_id`) and runs one GEMM per expert, so each expert's bytes are walked once per chunk.
 
+use moestream_cpu::attention::{AttnDispatch, AttnShape};
 use moestream_cpu::gdn::{conv1d_silu_step, delta_rule_step, l2norm_inplace, rmsnorm_gated_inplace, sigmoid, softplus};
-use moestream_cpu::ops::{
-    attend_head, rmsnorm, rmsnorm_heads_inplace, rope_inv_freq, rope_neox, silu, softmax_inplace, top_k,
-};
+use moestream_cpu::ops::{rmsnorm, rmsnorm_heads_inplace, rope_inv_freq, rope_neox, silu, softmax_inplace, top_k};
 use moestream_cpu::{Dispatch, ThreadPool, WeightView, sum_parts};
 use moestream_format::{Architecture, LayerAttention, ModelConfig, TensorIndex};
 use std::sync::Mutex;
@@ -213,8 +212,8 @@ pub struct Session {
     trace: Option<Vec<u32>>,
     routing_reuse: RoutingReuse,
     /// KV cache of the full-attention layers, `[full layer][position][kv heads × d]`.
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: LineAlignedF32,
+    v: LineAlignedF32,
     /// Gated DeltaNet state of the linear layers: conv history `[linear layer][C][K−1]` and the recurrent state
     /// `[linear layer][value head][dk][dv]`, f32. Part of the conversation, like the KV cache.
     conv_state: Vec<f32>,
@@ -641,8 +640,8 @@ impl Qwen3Moe {
             expert_counts: vec![0; c.num_layers * c.num_experts],
             trace: None,
             routing_reuse: RoutingReuse::default(),
-            k: vec![0.0; n_full * capacity * kvd],
-            v: vec![0.0; n_full * capacity * kvd],
+            k: LineAlignedF32::zeroed(n_full * capacity * kvd),
+            v: LineAlignedF32::zeroed(n_full * capacity * kvd),
             conv_state: vec![0.0; n_lin * conv_ch * kern.saturating_sub(1)],
             rec_state: vec![0.0; n_lin * hv * dkv],
             kvd,
@@ -845,20 +844,25 @@ impl Qwen3Moe {
             sess.v[at..at + kvd].copy_from_slice(&s.vv[t * kvd..(t + 1) * kvd]);
         }
         {
-            let scale = 1.0 / (d as f32).sqrt();
+            let shape = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: d, scale: 1.0 / (d as f32).sqrt() };
+            let kernels = AttnDispatch::best();
             let kc = &sess.k[kbase..kbase + cap * kvd];
             let vc = &sess.v[kbase..kbase + cap * kvd];
             let q = &s.q;
-            // One task per head, each walking the chunk's tokens in order, so each task owns one scores row.
+            let hb = heads_per_task(shape.group(), nh, self.pool.n_threads());
+            // One task per block of `hb` query heads of one kv head, each walking the chunk's tokens in order;
+            // a head's result does not depend on `hb`, so neither does anything downstream.
             let scores = SharedMut::new(&mut s.scores);
             let attn = SharedMut::new(&mut s.attn);
-            self.pool.run(nh, &|hd| {
-                // SAFETY: head `hd` owns scores row `hd` and the `hd` column block of every attn row; no
+            self.pool.run(nh / hb, &|task| {
+                let h0 = task * hb;
+                // SAFETY: task `task` owns scores rows `h0..h0 + hb` and that column block of every attn row; no
                 // other task writes them.
-                let sc = unsafe { scores.slice(hd * cap, cap) };
+                let sc = unsafe { scores.slice(h0 * cap, hb * cap) };
                 for t in 0..n {
-                    let o = unsafe { attn.slice(t * qd + hd * d, d) };
-                    attend_head(&q[t * qd..(t + 1) * qd], kc, vc, pos0 + t + 1, hd, nh, nkv, d, scale, sc, o);
+                    let o = unsafe { attn.slice(t * qd + h0 * d, hb * d) };
+                    let qt = &q[t * qd..(t + 1) * qd];
+                    kernels.attend(&shape, qt, kc, vc, pos0 + t + 1, h0..h0 + hb, sc, o);
                 }
             });
         }
@@ -1274,6 +1278,48 @@ impl Qwen3Moe {
             }
         }
         Ok(())
+    }
+}
+
+/// Query heads per attention task: the largest divisor of the GQA group size that still leaves 4 tasks per
+/// thread (so a slow or shared core does not hold up the layer), since heads of one task share every K/V row
+/// load.
+fn heads_per_task(group: usize, n_heads: usize, threads: usize) -> usize {
+    (1..=group).rev().find(|&hb| group.is_multiple_of(hb) && n_heads / hb >= 4 * threads).unwrap_or(1)
+}
+
+/// Zeroed f32 storage starting on a 64-byte boundary. For the KV cache: a row is `kv heads × d` floats (a
+/// multiple of 64 bytes for every head dim of 16·k), so each kv head's slice of a row then starts on a cache line
+/// and the attention kernels' 64-byte loads never straddle two (a `Vec<f32>` of this size comes from `mmap` at
+/// 16 bytes past a page, and split loads halved the AVX-512 kernel's L1 throughput).
+struct LineAlignedF32 {
+    lines: Vec<CacheLine>,
+    len: usize,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct CacheLine([f32; 16]);
+
+impl LineAlignedF32 {
+    fn zeroed(len: usize) -> Self {
+        LineAlignedF32 { lines: vec![CacheLine([0.0; 16]); len.div_ceil(16)], len }
+    }
+}
+
+impl std::ops::Deref for LineAlignedF32 {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // SAFETY: `CacheLine` is 16 f32s with no padding, so `lines` holds `16 · lines.len() ≥ len` initialised
+        // f32s, contiguous and suitably aligned.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for LineAlignedF32 {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as `deref`, through the unique borrow of `lines`.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.len) }
     }
 }
 
