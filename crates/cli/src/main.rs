@@ -176,6 +176,10 @@ struct EngineArgs {
     /// AVX-512 VNNI / AMX kernels (for comparison; same values, summed in another order).
     #[arg(long)]
     no_pack: bool,
+    /// Prompt tokens per prefill pass: each pass reads every expert its tokens use once, so longer passes give
+    /// the int8 GEMMs more tokens per expert; the session's scratch grows with it.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    prefill_chunk: u32,
     /// Expert cache size: `all` (every expert resident) or a byte budget such as `6GiB`, `512MiB`, split evenly
     /// over the MoE layers. The minimum is top-k slots per layer.
     #[arg(long, default_value = "all")]
@@ -231,6 +235,7 @@ impl EngineArgs {
         opts.top_k = self.top_k;
         opts.q8_activations = self.q8_activations;
         opts.pack_q4_0 = !self.no_pack;
+        opts.prefill_chunk = self.prefill_chunk as usize;
         let env_off = |name: &str| std::env::var(name).is_ok_and(|v| matches!(v.trim(), "0" | "false" | "no" | "off"));
         opts.moe_kernels = moestream_models::MoeKernels {
             stacked: !(self.no_stacked || env_off("MLX_MOE_STACKED")),
