@@ -256,12 +256,14 @@ fn with_q8<R>(enabled: bool, x: &[f32], cols: usize, e: Encoding, f: impl FnOnce
     })
 }
 
+#[cfg(target_arch = "x86_64")]
 thread_local! {
     /// Per calling thread, like [`Q8_SCRATCH`]: the AMX activation tiles of the current `gemm`.
     static TILE_SCRATCH: RefCell<Vec<packed::ATile>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` with `n` tokens' q8 blocks (`nb` per token) regrouped as AMX activation tiles.
+#[cfg(target_arch = "x86_64")]
 fn with_tiles<R>(q8: &[Q8Block], n: usize, nb: usize, f: impl FnOnce(&[packed::ATile]) -> R) -> R {
     let need = n.div_ceil(GROUP) * nb;
     TILE_SCRATCH.with(|cell| {
@@ -404,21 +406,22 @@ impl Dispatch {
     /// VNNI; NEON needs `dotprod` for `sdot`). There is no scalar q8 table: the f32 reference is what q8 is
     /// checked against.
     pub fn new_q8(isa: Isa) -> Option<Dispatch> {
-        let mut dot16: Option<Dot16> = None;
-        let mut amx = false;
-        let (row_dot, tile, rows4): (RowDot, Option<TileDot>, Option<Rows4Dot>) = match isa {
+        type Q8Table = (RowDot, Option<TileDot>, Option<Rows4Dot>, Option<Dot16>, bool);
+        let (row_dot, tile, rows4, dot16, amx): Q8Table = match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 if x86::has_avx2() => {
-                (x86::avx2::row_dot_q8, Some(x86::avx2::tile_q8), Some(x86::avx2::rows4_q8))
+                (x86::avx2::row_dot_q8, Some(x86::avx2::tile_q8), Some(x86::avx2::rows4_q8), None, false)
             }
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 if x86::has_avx512_vnni() => {
-                dot16 = Some(packed::x86::dot16);
-                amx = packed::x86::has_amx();
-                (x86::avx512::row_dot_q8, Some(x86::avx512::tile_q8), Some(x86::avx512::rows4_q8))
-            }
+            Isa::Avx512 if x86::has_avx512_vnni() => (
+                x86::avx512::row_dot_q8,
+                Some(x86::avx512::tile_q8),
+                Some(x86::avx512::rows4_q8),
+                Some(packed::x86::dot16),
+                packed::x86::has_amx(),
+            ),
             #[cfg(target_arch = "aarch64")]
-            Isa::Neon if arm::has_dotprod() => (arm::row_dot_q8, None, None),
+            Isa::Neon if arm::has_dotprod() => (arm::row_dot_q8, None, None, None, false),
             _ => return None,
         };
         Some(Dispatch { isa, activations: Activations::Q8, row_dot, tile, rows4, dot16, amx })
@@ -1230,6 +1233,7 @@ unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// The address of element `i` (for kernels that write strided runs themselves).
+    #[cfg(target_arch = "x86_64")]
     #[inline]
     fn at(self, i: usize) -> *mut f32 {
         self.0.wrapping_add(i)

@@ -62,6 +62,7 @@ pub(crate) fn dot16_f32(g: &[u8], x: &[f32], out: &mut [f32; GROUP]) {
 /// One AMX A tile's worth of activations: 16 tokens' codes of one 32-block, rows 32 bytes apart and 64-byte
 /// aligned (a tile load from a token-major `Q8Block` array reads 16 misaligned rows 44·nb bytes apart, measured
 /// at twice the cost of the tile op itself), and their 16 scales. Rows past the last token are zero.
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
 pub(crate) struct ATile {
@@ -69,12 +70,14 @@ pub(crate) struct ATile {
     d: [f32; GROUP],
 }
 
+#[cfg(target_arch = "x86_64")]
 impl ATile {
     pub(crate) const ZERO: ATile = ATile { qs: [[0; 32]; GROUP], d: [0.0; GROUP] };
 }
 
 /// Regroups `n` tokens' q8 blocks (`n × nb`, token-major) into `ceil(n/16) × nb` tiles, tile-major then block.
 /// `out` holds at least that many tiles.
+#[cfg(target_arch = "x86_64")]
 pub(crate) fn pack_tiles(q8: &[Q8Block], n: usize, nb: usize, out: &mut [ATile]) {
     for (tt, tiles) in out.chunks_exact_mut(nb).take(n.div_ceil(GROUP)).enumerate() {
         for (b, tile) in tiles.iter_mut().enumerate() {
