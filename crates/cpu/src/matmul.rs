@@ -374,7 +374,7 @@ pub struct Dispatch {
 
 /// A `Q4_0x16` group kernel: 16 rows × one token's q8 blocks. Safety contract: the group comes from a validated
 /// view, the q8 blocks are the token's (one per block column), and the CPU supports the kernel.
-type Dot16 = unsafe fn(&[u8], &[Q8Block], &mut [f32; GROUP]);
+type Dot16 = unsafe fn(&[u8], &[Q8Block], &mut [f32; GROUP], *const u8);
 
 impl std::fmt::Debug for Dispatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -528,7 +528,7 @@ impl Dispatch {
                 pool.run(groups.div_ceil(per), &|t| {
                     let mut r = [0f32; GROUP];
                     for gi in t * per..((t + 1) * per).min(groups) {
-                        self.group_dot(group(w, gi), &act, &mut r);
+                        self.group_dot(group(w, gi), group_ptr(w, gi + 1), &act, &mut r);
                         for (i, &v) in r.iter().enumerate() {
                             // SAFETY: 16·gi + i < rows = y.len(); group gi belongs to this task only.
                             unsafe { out.write(GROUP * gi + i, v) };
@@ -584,7 +584,9 @@ impl Dispatch {
         if n == 0 {
             return Ok(());
         }
-        let per = rows_per_task(w.rows, row_cost(w), pool.n_threads());
+        // Compute-bound: tasks keep the 32 KiB of weights they had before decode's grew to TASK_BYTES (prefill
+        // gains nothing from longer streams, and balance is what matters there).
+        let per = rows_per_task(w.rows, TASK_BYTES / (32 << 10) * row_cost(w), pool.n_threads());
         let out = OutPtr(y.as_mut_ptr());
         if w.encoding == Encoding::Q4_0x16 {
             with_q8(self.q8(), x, w.cols, w.encoding, |q8| {
@@ -680,8 +682,9 @@ impl Dispatch {
                 let act = Act { x, q8 };
                 let half = inter / GROUP;
                 self.packed_swiglu(pool, slots.len(), inter, 2 * row_cost(first), out, &|j, gi, g, u| {
-                    self.group_dot(group(&slots[j], gi), &act, g);
-                    self.group_dot(group(&slots[j], half + gi), &act, u);
+                    let w = &slots[j];
+                    self.group_dot(group(w, gi), group_ptr(w, half + gi), &act, g);
+                    self.group_dot(group(w, half + gi), group_ptr(w, gi + 1), &act, u);
                 });
             });
             return Ok(());
@@ -731,8 +734,8 @@ impl Dispatch {
             with_q8(self.q8(), x, first.cols, first.encoding, |q8| {
                 let act = Act { x, q8 };
                 self.packed_swiglu(pool, gate.len(), inter, 2 * row_cost(first), out, &|j, gi, g, u| {
-                    self.group_dot(group(&gate[j], gi), &act, g);
-                    self.group_dot(group(&up[j], gi), &act, u);
+                    self.group_dot(group(&gate[j], gi), group_ptr(&up[j], gi), &act, g);
+                    self.group_dot(group(&up[j], gi), group_ptr(&gate[j], gi + 1), &act, u);
                 });
             });
             return Ok(());
@@ -831,7 +834,12 @@ impl Dispatch {
                         let mut acc = [0f32; GROUP];
                         for (j, (w, &wt)) in slots.iter().zip(weights).enumerate() {
                             let act = Act { x: &h[j * inter..(j + 1) * inter], q8: q8_part(q8, inter, j) };
-                            self.group_dot(group(w, gi), &act, &mut r);
+                            // The next strip is the next expert's, or the first expert's next group.
+                            let next = match slots.get(j + 1) {
+                                Some(n) => group_ptr(n, gi),
+                                None => group_ptr(&slots[0], gi + 1),
+                            };
+                            self.group_dot(group(w, gi), next, &act, &mut r);
                             for (a, &v) in acc.iter_mut().zip(&r) {
                                 *a += wt * v;
                             }
@@ -913,7 +921,7 @@ impl Dispatch {
                     let act = Act { x: &h[j * inter..(j + 1) * inter], q8: q8_part(q8, inter, j) };
                     let mut r = [0f32; GROUP];
                     for gi in c * per..((c + 1) * per).min(groups) {
-                        self.group_dot(group(&slots[j], gi), &act, &mut r);
+                        self.group_dot(group(&slots[j], gi), group_ptr(&slots[j], gi + 1), &act, &mut r);
                         for (i, &v) in r.iter().enumerate() {
                             // SAFETY: j·hidden + 16·gi + i < k·hidden = parts.len(); (j, gi) is this task's.
                             unsafe { dst.write(j * hidden + GROUP * gi + i, v) };
@@ -954,14 +962,15 @@ impl Dispatch {
 
     /// One `Q4_0x16` group (16 rows) · one token: the table's group kernel on q8 blocks, the scalar one when the
     /// table has none, exact f32 when activations are not quantized.
+    /// `next` is the group the caller computes after this one (a prefetch hint, see `packed::x86::dot16`).
     #[inline]
-    fn group_dot(&self, g: &[u8], act: &Act<'_>, out: &mut [f32; GROUP]) {
+    fn group_dot(&self, g: &[u8], next: *const u8, act: &Act<'_>, out: &mut [f32; GROUP]) {
         if act.q8.is_empty() {
             packed::dot16_f32(g, act.x, out);
         } else if let Some(k) = self.dot16 {
             // SAFETY: `g` is a whole group of a validated view and `act.q8` its token's blocks (one per block
-            // column); `Dispatch::new_q8` only sets `dot16` where the CPU supports it.
-            unsafe { k(g, act.q8, out) };
+            // column); `Dispatch::new_q8` only sets `dot16` where the CPU supports it. `next` is only prefetched.
+            unsafe { k(g, act.q8, out, next) };
         } else {
             packed::dot16_scalar(g, act.q8, out);
         }
@@ -984,7 +993,8 @@ impl Dispatch {
         let mut r = [0f32; GROUP];
         for t in 0..n {
             let act = Act { x: &x[t * cols..(t + 1) * cols], q8: q8_part(q8, cols, t) };
-            self.group_dot(g, &act, &mut r);
+            // The same group serves every token: prefetch past it, where the caller's next group usually is.
+            self.group_dot(g, g.as_ptr_range().end, &act, &mut r);
             for (i, &v) in r.iter().enumerate() {
                 // SAFETY: t·ld + r0 + i < n·ld = out's length; the group's rows are this task's.
                 unsafe { out.write(t * ld + r0 + i, v) };
@@ -1189,8 +1199,10 @@ fn row_cost(w: &WeightView) -> usize {
 }
 
 /// A task should stream at most this many weight bytes, so tasks balance across threads even when one thread is
-/// descheduled (cores are shared), ...
-const TASK_BYTES: usize = 32 << 10;
+/// descheduled (cores are shared), ... Not much less: a task is one prefetched stream (see `group_dot`'s `next`),
+/// and each new task starts cold. 32 → 128 KiB gave +6% decode with the prefetch running across groups; 64 KiB
+/// and 1 MiB were within noise of 128.
+const TASK_BYTES: usize = 128 << 10;
 /// ... and at least this many, so the claim (one atomic add) stays negligible next to the work.
 const MIN_TASK_BYTES: usize = 4 << 10;
 
@@ -1207,6 +1219,14 @@ fn rows_per_task(rows: usize, row_bytes: usize, threads: usize) -> usize {
 fn group<'a>(w: &WeightView<'a>, gi: usize) -> &'a [u8] {
     let gb = GROUP * w.encoding.row_bytes(w.cols).unwrap_or(0);
     &w.data[gi * gb..(gi + 1) * gb]
+}
+
+/// Where group `gi` of a `Q4_0x16` view starts, for prefetch hints only: past the view's end it points at
+/// whatever follows (never dereferenced, so any address will do).
+#[inline]
+fn group_ptr(w: &WeightView, gi: usize) -> *const u8 {
+    let gb = GROUP * w.encoding.row_bytes(w.cols).unwrap_or(0);
+    w.data.as_ptr().wrapping_add(gi * gb)
 }
 
 /// Whole groups per task for a row count per task.

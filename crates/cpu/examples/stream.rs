@@ -1,0 +1,78 @@
+//! Streaming rate of the packed (`Q4_0x16`) gemv against a plain summing loop over the same bytes, in one
+//! process and one time window: this machine's bandwidth drifts by ±20% between runs, so only the ratio of the
+//! two is comparable across runs. The working set (default 2 GiB) is far beyond the L3 (300 MiB here), which
+//! the 256 MiB `cold` case of `benches/matmul.rs` is not. The summing loop is built for the baseline target
+//! (SSE2) and reads less than `bench/membw.c` (`-march=native`), which stays the harness's bandwidth bound.
+//!
+//! `cargo run --release -p moestream-cpu --example stream -- [ROWS] [COLS] [MIB] [THREADS]`, defaults
+//! `1536 2048 2048 2` (a Qwen3-30B-A3B fused gate_up). `ISA=avx2-q8` picks another dispatch table.
+use std::time::Instant;
+
+use moestream_cpu::{Dispatch, ThreadPool, WeightView};
+use moestream_quant::{Encoding, GgmlType, ggml};
+
+fn arg(i: usize, default: usize) -> usize {
+    std::env::args().nth(i).and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    let (rows, cols, mib, threads) = (arg(1, 1536), arg(2, 2048), arg(3, 2048), arg(4, 2));
+    let isa = std::env::var("ISA").unwrap_or_else(|_| "avx512-q8".into());
+    let Some(d) = Dispatch::supported().find(|d| d.name() == isa) else {
+        eprintln!("dispatch table {isa} is not supported here");
+        std::process::exit(2);
+    };
+    if rows % 16 != 0 || cols % 32 != 0 {
+        eprintln!("rows must be a multiple of 16 and cols of 32 (got {rows} x {cols})");
+        std::process::exit(2);
+    }
+    let src: Vec<f32> = (0..rows * cols).map(|i| ((i as f32) * 0.618).sin()).collect();
+    let t = GgmlType::Q4_0;
+    let mut rowmajor = vec![0u8; t.row_bytes(cols).expect("row size") * rows];
+    ggml::quantize(t, &src, &mut rowmajor).expect("quantize");
+    let mut one = vec![0u8; rowmajor.len()];
+    moestream_quant::packed::pack_q4_0x16(&rowmajor, &mut one, rows, cols).expect("pack");
+    let copies = ((mib << 20) / one.len()).max(1);
+    let mut big = vec![0u8; copies * one.len()];
+    for c in big.chunks_exact_mut(one.len()) {
+        c.copy_from_slice(&one);
+    }
+    let views: Vec<WeightView> = big
+        .chunks_exact(one.len())
+        .map(|data| WeightView { encoding: Encoding::Q4_0x16, rows, cols, data, scales: &[], biases: &[] })
+        .collect();
+    let gbs = |dt: f64| big.len() as f64 / dt / 1e9;
+    for pass in 0..3 {
+        let t0 = Instant::now();
+        let chunk = big.len().div_ceil(threads.max(1));
+        let sum = std::thread::scope(|sc| {
+            let hs: Vec<_> = big
+                .chunks(chunk)
+                .map(|c| {
+                    sc.spawn(move || {
+                        c.chunks_exact(8)
+                            .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+                            .fold(0, u64::wrapping_add)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().expect("summing thread")).fold(0u64, u64::wrapping_add)
+        });
+        println!("sum  pass {pass}: {:6.2} GB/s (checksum {})", gbs(t0.elapsed().as_secs_f64()), sum & 0xff);
+    }
+    let pool = ThreadPool::new(threads);
+    let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mut y = vec![0f32; rows];
+    for pass in 0..3 {
+        let t0 = Instant::now();
+        for v in &views {
+            d.gemv(&pool, v, &x, &mut y).expect("valid view");
+        }
+        println!(
+            "gemv pass {pass}: {:6.2} GB/s ({}, {copies} x {} B)",
+            gbs(t0.elapsed().as_secs_f64()),
+            d.name(),
+            one.len()
+        );
+    }
+}
