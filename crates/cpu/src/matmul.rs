@@ -584,9 +584,7 @@ impl Dispatch {
         if n == 0 {
             return Ok(());
         }
-        // Compute-bound: tasks keep the 32 KiB of weights they had before decode's grew to TASK_BYTES (prefill
-        // gains nothing from longer streams, and balance is what matters there).
-        let per = rows_per_task(w.rows, TASK_BYTES / (32 << 10) * row_cost(w), pool.n_threads());
+        let per = rows_per_task_up_to(GEMM_TASK_BYTES, w.rows, row_cost(w), pool.n_threads());
         let out = OutPtr(y.as_mut_ptr());
         if w.encoding == Encoding::Q4_0x16 {
             with_q8(self.q8(), x, w.cols, w.encoding, |q8| {
@@ -1198,18 +1196,26 @@ fn row_cost(w: &WeightView) -> usize {
     w.encoding.row_bytes(w.cols).unwrap_or(0) + 2 * side_row_bytes(w.encoding, w.cols)
 }
 
-/// A task should stream at most this many weight bytes, so tasks balance across threads even when one thread is
-/// descheduled (cores are shared), ... Not much less: a task is one prefetched stream (see `group_dot`'s `next`),
-/// and each new task starts cold. 32 → 128 KiB gave +6% decode with the prefetch running across groups; 64 KiB
-/// and 1 MiB were within noise of 128.
+/// A one-token task streams at most this many weight bytes, so tasks balance across threads even when one thread
+/// is descheduled (cores are shared). Not much less: such a task is one prefetched stream (see `group_dot`'s
+/// `next`) and starts cold. 32 → 128 KiB gave +6% decode with the prefetch running across groups; 64 KiB and
+/// 1 MiB were within noise of 128.
 const TASK_BYTES: usize = 128 << 10;
-/// ... and at least this many, so the claim (one atomic add) stays negligible next to the work.
+/// The cap for `gemm` tasks: each weight byte serves many tokens there, so tasks are sized for balance, not for
+/// streaming.
+const GEMM_TASK_BYTES: usize = 32 << 10;
+/// Every task streams at least this many bytes, so the claim (one atomic add) stays negligible next to the work.
 const MIN_TASK_BYTES: usize = 4 << 10;
 
-/// Rows per task: about four tasks per thread, within the byte bounds above.
+/// Rows per one-token task: about four tasks per thread, within [`MIN_TASK_BYTES`] and [`TASK_BYTES`].
 fn rows_per_task(rows: usize, row_bytes: usize, threads: usize) -> usize {
+    rows_per_task_up_to(TASK_BYTES, rows, row_bytes, threads)
+}
+
+/// [`rows_per_task`] with another cap on the bytes per task.
+fn rows_per_task_up_to(cap: usize, rows: usize, row_bytes: usize, threads: usize) -> usize {
     let row_bytes = row_bytes.max(1);
-    let max_rows = (TASK_BYTES / row_bytes).max(1);
+    let max_rows = (cap / row_bytes).max(1);
     let min_rows = (MIN_TASK_BYTES / row_bytes).clamp(1, max_rows);
     rows.div_ceil(4 * threads.max(1)).clamp(min_rows, max_rows)
 }
@@ -1217,7 +1223,7 @@ fn rows_per_task(rows: usize, row_bytes: usize, threads: usize) -> usize {
 /// Group `gi` (rows `16·gi..16·gi + 16`) of a validated `Q4_0x16` view.
 #[inline]
 fn group<'a>(w: &WeightView<'a>, gi: usize) -> &'a [u8] {
-    let gb = GROUP * w.encoding.row_bytes(w.cols).unwrap_or(0);
+    let gb = group_bytes(w);
     &w.data[gi * gb..(gi + 1) * gb]
 }
 
@@ -1225,8 +1231,13 @@ fn group<'a>(w: &WeightView<'a>, gi: usize) -> &'a [u8] {
 /// whatever follows (never dereferenced, so any address will do).
 #[inline]
 fn group_ptr(w: &WeightView, gi: usize) -> *const u8 {
-    let gb = GROUP * w.encoding.row_bytes(w.cols).unwrap_or(0);
-    w.data.as_ptr().wrapping_add(gi * gb)
+    w.data.as_ptr().wrapping_add(gi * group_bytes(w))
+}
+
+/// Bytes of one 16-row group of a `Q4_0x16` view.
+#[inline]
+fn group_bytes(w: &WeightView) -> usize {
+    GROUP * w.encoding.row_bytes(w.cols).unwrap_or(0)
 }
 
 /// Whole groups per task for a row count per task.
