@@ -1,7 +1,9 @@
 //! `moestream bench`: prefill and decode speed of one model with the engine flags given, for people (a table) and
 //! scripts (`--json`): prefill tok/s, decode tok/s, time to first token, expert-cache hit rate, routing reuse (the
 //! share of a decode token's top-k that repeat the previous token's, per MoE layer), bytes read per token and read
-//! latency, over `--repeat` runs, cold and warm reported apart, as medians with min–max spread.
+//! latency, over `--repeat` runs, cold and warm reported apart, as medians with min–max spread. Decode is also
+//! reported on its own (the prompt's reads excluded): expert misses per decoded token and the time per token that
+//! decode spent blocked on expert reads, the part of a bigger-than-memory slowdown that overlap did not hide.
 //!
 //! A cold run starts from a freshly loaded model (empty expert cache) after dropping the page cache (needs root:
 //! without it the run is labelled `cold (page cache kept)`); a warm run repeats the same work on the model the
@@ -24,6 +26,8 @@ struct Sample {
     read_bytes_per_token: f64,
     read_latency_p50_us: u64,
     read_latency_p99_us: u64,
+    decode_misses_per_token: f64,
+    decode_stall_ms_per_token: f64,
 }
 
 #[derive(Serialize)]
@@ -55,6 +59,8 @@ struct Summary {
     read_bytes_per_token: Spread,
     read_latency_p50_us: Spread,
     read_latency_p99_us: Spread,
+    decode_misses_per_token: Spread,
+    decode_stall_ms_per_token: Spread,
     samples: Vec<Sample>,
 }
 
@@ -69,6 +75,8 @@ fn summarize(s: &[Sample]) -> Summary {
         read_bytes_per_token: spread(s.iter().map(|x| x.read_bytes_per_token)),
         read_latency_p50_us: spread(s.iter().map(|x| x.read_latency_p50_us as f64)),
         read_latency_p99_us: spread(s.iter().map(|x| x.read_latency_p99_us as f64)),
+        decode_misses_per_token: spread(s.iter().map(|x| x.decode_misses_per_token)),
+        decode_stall_ms_per_token: spread(s.iter().map(|x| x.decode_stall_ms_per_token)),
         samples: s.to_vec(),
     }
 }
@@ -93,6 +101,8 @@ fn one_run(m: &Qwen3Moe, prompt: &[u32], n_gen: usize, ctx: usize) -> Result<Sam
     let prefill = t0.elapsed().as_secs_f64();
     let mut next = moestream_cpu::ops::argmax(&logits);
     let ttft = t0.elapsed().as_secs_f64();
+    let p = m.store_stats();
+    let (misses0, wait0) = (p.misses, p.read_wait_us + p.prefetch_wait_us);
     let t1 = Instant::now();
     for _ in 1..n_gen {
         m.forward(&mut s, &[next], false, &mut logits)?;
@@ -101,6 +111,7 @@ fn one_run(m: &Qwen3Moe, prompt: &[u32], n_gen: usize, ctx: usize) -> Result<Sam
     let decode = t1.elapsed().as_secs_f64();
     let st = m.store_stats();
     let tokens = (prompt.len() + n_gen.saturating_sub(1)) as f64;
+    let steps = n_gen.saturating_sub(1).max(1) as f64;
     Ok(Sample {
         prefill_tok_s: prompt.len() as f64 / prefill.max(1e-9),
         decode_tok_s: n_gen.saturating_sub(1) as f64 / decode.max(1e-9),
@@ -110,6 +121,8 @@ fn one_run(m: &Qwen3Moe, prompt: &[u32], n_gen: usize, ctx: usize) -> Result<Sam
         read_bytes_per_token: st.bytes_read as f64 / tokens,
         read_latency_p50_us: st.latency_percentile_us(50.0),
         read_latency_p99_us: st.latency_percentile_us(99.0),
+        decode_misses_per_token: (st.misses - misses0) as f64 / steps,
+        decode_stall_ms_per_token: (st.read_wait_us + st.prefetch_wait_us - wait0) as f64 / 1e3 / steps,
     })
 }
 
@@ -157,15 +170,16 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         a.prompt_tokens, a.gen_tokens, a.repeat
     );
     println!(
-        "| run | prefill tok/s | decode tok/s | TTFT s | hit rate % | routing reuse % | read MB/token | read p50/p99 µs |"
+        "| run | prefill tok/s | decode tok/s | TTFT s | hit rate % | routing reuse % | read MB/token | read p50/p99 µs \
+         | decode misses/token | decode stall ms/token |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (label, s) in [(cold_label, summarize(&cold)), ("warm", summarize(&warm))] {
         let f = |x: &Spread, scale: f64, prec: usize| {
             format!("{:.p$} [{:.p$}–{:.p$}]", x.median * scale, x.min * scale, x.max * scale, p = prec)
         };
         println!(
-            "| {label} | {} | {} | {} | {} | {} | {} | {:.0}/{:.0} |",
+            "| {label} | {} | {} | {} | {} | {} | {} | {:.0}/{:.0} | {} | {} |",
             f(&s.prefill_tok_s, 1.0, 2),
             f(&s.decode_tok_s, 1.0, 2),
             f(&s.ttft_s, 1.0, 3),
@@ -174,6 +188,8 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
             f(&s.read_bytes_per_token, 1e-6, 1),
             s.read_latency_p50_us.median,
             s.read_latency_p99_us.median,
+            f(&s.decode_misses_per_token, 1.0, 2),
+            f(&s.decode_stall_ms_per_token, 1.0, 1),
         );
     }
     Ok(())

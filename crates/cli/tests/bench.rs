@@ -1,5 +1,6 @@
 //! `moestream bench --json` on a tiny model: every run is reported, cold and warm apart, with medians inside their
-//! spread; with every expert resident nothing is read after load; a cache of top-k slots misses on cold runs.
+//! spread; with every expert resident nothing is read after load; a cache of top-k slots misses on cold runs, and
+//! while decoding.
 
 use std::process::Command;
 
@@ -51,4 +52,12 @@ fn bench_reports_cold_and_warm_runs() {
     // 2 of 8 slots (top-k): a fresh model must read.
     assert!(small["cold"]["read_bytes_per_token"]["min"].as_f64().unwrap() > 0.0);
     assert!(small["cold"]["hit_rate"]["max"].as_f64().unwrap() < 1.0);
+    // Decode alone: nothing to miss or wait for with every expert resident; a top-k cache misses while decoding
+    // (every token's experts differ somewhere on random weights), and its stall is a time, never negative.
+    for run in ["cold", "warm"] {
+        assert_eq!(all[run]["decode_misses_per_token"]["max"], 0.0, "{all}");
+        assert_eq!(all[run]["decode_stall_ms_per_token"]["max"], 0.0, "{all}");
+        assert!(small[run]["decode_misses_per_token"]["min"].as_f64().unwrap() > 0.0, "{small}");
+        assert!(small[run]["decode_stall_ms_per_token"]["min"].as_f64().unwrap() >= 0.0, "{small}");
+    }
 }
