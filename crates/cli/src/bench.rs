@@ -102,7 +102,7 @@ fn one_run(m: &Qwen3Moe, prompt: &[u32], n_gen: usize, ctx: usize) -> Result<Sam
     let mut next = moestream_cpu::ops::argmax(&logits);
     let ttft = t0.elapsed().as_secs_f64();
     let p = m.store_stats();
-    let (misses0, wait0) = (p.misses, p.read_wait_us + p.prefetch_wait_us);
+    let (misses0, stall0) = (p.misses, p.stall_us());
     let t1 = Instant::now();
     for _ in 1..n_gen {
         m.forward(&mut s, &[next], false, &mut logits)?;
@@ -122,7 +122,7 @@ fn one_run(m: &Qwen3Moe, prompt: &[u32], n_gen: usize, ctx: usize) -> Result<Sam
         read_latency_p50_us: st.latency_percentile_us(50.0),
         read_latency_p99_us: st.latency_percentile_us(99.0),
         decode_misses_per_token: (st.misses - misses0) as f64 / steps,
-        decode_stall_ms_per_token: (st.read_wait_us + st.prefetch_wait_us - wait0) as f64 / 1e3 / steps,
+        decode_stall_ms_per_token: (st.stall_us() - stall0) as f64 / 1e3 / steps,
     })
 }
 

@@ -178,7 +178,7 @@ struct EngineArgs {
     no_pack: bool,
     /// Prompt tokens per prefill pass: each pass reads every expert its tokens use once, so longer passes give
     /// the int8 GEMMs more tokens per expert; the session's scratch grows with it.
-    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    #[arg(long, default_value_t = moestream_models::DEFAULT_PREFILL_CHUNK as u32, value_parser = clap::value_parser!(u32).range(1..=65536))]
     prefill_chunk: u32,
     /// Expert cache size: `all` (every expert resident) or a byte budget such as `6GiB`, `512MiB`, split evenly
     /// over the MoE layers. The minimum is top-k slots per layer.
@@ -463,10 +463,7 @@ fn run() -> Result<()> {
                  {:.1} ms per token)",
                 (st.read_wait_us - after_prefill.read_wait_us) as f64 / 1e3 / steps,
                 (st.prefetch_wait_us - after_prefill.prefetch_wait_us) as f64 / 1e3 / steps,
-                (st.read_wait_us + st.prefetch_wait_us - after_prefill.read_wait_us - after_prefill.prefetch_wait_us)
-                    as f64
-                    / 1e3
-                    / steps,
+                (st.stall_us() - after_prefill.stall_us()) as f64 / 1e3 / steps,
                 decode * 1e3 / steps,
             );
             if engine.prefetch != "none" {

@@ -7,7 +7,9 @@
 
 pub mod qwen3_moe;
 
-pub use qwen3_moe::{ModelOptions, MoeKernels, Prefetch, Qwen3Moe, RoutingReuse, Session, SessionSnapshot};
+pub use qwen3_moe::{
+    DEFAULT_PREFILL_CHUNK, ModelOptions, MoeKernels, Prefetch, Qwen3Moe, RoutingReuse, Session, SessionSnapshot,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

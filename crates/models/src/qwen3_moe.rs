@@ -22,12 +22,15 @@ use moestream_store::{
 
 use crate::ModelError;
 
+/// The default prompt tokens per prefill pass (`ModelOptions::prefill_chunk`, the CLI's `--prefill-chunk`): on the
+/// Qwen3-30B-A3B shape a 512-token prompt in one pass prefills 13–24% faster than in two of 256, for ~25 MB more
+/// scratch per session (BENCHMARKS.md, fifth pass).
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
+
 #[derive(Debug, Clone)]
 pub struct ModelOptions {
     pub threads: usize,
-    /// Largest number of prompt tokens processed as one batch. Default 512: on the Qwen3-30B-A3B shape a 512-token
-    /// prompt in one pass prefills 13–24% faster than in two of 256, for ~25 MB more scratch per session
-    /// (BENCHMARKS.md, fifth pass).
+    /// Largest number of prompt tokens processed as one batch ([`DEFAULT_PREFILL_CHUNK`] unless set).
     pub prefill_chunk: usize,
     /// Lossy: route to this many experts instead of the config's top-k.
     pub top_k: Option<usize>,
@@ -100,7 +103,7 @@ impl Default for ModelOptions {
     fn default() -> Self {
         ModelOptions {
             threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-            prefill_chunk: 512,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
             top_k: None,
             q8_activations: false,
             expert_cache: CacheSize::All,

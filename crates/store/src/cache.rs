@@ -83,6 +83,11 @@ impl StoreStats {
         if n == 0 { 1.0 } else { self.hits as f64 / n as f64 }
     }
 
+    /// The I/O stall the caller saw, in microseconds: blocked on demand reads plus waiting for prefetch.
+    pub fn stall_us(&self) -> u64 {
+        self.read_wait_us + self.prefetch_wait_us
+    }
+
     /// Upper edge (µs) of the bucket holding percentile `p` (0..=100) of read latencies, or 0 with no reads.
     pub fn latency_percentile_us(&self, p: f64) -> u64 {
         let total: u64 = self.latency_us_log2.iter().sum();
