@@ -172,8 +172,8 @@ struct EngineArgs {
     /// logits; llama.cpp always does this).
     #[arg(long)]
     q8_activations: bool,
-    /// With --q8-activations: keep Q4_0 matrices row-major instead of regrouping them 16 rows at a time for the
-    /// AVX-512 VNNI / AMX kernels (for comparison; same values, summed in another order).
+    /// With --q8-activations: keep Q4_0 and Q4_K matrices row-major instead of regrouping them 16 rows at a time
+    /// for the AVX-512 VNNI / AMX kernels (for comparison; same values, summed in another order).
     #[arg(long)]
     no_pack: bool,
     /// Prompt tokens per prefill pass: each pass reads every expert its tokens use once, so longer passes give
@@ -234,7 +234,7 @@ impl EngineArgs {
         }
         opts.top_k = self.top_k;
         opts.q8_activations = self.q8_activations;
-        opts.pack_q4_0 = !self.no_pack;
+        opts.pack = !self.no_pack;
         opts.prefill_chunk = self.prefill_chunk as usize;
         let env_off = |name: &str| std::env::var(name).is_ok_and(|v| matches!(v.trim(), "0" | "false" | "no" | "off"));
         opts.moe_kernels = moestream_models::MoeKernels {

@@ -14,7 +14,7 @@ fn main() {
     divan::main();
 }
 
-const ENCODINGS: [&str; 6] = ["Q4_0", "Q4_0x16", "Q4_K", "Q6_K", "Q8_0", "MLX_Q4_G64"];
+const ENCODINGS: [&str; 7] = ["Q4_0", "Q4_0x16", "Q4_K", "Q4_Kx16", "Q6_K", "Q8_0", "MLX_Q4_G64"];
 const SHAPES: [(&str, usize, usize); 2] = [("gate_up", 1536, 2048), ("down", 2048, 768)];
 
 fn encoding(name: &str) -> Encoding {
@@ -22,6 +22,7 @@ fn encoding(name: &str) -> Encoding {
         "Q4_0" => Encoding::Ggml(GgmlType::Q4_0),
         "Q4_0x16" => Encoding::Q4_0x16,
         "Q4_K" => Encoding::Ggml(GgmlType::Q4K),
+        "Q4_Kx16" => Encoding::Q4Kx16,
         "Q6_K" => Encoding::Ggml(GgmlType::Q6K),
         "Q8_0" => Encoding::Ggml(GgmlType::Q8_0),
         _ => Encoding::MlxAffine { params: MlxAffine { bits: 4, group_size: 64 }, scale_type: FloatType::BF16 },
@@ -79,6 +80,12 @@ fn make(enc: Encoding, rows: usize, cols: usize) -> Owned {
             let rowmajor = make(Encoding::Ggml(GgmlType::Q4_0), rows, cols);
             let mut data = vec![0u8; rowmajor.data.len()];
             moestream_quant::packed::pack_q4_0x16(&rowmajor.data, &mut data, rows, cols).expect("pack");
+            Owned { data, scales: vec![], biases: vec![] }
+        }
+        Encoding::Q4Kx16 => {
+            let rowmajor = make(Encoding::Ggml(GgmlType::Q4K), rows, cols);
+            let mut data = vec![0u8; rowmajor.data.len()];
+            moestream_quant::packed::pack_q4_kx16(&rowmajor.data, &mut data, rows, cols).expect("pack");
             Owned { data, scales: vec![], biases: vec![] }
         }
         Encoding::Float(_) => unreachable!("not benchmarked"),
@@ -145,9 +152,12 @@ fn cold(bencher: Bencher, case: &str) {
     run(bencher, case, 256 << 20);
 }
 
-/// Prefill-like: one matrix × 32 tokens (an expert's share of a 512-token prompt), cache-resident. Q4_0 and
-/// Q4_0x16 on the q8 tables only: the comparison the packed layout exists for.
-#[divan::bench(args = cases().into_iter().filter(|c| c.contains("-q8/Q4_0")).collect::<Vec<_>>(), max_time = 1.0)]
+/// Prefill-like: one matrix × 32 tokens (an expert's share of a 512-token prompt), cache-resident. Q4_0, Q4_K
+/// and their packed forms on the q8 tables only: the comparison the packed layouts exist for.
+#[divan::bench(
+    args = cases().into_iter().filter(|c| c.contains("-q8/Q4_0") || c.contains("-q8/Q4_K")).collect::<Vec<_>>(),
+    max_time = 1.0
+)]
 fn gemm32(bencher: Bencher, case: &str) {
     run_n(bencher, case, 0, 32);
 }

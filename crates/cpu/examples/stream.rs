@@ -33,7 +33,8 @@ fn main() {
     let mut one = vec![0u8; rowmajor.len()];
     moestream_quant::packed::pack_q4_0x16(&rowmajor, &mut one, rows, cols).expect("pack");
     let copies = ((mib << 20) / one.len()).max(1);
-    let mut big = vec![0u8; copies * one.len()];
+    let big = huge_zeroed(copies * one.len());
+    let big: &mut [u8] = big;
     for c in big.chunks_exact_mut(one.len()) {
         c.copy_from_slice(&one);
     }
@@ -74,5 +75,25 @@ fn main() {
             d.name(),
             one.len()
         );
+    }
+}
+
+/// Anonymous memory marked `MADV_HUGEPAGE` before first touch, as `moestream_store`'s slot buffers are (this
+/// kernel's transparent huge pages are madvise-only): the decode path streams from 2 MiB pages, so the
+/// comparison must too. Leaked: the example exits right after.
+fn huge_zeroed(len: usize) -> &'static mut [u8] {
+    // SAFETY: a fresh private anonymous mapping of `len` bytes, checked for failure, never unmapped.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert!(p != libc::MAP_FAILED, "mmap of {len} bytes failed");
+        libc::madvise(p, len, libc::MADV_HUGEPAGE);
+        std::slice::from_raw_parts_mut(p.cast::<u8>(), len)
     }
 }

@@ -11,9 +11,10 @@
 //! - `arm::row_dot` / `arm::row_dot_q8`: NEON kernels for the same encodings on aarch64 (exact f32; the q8 table
 //!   needs the `dotprod` extension for `sdot`).
 //!
-//! `Q4_0x16` views (ggml `Q4_0` regrouped 16 rows at a time, see `packed`) have no rows to hand out: every entry
-//! point walks them by 16-row group instead, through `packed`'s kernels (AVX-512 VNNI for one token, AMX tiles for
-//! `gemm` where the CPU and OS allow, a scalar reference otherwise), which all give the same bits.
+//! `Q4_0x16` and `Q4_Kx16` views (ggml `Q4_0` / `Q4_K` regrouped 16 rows at a time, see `packed`) have no rows to
+//! hand out: every entry point walks them by 16-row group instead, through `packed`'s kernels (AVX-512 VNNI for
+//! one token and, for `Q4_Kx16`, four; AMX tiles for `Q4_0x16` `gemm` where the CPU and OS allow; a scalar
+//! reference otherwise), which all give the same bits.
 //!
 //! It must not allocate on the per-call path, own weight memory, or know which model or expert a view belongs to.
 //! Every output element is written by exactly one task with a fixed summation order, so results are bit-identical
@@ -66,10 +67,10 @@ pub enum MatmulError {
     SlotShape { what: &'static str, slot: usize, rows: usize, cols: usize, expected_rows: usize, expected_cols: usize },
     #[error("gate_up slot has {rows} rows; a fused [2I, H] view needs an even count")]
     OddGateUp { rows: usize },
-    #[error("Q4_0x16 [{rows}, {cols}]: {what} is not a whole number of 16-row groups")]
-    PackedRows { what: &'static str, rows: usize, cols: usize },
-    #[error("{what} slot {slot} is {got}, but slot 0 is Q4_0x16; packed slots cannot be mixed with row-major ones")]
-    MixedPacking { what: &'static str, slot: usize, got: String },
+    #[error("{} [{rows}, {cols}]: {what} is not a whole number of 16-row groups", .encoding.name())]
+    PackedRows { encoding: Encoding, what: &'static str, rows: usize, cols: usize },
+    #[error("{what} slot {slot} is {got}, but slot 0 is {first}; packed slots cannot be mixed with other encodings")]
+    MixedPacking { what: &'static str, slot: usize, got: String, first: String },
 }
 
 impl WeightView<'_> {
@@ -85,8 +86,8 @@ impl WeightView<'_> {
             params.validate().map_err(|source| MatmulError::Params { encoding, source })?;
         }
         let row_bytes = encoding.row_bytes(cols).ok_or(MatmulError::Cols { encoding, cols })?;
-        if encoding == Encoding::Q4_0x16 && !rows.is_multiple_of(GROUP) {
-            return Err(MatmulError::PackedRows { what: "the row count", rows, cols });
+        if encoding.is_packed() && !rows.is_multiple_of(GROUP) {
+            return Err(MatmulError::PackedRows { encoding, what: "the row count", rows, cols });
         }
         bytes("data", rows.checked_mul(row_bytes).ok_or(too_large.clone())?, self.data.len())?;
         let side = side_row_bytes(encoding, cols);
@@ -217,7 +218,7 @@ fn quantize_q8_scalar(x: &[f32], out: &mut [Q8Block], group: usize) {
 /// whose q8 kernels rely on it, 1 otherwise.
 fn q8_group(e: Encoding) -> usize {
     use moestream_quant::GgmlType;
-    if matches!(e, Encoding::Ggml(GgmlType::Q4K | GgmlType::Q6K)) { 8 } else { 1 }
+    if matches!(e, Encoding::Ggml(GgmlType::Q4K | GgmlType::Q6K) | Encoding::Q4Kx16) { 8 } else { 1 }
 }
 
 /// `r.round()` for `|r| < 2²³` without the libm call `round` becomes on baseline x86-64 (no SSE4.1): truncate,
@@ -368,13 +369,18 @@ pub struct Dispatch {
     rows4: Option<Rows4Dot>,
     /// 16-row group kernel for `Q4_0x16` weights (q8 tables with AVX-512 VNNI); others use the scalar one.
     dot16: Option<Dot16>,
+    /// The same for `Q4_Kx16`, one token and four.
+    dot16k: Option<(Dot16, Dot16K4)>,
     /// Prefill of `Q4_0x16` weights through AMX tiles (q8 table, CPU and OS permitting).
     amx: bool,
 }
 
-/// A `Q4_0x16` group kernel: 16 rows × one token's q8 blocks. Safety contract: the group comes from a validated
+/// A packed group kernel (`Q4_0x16` or `Q4_Kx16`): 16 rows × one token's q8 blocks. Safety contract: the group comes from a validated
 /// view, the q8 blocks are the token's (one per block column), and the CPU supports the kernel.
 type Dot16 = unsafe fn(&[u8], &[Q8Block], &mut [f32; GROUP], *const u8);
+
+/// A `Q4_Kx16` group kernel for 4 tokens, bit-identical per token to the one-token [`Dot16`]; same contract.
+type Dot16K4 = unsafe fn(&[u8], [&[Q8Block]; 4], &mut [[f32; GROUP]; 4]);
 
 impl std::fmt::Debug for Dispatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -399,18 +405,27 @@ impl Dispatch {
             // The ISAs of other architectures (unsupported, so already refused above).
             _ => return None,
         };
-        Some(Dispatch { isa, activations: Activations::F32, row_dot, tile: None, rows4: None, dot16: None, amx: false })
+        Some(Dispatch {
+            isa,
+            activations: Activations::F32,
+            row_dot,
+            tile: None,
+            rows4: None,
+            dot16: None,
+            dot16k: None,
+            amx: false,
+        })
     }
 
     /// The q8-activation table for `isa`, or `None` when the CPU lacks it (AVX2 uses `maddubs`; AVX-512 needs
     /// VNNI; NEON needs `dotprod` for `sdot`). There is no scalar q8 table: the f32 reference is what q8 is
     /// checked against.
     pub fn new_q8(isa: Isa) -> Option<Dispatch> {
-        type Q8Table = (RowDot, Option<TileDot>, Option<Rows4Dot>, Option<Dot16>, bool);
-        let (row_dot, tile, rows4, dot16, amx): Q8Table = match isa {
+        type Q8Table = (RowDot, Option<TileDot>, Option<Rows4Dot>, Option<Dot16>, Option<(Dot16, Dot16K4)>, bool);
+        let (row_dot, tile, rows4, dot16, dot16k, amx): Q8Table = match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 if x86::has_avx2() => {
-                (x86::avx2::row_dot_q8, Some(x86::avx2::tile_q8), Some(x86::avx2::rows4_q8), None, false)
+                (x86::avx2::row_dot_q8, Some(x86::avx2::tile_q8), Some(x86::avx2::rows4_q8), None, None, false)
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 if x86::has_avx512_vnni() => (
@@ -418,20 +433,21 @@ impl Dispatch {
                 Some(x86::avx512::tile_q8),
                 Some(x86::avx512::rows4_q8),
                 Some(packed::x86::dot16),
+                Some((packed::x86::dot16k, packed::x86::dot16k4)),
                 packed::x86::has_amx(),
             ),
             #[cfg(target_arch = "aarch64")]
-            Isa::Neon if arm::has_dotprod() => (arm::row_dot_q8, None, None, None, false),
+            Isa::Neon if arm::has_dotprod() => (arm::row_dot_q8, None, None, None, None, false),
             _ => return None,
         };
-        Some(Dispatch { isa, activations: Activations::Q8, row_dot, tile, rows4, dot16, amx })
+        Some(Dispatch { isa, activations: Activations::Q8, row_dot, tile, rows4, dot16, dot16k, amx })
     }
 
-    /// Whether this table has fast kernels for `Q4_0x16`, i.e. whether a model should pack its `Q4_0` matrices
-    /// (those with a multiple of 16 rows) for it. Packed weights run on every table, but only these are faster
-    /// than row-major `Q4_0`.
-    pub fn packs_q4_0(&self) -> bool {
-        self.q8() && self.dot16.is_some()
+    /// Whether this table has fast kernels for the packed forms (`Q4_0x16`, `Q4_Kx16`), i.e. whether a model
+    /// should pack its `Q4_0` and `Q4_K` matrices (those with a multiple of 16 rows) for it. Packed weights run on
+    /// every table, but only these are faster than row-major ones.
+    pub fn packs(&self) -> bool {
+        self.q8() && self.dot16.is_some() && self.dot16k.is_some()
     }
 
     /// Whether `gemm` on `Q4_0x16` weights uses AMX tiles (for reports and benchmarks).
@@ -499,6 +515,7 @@ impl Dispatch {
             tile: None,
             rows4: None,
             dot16: None,
+            dot16k: None,
             amx: false,
         }
     }
@@ -521,14 +538,14 @@ impl Dispatch {
         check_len("y", w.rows, y.len())?;
         let per = rows_per_task(w.rows, row_cost(w), pool.n_threads());
         let out = OutPtr(y.as_mut_ptr());
-        if w.encoding == Encoding::Q4_0x16 {
+        if w.encoding.is_packed() {
             with_q8(self.q8(), x, w.cols, w.encoding, |q8| {
                 let act = Act { x, q8 };
                 let (groups, per) = (w.rows / GROUP, groups_per_task(per));
                 pool.run(groups.div_ceil(per), &|t| {
                     let mut r = [0f32; GROUP];
                     for gi in t * per..((t + 1) * per).min(groups) {
-                        self.group_dot(group(w, gi), group_ptr(w, gi + 1), &act, &mut r);
+                        self.group_dot(w.encoding, group(w, gi), group_ptr(w, gi + 1), &act, &mut r);
                         for (i, &v) in r.iter().enumerate() {
                             // SAFETY: 16·gi + i < rows = y.len(); group gi belongs to this task only.
                             unsafe { out.write(GROUP * gi + i, v) };
@@ -586,11 +603,11 @@ impl Dispatch {
         }
         let per = rows_per_task_up_to(GEMM_TASK_BYTES, w.rows, row_cost(w), pool.n_threads());
         let out = OutPtr(y.as_mut_ptr());
-        if w.encoding == Encoding::Q4_0x16 {
+        if w.encoding.is_packed() {
             with_q8(self.q8(), x, w.cols, w.encoding, |q8| {
                 let (groups, per) = (w.rows / GROUP, groups_per_task(per));
                 #[cfg(target_arch = "x86_64")]
-                if self.amx && !q8.is_empty() {
+                if self.amx && !q8.is_empty() && w.encoding == Encoding::Q4_0x16 {
                     return with_tiles(q8, n, w.cols / 32, |tiles| {
                         pool.run(groups.div_ceil(per), &|t| {
                             // SAFETY: `amx` is only set when `has_amx` held; configured before and released after
@@ -616,7 +633,7 @@ impl Dispatch {
                 }
                 pool.run(groups.div_ceil(per), &|t| {
                     for gi in t * per..((t + 1) * per).min(groups) {
-                        self.group_gemm(group(w, gi), w.cols, x, q8, n, out, w.rows, GROUP * gi);
+                        self.group_gemm(w.encoding, group(w, gi), w.cols, x, q8, n, out, w.rows, GROUP * gi);
                     }
                 })
             });
@@ -667,10 +684,11 @@ impl Dispatch {
         let inter = first.rows / 2;
         check_len("x", first.cols, x.len())?;
         check_len("out", slots.len() * inter, out.len())?;
-        if first.encoding == Encoding::Q4_0x16 {
+        if first.encoding.is_packed() {
             check_packed("gate_up", slots)?;
             if !inter.is_multiple_of(GROUP) {
                 return Err(MatmulError::PackedRows {
+                    encoding: first.encoding,
                     what: "each half of gate_up",
                     rows: first.rows,
                     cols: first.cols,
@@ -681,8 +699,8 @@ impl Dispatch {
                 let half = inter / GROUP;
                 self.packed_swiglu(pool, slots.len(), inter, 2 * row_cost(first), out, &|j, gi, g, u| {
                     let w = &slots[j];
-                    self.group_dot(group(w, gi), group_ptr(w, half + gi), &act, g);
-                    self.group_dot(group(w, half + gi), group_ptr(w, gi + 1), &act, u);
+                    self.group_dot(w.encoding, group(w, gi), group_ptr(w, half + gi), &act, g);
+                    self.group_dot(w.encoding, group(w, half + gi), group_ptr(w, gi + 1), &act, u);
                 });
             });
             return Ok(());
@@ -726,14 +744,14 @@ impl Dispatch {
         let inter = first.rows;
         check_len("x", first.cols, x.len())?;
         check_len("out", gate.len() * inter, out.len())?;
-        if first.encoding == Encoding::Q4_0x16 {
+        if first.encoding.is_packed() {
             check_packed("gate", gate)?;
             check_packed("up", up)?;
             with_q8(self.q8(), x, first.cols, first.encoding, |q8| {
                 let act = Act { x, q8 };
                 self.packed_swiglu(pool, gate.len(), inter, 2 * row_cost(first), out, &|j, gi, g, u| {
-                    self.group_dot(group(&gate[j], gi), group_ptr(&up[j], gi), &act, g);
-                    self.group_dot(group(&up[j], gi), group_ptr(&gate[j], gi + 1), &act, u);
+                    self.group_dot(gate[j].encoding, group(&gate[j], gi), group_ptr(&up[j], gi), &act, g);
+                    self.group_dot(up[j].encoding, group(&up[j], gi), group_ptr(&gate[j], gi + 1), &act, u);
                 });
             });
             return Ok(());
@@ -822,7 +840,7 @@ impl Dispatch {
         check_len("out", hidden, out.len())?;
         let per = rows_per_task(hidden, slots.len() * row_cost(first), pool.n_threads());
         let dst = OutPtr(out.as_mut_ptr());
-        if first.encoding == Encoding::Q4_0x16 {
+        if first.encoding.is_packed() {
             check_packed("down", slots)?;
             with_q8(self.q8(), h, inter, first.encoding, |q8| {
                 let (groups, per) = (hidden / GROUP, groups_per_task(per));
@@ -837,7 +855,7 @@ impl Dispatch {
                                 Some(n) => group_ptr(n, gi),
                                 None => group_ptr(&slots[0], gi + 1),
                             };
-                            self.group_dot(group(w, gi), next, &act, &mut r);
+                            self.group_dot(w.encoding, group(w, gi), next, &act, &mut r);
                             for (a, &v) in acc.iter_mut().zip(&r) {
                                 *a += wt * v;
                             }
@@ -909,7 +927,7 @@ impl Dispatch {
         check_len("parts", slots.len() * hidden, parts.len())?;
         let per = rows_per_task(hidden, row_cost(first), pool.n_threads());
         let dst = OutPtr(parts.as_mut_ptr());
-        if first.encoding == Encoding::Q4_0x16 {
+        if first.encoding.is_packed() {
             check_packed("down", slots)?;
             with_q8(self.q8(), h, inter, first.encoding, |q8| {
                 let (groups, per) = (hidden / GROUP, groups_per_task(per));
@@ -919,7 +937,8 @@ impl Dispatch {
                     let act = Act { x: &h[j * inter..(j + 1) * inter], q8: q8_part(q8, inter, j) };
                     let mut r = [0f32; GROUP];
                     for gi in c * per..((c + 1) * per).min(groups) {
-                        self.group_dot(group(&slots[j], gi), group_ptr(&slots[j], gi + 1), &act, &mut r);
+                        let w = &slots[j];
+                        self.group_dot(w.encoding, group(w, gi), group_ptr(w, gi + 1), &act, &mut r);
                         for (i, &v) in r.iter().enumerate() {
                             // SAFETY: j·hidden + 16·gi + i < k·hidden = parts.len(); (j, gi) is this task's.
                             unsafe { dst.write(j * hidden + GROUP * gi + i, v) };
@@ -958,27 +977,33 @@ impl Dispatch {
         Ok(())
     }
 
-    /// One `Q4_0x16` group (16 rows) · one token: the table's group kernel on q8 blocks, the scalar one when the
-    /// table has none, exact f32 when activations are not quantized.
+    /// One packed group (16 rows, `enc` is `Q4_0x16` or `Q4_Kx16`) · one token: the table's group kernel on q8
+    /// blocks, the scalar one when the table has none, exact f32 when activations are not quantized.
     /// `next` is the group the caller computes after this one (a prefetch hint, see `packed::x86::dot16`).
     #[inline]
-    fn group_dot(&self, g: &[u8], next: *const u8, act: &Act<'_>, out: &mut [f32; GROUP]) {
+    fn group_dot(&self, enc: Encoding, g: &[u8], next: *const u8, act: &Act<'_>, out: &mut [f32; GROUP]) {
+        let k_quant = enc == Encoding::Q4Kx16;
         if act.q8.is_empty() {
-            packed::dot16_f32(g, act.x, out);
-        } else if let Some(k) = self.dot16 {
+            if k_quant { packed::dot16k_f32(g, act.x, out) } else { packed::dot16_f32(g, act.x, out) }
+        } else if let Some(k) = if k_quant { self.dot16k.map(|k| k.0) } else { self.dot16 } {
             // SAFETY: `g` is a whole group of a validated view and `act.q8` its token's blocks (one per block
-            // column); `Dispatch::new_q8` only sets `dot16` where the CPU supports it. `next` is only prefetched.
+            // column, or 8 per super-block column for `Q4_Kx16`, as `q8_group` makes them); `Dispatch::new_q8`
+            // only sets `dot16` / `dot16k` where the CPU supports them. `next` is only prefetched.
             unsafe { k(g, act.q8, out, next) };
+        } else if k_quant {
+            packed::dot16k_scalar(g, act.q8, out);
         } else {
             packed::dot16_scalar(g, act.q8, out);
         }
     }
 
-    /// One `Q4_0x16` group × `n` tokens (`x`, `q8`: the call's activations), written to `out[t·ld + r0 + i]`, one
-    /// group dot per token (the AMX path in `gemm` gives the same values).
+    /// One packed group × `n` tokens (`x`, `q8`: the call's activations), written to `out[t·ld + r0 + i]`, one
+    /// group dot per token, or (`Q4_Kx16` on a table with the kernel) four tokens per call; the AMX path in `gemm`
+    /// gives the same values for `Q4_0x16`.
     #[allow(clippy::too_many_arguments)]
     fn group_gemm(
         &self,
+        enc: Encoding,
         g: &[u8],
         cols: usize,
         x: &[f32],
@@ -988,11 +1013,27 @@ impl Dispatch {
         ld: usize,
         r0: usize,
     ) {
+        let mut first = 0;
+        if let Some((_, k4)) = self.dot16k.filter(|_| enc == Encoding::Q4Kx16 && !q8.is_empty()) {
+            let mut r4 = [[0f32; GROUP]; 4];
+            while first + 4 <= n {
+                let acts = std::array::from_fn(|i| q8_part(q8, cols, first + i));
+                // SAFETY: as for `group_dot`, for each of the 4 tokens.
+                unsafe { k4(g, acts, &mut r4) };
+                for (i, r) in r4.iter().enumerate() {
+                    for (row, &v) in r.iter().enumerate() {
+                        // SAFETY: (first + i)·ld + r0 + row < n·ld = out's length; the group's rows are this task's.
+                        unsafe { out.write((first + i) * ld + r0 + row, v) };
+                    }
+                }
+                first += 4;
+            }
+        }
         let mut r = [0f32; GROUP];
-        for t in 0..n {
+        for t in first..n {
             let act = Act { x: &x[t * cols..(t + 1) * cols], q8: q8_part(q8, cols, t) };
             // The same group serves every token: prefetch past it, where the caller's next group usually is.
-            self.group_dot(g, g.as_ptr_range().end, &act, &mut r);
+            self.group_dot(enc, g, g.as_ptr_range().end, &act, &mut r);
             for (i, &v) in r.iter().enumerate() {
                 // SAFETY: t·ld + r0 + i < n·ld = out's length; the group's rows are this task's.
                 unsafe { out.write(t * ld + r0 + i, v) };
@@ -1220,21 +1261,21 @@ fn rows_per_task_up_to(cap: usize, rows: usize, row_bytes: usize, threads: usize
     rows.div_ceil(4 * threads.max(1)).clamp(min_rows, max_rows)
 }
 
-/// Group `gi` (rows `16·gi..16·gi + 16`) of a validated `Q4_0x16` view.
+/// Group `gi` (rows `16·gi..16·gi + 16`) of a validated packed view.
 #[inline]
 fn group<'a>(w: &WeightView<'a>, gi: usize) -> &'a [u8] {
     let gb = group_bytes(w);
     &w.data[gi * gb..(gi + 1) * gb]
 }
 
-/// Where group `gi` of a `Q4_0x16` view starts, for prefetch hints only: past the view's end it points at
+/// Where group `gi` of a packed view starts, for prefetch hints only: past the view's end it points at
 /// whatever follows (never dereferenced, so any address will do).
 #[inline]
 fn group_ptr(w: &WeightView, gi: usize) -> *const u8 {
     w.data.as_ptr().wrapping_add(gi * group_bytes(w))
 }
 
-/// Bytes of one 16-row group of a `Q4_0x16` view.
+/// Bytes of one 16-row group of a packed view.
 #[inline]
 fn group_bytes(w: &WeightView) -> usize {
     GROUP * w.encoding.row_bytes(w.cols).unwrap_or(0)
@@ -1245,10 +1286,13 @@ fn groups_per_task(rows: usize) -> usize {
     rows.div_ceil(GROUP).max(1)
 }
 
-/// Every slot after the first is `Q4_0x16` too (the packed paths address groups, not rows).
+/// Every slot after the first has the first's packed encoding too (the packed paths address groups, not rows).
 fn check_packed(what: &'static str, slots: &[WeightView]) -> Result<(), MatmulError> {
-    match slots.iter().position(|w| w.encoding != Encoding::Q4_0x16) {
-        Some(slot) => Err(MatmulError::MixedPacking { what, slot, got: slots[slot].encoding.name() }),
+    let first = slots.first().map_or(Encoding::Q4_0x16, |w| w.encoding);
+    match slots.iter().position(|w| w.encoding != first) {
+        Some(slot) => {
+            Err(MatmulError::MixedPacking { what, slot, got: slots[slot].encoding.name(), first: first.name() })
+        }
         None => Ok(()),
     }
 }

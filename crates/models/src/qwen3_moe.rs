@@ -47,9 +47,10 @@ pub struct ModelOptions {
     pub eviction: EvictionPolicy,
     /// What decode reads ahead for the next MoE layer while this one computes.
     pub prefetch: Prefetch,
-    /// Regroup `Q4_0` matrices as `Q4_0x16` where the kernel table is faster on them (`Dispatch::packs_q4_0`:
-    /// q8 activations on AVX-512 VNNI). Changes summation order only (f32 rounding), never which values are used.
-    pub pack_q4_0: bool,
+    /// Regroup `Q4_0` and `Q4_K` matrices as `Q4_0x16` / `Q4_Kx16` where the kernel table is faster on them
+    /// (`Dispatch::packs`: q8 activations on AVX-512 VNNI). Changes summation order only (f32 rounding), never
+    /// which values are used.
+    pub pack: bool,
 }
 
 /// Expert prefetch during decode (`--prefetch`): right after layer l's experts are resident, start reading a guess
@@ -111,7 +112,7 @@ impl Default for ModelOptions {
             read: ReadOptions::default(),
             eviction: EvictionPolicy::default_for_cache(),
             prefetch: Prefetch::None,
-            pack_q4_0: true,
+            pack: true,
         }
     }
 }
@@ -464,13 +465,13 @@ impl Qwen3Moe {
         let gguf = index.gguf.is_some();
         let dispatch = if opts.q8_activations { Dispatch::best() } else { Dispatch::best_exact() };
         let mut resident = ResidentWeights::load(index)?;
-        // Q4_0 matrices are regrouped for the 16-row int8 kernels where the table has them; the embedding is read
-        // by row, so it stays as stored (also when the head is tied to it).
-        let pack = opts.pack_q4_0 && dispatch.packs_q4_0();
+        // Q4_0 and Q4_K matrices are regrouped for the 16-row int8 kernels where the table has them; the embedding
+        // is read by row, so it stays as stored (also when the head is tied to it).
+        let pack = opts.pack && dispatch.packs();
         if pack {
-            resident.pack_q4_0(&[resident.id("token_embd.weight")?])?;
+            resident.pack(&[resident.id("token_embd.weight")?])?;
         }
-        let read = ReadOptions { pack_q4_0: pack, ..opts.read.clone() };
+        let read = ReadOptions { pack, ..opts.read.clone() };
         let experts = Mutex::new(ExpertStore::open_with_policy(index, opts.expert_cache, &read, opts.eviction)?);
         // HF hybrid checkpoints keep RMSNorm weights zero-centred (`1 + w`); MLX and GGUF conversions have added the
         // 1 already. The conv kernel's stored layout tells them apart: HF keeps PyTorch's `[C, 1, K]`.

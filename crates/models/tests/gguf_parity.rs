@@ -435,15 +435,25 @@ fn hybrid_gguf_mtp_blocks_are_ignored() {
     assert!(a.0 == b.0 && a.1 == b.1, "MTP block changed the logits");
 }
 
-/// With `--q8-activations` ours quantizes activations as llama.cpp does (8-bit blocks of 32 for Q4_0 weights), and
-/// on x86 with AVX-512 VNNI the Q4_0 matrices run packed (`Q4_0x16`: AMX tiles in prefill where the CPU has them,
-/// VNNI in decode). Measured on gqa_headdim-q4_0, over positions with unambiguous routing: ours vs the f64 model
-/// 2.8e-2 of max |logit| (llama.cpp 1.3e-2; the row-major q8 path gives the same 2.8e-2), vs llama.cpp ≤ 2.2e-2;
-/// packed vs row-major 2.4e-7; token-by-token decode equal to the prefill.
+/// With `--q8-activations` ours quantizes activations as llama.cpp does (8-bit blocks of 32 for Q4_0 weights, of
+/// 256 for K-quants), and on x86 with AVX-512 VNNI the Q4_0 and Q4_K matrices run packed (`Q4_0x16`: AMX tiles in
+/// prefill where the CPU has them, VNNI in decode; `Q4_Kx16`: VNNI, 4 tokens per call in prefill). Measured on
+/// gqa_headdim-q4_0, over positions with unambiguous routing: ours vs the f64 model 2.8e-2 of max |logit|
+/// (llama.cpp 1.3e-2; the row-major q8 path gives the same 2.8e-2), vs llama.cpp ≤ 2.2e-2; packed vs row-major
+/// 2.4e-7; token-by-token decode equal to the prefill. On synth_w256-q4_k_m (Q4_K gate/up and attn_q): printed by
+/// the test.
 #[test]
 fn q8_activations_on_q4_0_stay_within_activation_rounding() {
+    q8_case("gqa_headdim-q4_0");
+}
+
+#[test]
+fn q8_activations_on_q4_k_m_stay_within_activation_rounding() {
+    q8_case("synth_w256-q4_k_m");
+}
+
+fn q8_case(name: &str) {
     let d = dir();
-    let name = "gqa_headdim-q4_0";
     let r: Value = serde_json::from_str(&std::fs::read_to_string(d.join(format!("{name}.reference.json"))).unwrap())
         .expect("json");
     let prompt = ids(&r["prompt_tokens"]);
@@ -473,11 +483,12 @@ fn q8_activations_on_q4_0_stay_within_activation_rounding() {
         let e = max_diff(&ours[t * v..(t + 1) * v], &llama[t * v..(t + 1) * v]) / scale;
         assert!(e < 0.035 || gap < ROUTER_MARGIN, "position {t}: ours q8 vs llama.cpp {e:.3e} (router gap {gap:.3})");
     }
-    // Packed and row-major Q4_0 compute the same quantized products in a different order: f32 noise apart. A wrong
-    // nibble, scale or group offset in a packed kernel moves logits by the weight error (~30% here).
+    // Packed and row-major compute the same quantized products in a different order: f32 noise apart. A wrong
+    // nibble, scale or group offset in a packed kernel moves logits by the weight error (~30% here). Where the CPU
+    // has the packed kernels the two must differ at all, or packing did not happen.
     let rowmajor = Qwen3Moe::load(
         &index,
-        &ModelOptions { threads: 2, q8_activations: true, pack_q4_0: false, ..ModelOptions::default() },
+        &ModelOptions { threads: 2, q8_activations: true, pack: false, ..ModelOptions::default() },
     )
     .expect("load");
     let mut sess = rowmajor.new_session(64);
@@ -485,7 +496,10 @@ fn q8_activations_on_q4_0_stay_within_activation_rounding() {
     rowmajor.forward(&mut sess, &prompt, true, &mut plain).expect("prefill");
     let e = max_diff(&ours, &plain) / scale;
     eprintln!("{name}: packed vs row-major q8 {e:.3e}");
-    assert!(e < 1e-4, "packed vs row-major Q4_0 (q8): {e:.3e}");
+    assert!(e < 1e-4, "packed vs row-major (q8): {e:.3e}");
+    if moestream_cpu::Dispatch::best().packs() {
+        assert!(e > 0.0, "{name}: packed and row-major gave identical logits; were the matrices packed?");
+    }
     // The prompt again, one token per forward (decode kernels): the same logits as the prefill (tiles) gave.
     let mut sess = m.new_session(64);
     for (t, &tok) in prompt.iter().enumerate() {

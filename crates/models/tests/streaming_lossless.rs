@@ -250,41 +250,13 @@ fn q8_packed_streaming_is_lossless() {
         synth(&o).expect("synth");
         let index = TensorIndex::open(&path).expect("index");
         let q8 = |opts: ModelOptions| ModelOptions { threads: 2, q8_activations: true, ..opts };
-        let reference = trace(&Qwen3Moe::load(&index, &q8(ModelOptions::default())).expect("load"));
-        let k = index.config.num_experts_per_tok;
-        let mut variants = Vec::new();
-        for direct_io in [true, false] {
-            for slots in [k, k + 1] {
-                variants.push(ModelOptions {
-                    expert_cache: CacheSize::Slots(slots),
-                    read: ReadOptions { direct_io, io_threads: 3, ..ReadOptions::default() },
-                    ..ModelOptions::default()
-                });
-            }
-        }
-        variants.push(ModelOptions {
-            expert_cache: CacheSize::Slots(k),
-            moe_kernels: MoeKernels { stacked: false, fuse_gate_up: false },
-            ..ModelOptions::default()
-        });
-        variants.push(ModelOptions {
-            expert_cache: CacheSize::Slots(k + 1),
-            prefetch: Prefetch::Lookahead,
-            ..ModelOptions::default()
-        });
-        for opts in variants {
-            let label = format!("{preset:?} {:?} {:?} {:?}", opts.expert_cache, opts.read, opts.moe_kernels);
-            let m = Qwen3Moe::load(&index, &q8(opts)).expect("load");
-            let got = trace(&m);
-            assert!(m.store_stats().misses > 0, "{label}: never missed");
-            assert!(got.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits()), "{label} changed the logits");
-        }
+        let reference = q8_streaming_matches_resident(&index, &format!("{preset:?}"));
         // Packing changes summation order, not values: the row-major q8 prefill is f32 noise away. Tiny width
         // only: at real width a 1e-7 difference now and then moves an activation across a q8 rounding boundary
         // (one code step, 1/254 of the block's max), which compounds to ~1e-2 in the logits without any kernel
         // being wrong (measured: 2 of 24 positions at 2e-6, the rest 1e-2 to 7e-2 of max |logit|).
         if layers.is_none() {
-            let opts = q8(ModelOptions { pack_q4_0: false, ..ModelOptions::default() });
+            let opts = q8(ModelOptions { pack: false, ..ModelOptions::default() });
             let plain = trace(&Qwen3Moe::load(&index, &opts).expect("load"));
             let prefill = 24 * index.config.vocab_size;
             let (reference, plain) = (&reference[..prefill], &plain[..prefill]);
@@ -294,4 +266,51 @@ fn q8_packed_streaming_is_lossless() {
             assert_ne!(reference, plain, "{preset:?}: packing had no effect; is it applied?");
         }
     }
+}
+
+/// q8 activations with packing (the default) on GGUF Q4_K_M from llama.cpp's `llama-quantize` (the
+/// synth_w256-q4_k_m fixture: Q4_K gate/up experts, packed as `Q4_Kx16` on the way into the slot, and Q6_K down
+/// experts, which stay row-major): streaming gives the logits of every expert resident.
+#[test]
+fn q8_packed_q4_k_streaming_is_lossless() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf/synth_w256-q4_k_m.gguf");
+    let index = TensorIndex::open(&path).expect("index");
+    q8_streaming_matches_resident(&index, "synth_w256-q4_k_m");
+}
+
+/// Every cache size, read path and kernel mode with q8 activations (packing on) gives the logits of every expert
+/// resident; returns those.
+fn q8_streaming_matches_resident(index: &TensorIndex, name: &str) -> Vec<f32> {
+    let q8 = |opts: ModelOptions| ModelOptions { threads: 2, q8_activations: true, ..opts };
+    let reference = trace(&Qwen3Moe::load(index, &q8(ModelOptions::default())).expect("load"));
+    let k = index.config.num_experts_per_tok;
+    let mut variants = Vec::new();
+    for direct_io in [true, false] {
+        for slots in [k, k + 1] {
+            variants.push(ModelOptions {
+                expert_cache: CacheSize::Slots(slots),
+                read: ReadOptions { direct_io, io_threads: 3, ..ReadOptions::default() },
+                ..ModelOptions::default()
+            });
+        }
+    }
+    variants.push(ModelOptions {
+        expert_cache: CacheSize::Slots(k),
+        moe_kernels: MoeKernels { stacked: false, fuse_gate_up: false },
+        ..ModelOptions::default()
+    });
+    variants.push(ModelOptions {
+        expert_cache: CacheSize::Slots(k + 1),
+        prefetch: Prefetch::Lookahead,
+        ..ModelOptions::default()
+    });
+    for opts in variants {
+        let label = format!("{name} {:?} {:?} {:?}", opts.expert_cache, opts.read, opts.moe_kernels);
+        let m = Qwen3Moe::load(index, &q8(opts)).expect("load");
+        let got = trace(&m);
+        assert!(m.store_stats().misses > 0, "{label}: never missed");
+        assert!(got.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits()), "{label} changed the logits");
+    }
+    reference
 }

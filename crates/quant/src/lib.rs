@@ -29,6 +29,8 @@ pub enum Encoding {
     /// the model pack `Q4_0` matrices whose row count is a multiple of 16 when the q8 kernels will run them. Same
     /// bytes per row (amortized) as `Q4_0`, but a row is not contiguous.
     Q4_0x16,
+    /// ggml `Q4_K` regrouped 16 rows at a time ([`packed`]), the same way and for the same reasons as `Q4_0x16`.
+    Q4Kx16,
 }
 
 impl Encoding {
@@ -41,6 +43,7 @@ impl Encoding {
             Encoding::Float(f) => cols.checked_mul(f.size()),
             Encoding::Ggml(t) => t.row_bytes(cols),
             Encoding::Q4_0x16 => GgmlType::Q4_0.row_bytes(cols),
+            Encoding::Q4Kx16 => GgmlType::Q4K.row_bytes(cols),
             Encoding::MlxAffine { params, .. } => {
                 cols.is_multiple_of(params.group_size).then(|| params.packed_bytes(cols))
             }
@@ -62,6 +65,7 @@ impl Encoding {
             Encoding::Float(ft) => decode_floats(ft, data, out),
             Encoding::Ggml(ty) => ggml::dequantize(ty, data, out),
             Encoding::Q4_0x16 => packed::dequantize_q4_0x16(data, cols, out),
+            Encoding::Q4Kx16 => packed::dequantize_q4_kx16(data, cols, out),
             Encoding::MlxAffine { params, scale_type } => {
                 params.validate()?;
                 let g = params.group_size;
@@ -96,11 +100,18 @@ impl Encoding {
         }
     }
 
+    /// Whether this is one of the 16-row interleaved forms ([`packed`]), which are walked by group, not by row.
+    #[inline]
+    pub fn is_packed(&self) -> bool {
+        matches!(self, Encoding::Q4_0x16 | Encoding::Q4Kx16)
+    }
+
     pub fn name(&self) -> String {
         match self {
             Encoding::Float(f) => f.name().to_string(),
             Encoding::Ggml(t) => t.name().to_string(),
             Encoding::Q4_0x16 => "Q4_0x16".to_string(),
+            Encoding::Q4Kx16 => "Q4_Kx16".to_string(),
             Encoding::MlxAffine { params, .. } => format!("MLX_Q{}_G{}", params.bits, params.group_size),
         }
     }
@@ -115,6 +126,8 @@ pub enum QuantError {
     ByteLength { ty: &'static str, expected: usize, got: usize },
     #[error("{ty}: output holds {got} elements, input has {expected}")]
     OutputLength { ty: &'static str, expected: usize, got: usize },
+    #[error("{0} has no packed (16-row interleaved) form")]
+    NoPackedForm(String),
     #[error("{0} has no encoder")]
     NoEncoder(&'static str),
     #[error("MLX affine: expected {expected} {what}, got {got}")]

@@ -1,22 +1,35 @@
-//! `Q4_0x16`: ggml `Q4_0` rows regrouped 16 at a time so that one 64-byte vector holds 4 consecutive codes of 16
-//! rows — the operand layout of a 16-lane `vpdpbusd` with a broadcast activation word and of an AMX `tdpbssd` B
-//! tile (K/4 rows × 16 columns × 4 bytes). Same bytes per matrix as `Q4_0`, so a slot or a band of rows keeps its
-//! size and offsets: group `g` (rows `16g..16g+16`) occupies exactly the bytes its 16 rows did.
+//! Row-interleaved forms of ggml's 4-bit formats, 16 rows at a time, so that one 64-byte vector holds 4
+//! consecutive codes of 16 rows — the operand layout of a 16-lane `vpdpbusd` with a broadcast activation word (and,
+//! for `Q4_0x16`, of an AMX `tdpbssd` B tile: K/4 rows × 16 columns × 4 bytes). Both keep their source format's
+//! bytes per matrix, so a slot or a band of rows keeps its size and offsets: group `g` (rows `16g..16g+16`)
+//! occupies exactly the bytes its 16 rows did. Only whole groups exist: a matrix is packed only when its row count
+//! is a multiple of 16. Each pack is a byte permutation (`unpack(pack(x)) == x`), so dequantizing a packed group
+//! equals dequantizing its ggml rows.
 //!
-//! Within a group, block column `b` (elements `32b..32b+32` of every row) is 288 bytes at `288·b`:
+//! `Q4_0x16` (from `Q4_0`): block column `b` (elements `32b..32b+32` of every row) is 288 bytes at `288·b`:
 //! - 16 little-endian f16 scales, row order (32 bytes);
 //! - 4 chunks of 64 bytes; chunk `c`, bytes `4r..4r+4` are bytes `4c..4c+4` of row `r`'s 16 code bytes. A ggml
 //!   code byte `j` holds element `j` (low nibble) and `j + 16` (high), so the low nibbles of chunk `c` are elements
 //!   `4c..4c+4` and the high nibbles elements `16+4c..16+4c+4`, for each of the 16 rows.
 //!
-//! Only whole groups exist: a matrix is packed only when its row count is a multiple of 16. The pack is a byte
-//! permutation, so `unpack(pack(x)) == x` and dequantizing a packed group equals dequantizing its ggml rows.
+//! `Q4_Kx16` (from `Q4_K`): super-block column `s` (elements `256s..256s+256`) is 2304 bytes at `2304·s`:
+//! - 16 f16 `d`, then 16 f16 `dmin` (row order, 64 bytes);
+//! - the 12 packed 6-bit scale/min bytes of each row as three 64-byte words: word `w`, bytes `4r..4r+4` are bytes
+//!   `4w..4w+4` of row `r`'s 12 (192 bytes), so ggml's 32-bit unpacking of scales and mins runs on 16 rows at once;
+//! - 8 sub-blocks of 256 bytes, sub-block `j` (elements `32j..32j+32`) in `Q4_0x16`'s chunk layout: chunk `c`,
+//!   byte `4r + i` holds element `32j + 4c + i` of row `r` in its low nibble and `32j + 16 + 4c + i` in its high
+//!   one. (ggml's `Q4_K` pairs sub-blocks `2p` and `2p+1` in one byte's nibbles instead; the repack moves nibbles
+//!   so that a sub-block lines up with one q8 activation block, as `Q4_0`'s do.)
 
-use crate::QuantError;
 use crate::ggml::{self, GgmlType};
+use crate::{Encoding, QuantError};
 
 /// Rows per group.
 pub const GROUP: usize = 16;
+/// Bytes of one ggml `Q4_K` super-block (256 elements).
+const K_BLOCK: usize = 144;
+/// Bytes of one super-block column of a `Q4_Kx16` group.
+pub const K_GROUP_BLOCK: usize = GROUP * K_BLOCK;
 /// Bytes of one ggml `Q4_0` block (f16 scale + 16 code bytes).
 const BLOCK: usize = 18;
 /// Bytes of one block column of a group.
@@ -108,6 +121,159 @@ pub fn dequantize_q4_0x16(data: &[u8], cols: usize, out: &mut [f32]) -> Result<(
     Ok(())
 }
 
+/// The packed form of `e` when there is one (`Q4_0` → `Q4_0x16`, `Q4_K` → `Q4_Kx16`).
+pub fn packed_form(e: Encoding) -> Option<Encoding> {
+    match e {
+        Encoding::Ggml(GgmlType::Q4_0) => Some(Encoding::Q4_0x16),
+        Encoding::Ggml(GgmlType::Q4K) => Some(Encoding::Q4Kx16),
+        _ => None,
+    }
+}
+
+/// Whether a `[rows, cols]` matrix of `e` can be packed: `e` has a packed form and the shape is whole groups and
+/// whole blocks.
+pub fn packable(e: Encoding, rows: usize, cols: usize) -> bool {
+    packed_form(e).is_some() && rows.is_multiple_of(GROUP) && e.row_bytes(cols).is_some()
+}
+
+/// Packs `rows` rows of `src` (encoded as `from`, which must have a [`packed_form`]) into `dst`, same length.
+pub fn pack(from: Encoding, src: &[u8], dst: &mut [u8], rows: usize, cols: usize) -> Result<(), QuantError> {
+    match from {
+        Encoding::Ggml(GgmlType::Q4_0) => pack_q4_0x16(src, dst, rows, cols),
+        Encoding::Ggml(GgmlType::Q4K) => pack_q4_kx16(src, dst, rows, cols),
+        _ => Err(QuantError::NoPackedForm(from.name())),
+    }
+}
+
+fn check_k(rows: usize, cols: usize, got: usize, ty: &'static str) -> Result<usize, QuantError> {
+    if !cols.is_multiple_of(256) {
+        return Err(QuantError::PartialBlock { ty, elems: cols, block: 256 });
+    }
+    if !rows.is_multiple_of(GROUP) {
+        return Err(QuantError::PartialBlock { ty, elems: rows, block: GROUP });
+    }
+    let expected = rows * cols / 256 * K_BLOCK;
+    if got != expected {
+        return Err(QuantError::ByteLength { ty, expected, got });
+    }
+    Ok(cols / 256)
+}
+
+/// The two sub-blocks `2p` (low nibbles) and `2p + 1` (high nibbles) of ggml's 32 code bytes `q` (elements
+/// `0..32` of both in byte order), as `Q4_Kx16` code bytes: byte `k < 16` of each holds elements `k` and `k + 16`.
+/// Whole 16-byte lanes of simple byte ops, so the compiler vectorizes it: packing runs on the I/O thread for
+/// every streamed expert.
+#[inline]
+fn k_split(q: &[u8]) -> ([u8; 16], [u8; 16]) {
+    let (mut lo, mut hi) = ([0u8; 16], [0u8; 16]);
+    for k in 0..16 {
+        let (a, b) = (q[k], q[16 + k]);
+        lo[k] = (a & 0x0f) | (b << 4);
+        hi[k] = (a >> 4) | (b & 0xf0);
+    }
+    (lo, hi)
+}
+
+/// The inverse of [`k_split`]: ggml's 32 code bytes from sub-blocks `2p` and `2p + 1`.
+#[inline]
+fn k_join(lo: &[u8; 16], hi: &[u8; 16], q: &mut [u8]) {
+    for k in 0..16 {
+        q[k] = (lo[k] & 0x0f) | (hi[k] << 4);
+        q[16 + k] = (lo[k] >> 4) | (hi[k] & 0xf0);
+    }
+}
+
+/// Packs `rows` ggml `Q4_K` rows of `cols` elements (`src`) into `dst` (same length). `rows` must be a multiple of
+/// 16 and `cols` of 256.
+pub fn pack_q4_kx16(src: &[u8], dst: &mut [u8], rows: usize, cols: usize) -> Result<(), QuantError> {
+    let nsb = check_k(rows, cols, src.len(), "Q4_Kx16 pack source")?;
+    if dst.len() != src.len() {
+        return Err(QuantError::ByteLength { ty: "Q4_Kx16 pack destination", expected: src.len(), got: dst.len() });
+    }
+    let rb = nsb * K_BLOCK;
+    for (sg, dg) in src.chunks_exact(GROUP * rb).zip(dst.chunks_exact_mut(GROUP * rb)) {
+        for (s, out) in dg.chunks_exact_mut(K_GROUP_BLOCK).enumerate() {
+            for r in 0..GROUP {
+                let blk = &sg[r * rb + s * K_BLOCK..r * rb + (s + 1) * K_BLOCK];
+                out[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
+                out[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&blk[2..4]);
+                for w in 0..3 {
+                    out[64 + 64 * w + 4 * r..64 + 64 * w + 4 * r + 4].copy_from_slice(&blk[4 + 4 * w..8 + 4 * w]);
+                }
+                for p in 0..4 {
+                    let (lo, hi) = k_split(&blk[16 + 32 * p..48 + 32 * p]);
+                    for (n, sub) in [lo, hi].iter().enumerate() {
+                        let at = 256 + 256 * (2 * p + n) + 4 * r;
+                        for c in 0..4 {
+                            out[at + 64 * c..at + 64 * c + 4].copy_from_slice(&sub[4 * c..4 * c + 4]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Row `r` of one `Q4_Kx16` super-block column (`col`, 2304 bytes) as its ggml `Q4_K` block.
+fn unpack_k_block(col: &[u8], r: usize, blk: &mut [u8]) {
+    blk[..2].copy_from_slice(&col[2 * r..2 * r + 2]);
+    blk[2..4].copy_from_slice(&col[32 + 2 * r..32 + 2 * r + 2]);
+    for w in 0..3 {
+        blk[4 + 4 * w..8 + 4 * w].copy_from_slice(&col[64 + 64 * w + 4 * r..64 + 64 * w + 4 * r + 4]);
+    }
+    for p in 0..4 {
+        let (mut lo, mut hi) = ([0u8; 16], [0u8; 16]);
+        for (n, sub) in [&mut lo, &mut hi].into_iter().enumerate() {
+            let at = 256 + 256 * (2 * p + n) + 4 * r;
+            for c in 0..4 {
+                sub[4 * c..4 * c + 4].copy_from_slice(&col[at + 64 * c..at + 64 * c + 4]);
+            }
+        }
+        k_join(&lo, &hi, &mut blk[16 + 32 * p..48 + 32 * p]);
+    }
+}
+
+/// The inverse of [`pack_q4_kx16`].
+pub fn unpack_q4_kx16(src: &[u8], dst: &mut [u8], rows: usize, cols: usize) -> Result<(), QuantError> {
+    let nsb = check_k(rows, cols, src.len(), "Q4_Kx16 unpack source")?;
+    if dst.len() != src.len() {
+        return Err(QuantError::ByteLength { ty: "Q4_Kx16 unpack destination", expected: src.len(), got: dst.len() });
+    }
+    let rb = nsb * K_BLOCK;
+    for (sg, dg) in src.chunks_exact(GROUP * rb).zip(dst.chunks_exact_mut(GROUP * rb)) {
+        for (s, col) in sg.chunks_exact(K_GROUP_BLOCK).enumerate() {
+            for r in 0..GROUP {
+                unpack_k_block(col, r, &mut dg[r * rb + s * K_BLOCK..r * rb + (s + 1) * K_BLOCK]);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Dequantizes whole `Q4_Kx16` groups (`out.len()` a multiple of `16·cols`) through a stack buffer of one
+/// super-block: no allocation.
+pub fn dequantize_q4_kx16(data: &[u8], cols: usize, out: &mut [f32]) -> Result<(), QuantError> {
+    if cols == 0 || !out.len().is_multiple_of(GROUP * cols) {
+        return Err(QuantError::PartialBlock { ty: "Q4_Kx16 rows", elems: out.len(), block: GROUP * cols.max(1) });
+    }
+    let rows = out.len() / cols;
+    let nsb = check_k(rows, cols, data.len(), "Q4_Kx16")?;
+    let rb = nsb * K_BLOCK;
+    let mut blk = [0u8; K_BLOCK];
+    let mut vals = [0f32; 256];
+    for (sg, og) in data.chunks_exact(GROUP * rb).zip(out.chunks_exact_mut(GROUP * cols)) {
+        for (s, col) in sg.chunks_exact(K_GROUP_BLOCK).enumerate() {
+            for r in 0..GROUP {
+                unpack_k_block(col, r, &mut blk);
+                ggml::dequantize(GgmlType::Q4K, &blk, &mut vals)?;
+                og[r * cols + 256 * s..r * cols + 256 * s + 256].copy_from_slice(&vals);
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,5 +328,72 @@ mod tests {
         assert!(pack_q4_0x16(&q[1..], &mut p[1..], 16, 32).is_err(), "short source");
         assert!(pack_q4_0x16(&q, &mut p[1..], 16, 32).is_err(), "short destination");
         assert!(dequantize_q4_0x16(&q, 32, &mut [0f32; 8 * 32]).is_err(), "half a group");
+    }
+
+    /// Random `Q4_K` rows: random code and scale bytes, finite f16 `d` and `dmin` (what the layout must preserve is
+    /// every bit, not meaningful values).
+    fn q4k_rows(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed;
+        let mut q: Vec<u8> = (0..rows * cols / 256 * K_BLOCK)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        for b in q.chunks_exact_mut(K_BLOCK) {
+            b[1] &= 0x3b; // d, dmin: exponent below the f16 maximum, so finite
+            b[3] &= 0x3b;
+        }
+        q
+    }
+
+    #[test]
+    fn q4_k_pack_round_trips_and_dequantizes_like_the_rows() {
+        for (rows, cols) in [(16, 256), (32, 768), (48, 512)] {
+            let q = q4k_rows(rows, cols, 0x9e37_79b9_7f4a_7c15 ^ (rows * cols) as u64);
+            let mut p = vec![0u8; q.len()];
+            pack_q4_kx16(&q, &mut p, rows, cols).unwrap();
+            assert_ne!(p, q, "packing must move bytes");
+            let mut back = vec![0u8; q.len()];
+            unpack_q4_kx16(&p, &mut back, rows, cols).unwrap();
+            assert_eq!(back, q);
+            let (mut a, mut b) = (vec![0f32; rows * cols], vec![0f32; rows * cols]);
+            ggml::dequantize(GgmlType::Q4K, &q, &mut a).unwrap();
+            dequantize_q4_kx16(&p, cols, &mut b).unwrap();
+            assert_eq!(a, b);
+            let mut via = vec![0u8; q.len()];
+            pack(Encoding::Ggml(GgmlType::Q4K), &q, &mut via, rows, cols).unwrap();
+            assert_eq!(via, p, "pack() dispatches to the Q4_K packer");
+        }
+    }
+
+    #[test]
+    fn q4_k_layout_lines_a_sub_block_up_with_one_q8_block() {
+        // Row 3, element 32·5 + 16 + 4·2 + 1 = 185: sub-block 5, chunk 2, byte 4·3 + 1, high nibble. In ggml it is
+        // element 57 of chunk p = 2 (elements 128..192): byte 32·2 + 25 = 89 of qs, high nibble.
+        let (rows, cols) = (16, 256);
+        let mut q = vec![0u8; rows * K_BLOCK];
+        q[3 * K_BLOCK + 16 + 89] = 0xa0;
+        let mut p = vec![0u8; q.len()];
+        pack_q4_kx16(&q, &mut p, rows, cols).unwrap();
+        let at = 256 + 256 * 5 + 64 * 2 + 4 * 3 + 1;
+        assert_eq!(p[at], 0xa0);
+        assert_eq!(p.iter().filter(|&&b| b != 0).count(), 1);
+    }
+
+    #[test]
+    fn q4_k_bad_shapes_are_refused() {
+        let q = q4k_rows(16, 256, 7);
+        let mut p = vec![0u8; q.len()];
+        assert!(pack_q4_kx16(&q, &mut p, 8, 512).is_err(), "8 rows is not a whole group");
+        assert!(pack_q4_kx16(&q[1..], &mut p[1..], 16, 256).is_err(), "short source");
+        assert!(pack_q4_kx16(&q, &mut p[1..], 16, 256).is_err(), "short destination");
+        assert!(dequantize_q4_kx16(&q, 256, &mut [0f32; 8 * 256]).is_err(), "half a group");
+        assert!(pack(Encoding::Ggml(GgmlType::Q6K), &q, &mut p, 16, 256).is_err(), "Q6_K has no packed form");
+        assert!(packable(Encoding::Ggml(GgmlType::Q4K), 32, 512));
+        assert!(!packable(Encoding::Ggml(GgmlType::Q4K), 24, 512));
+        assert!(!packable(Encoding::Ggml(GgmlType::Q4K), 32, 500));
     }
 }

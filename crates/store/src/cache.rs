@@ -19,7 +19,7 @@ use std::time::Instant;
 use moestream_format::{ExpertRanges, FileRange, TensorIndex};
 
 use crate::policy::{EvictionPolicy, PolicyState};
-use crate::reader::{ExpertReader, MAX_SEGS, ReadOptions, ReadRequest, Segment};
+use crate::reader::{ExpertReader, MAX_SEGS, NO_SEGMENT, ReadOptions, ReadRequest};
 use crate::{SlotBuffer, StoreError};
 
 const EMPTY: u32 = u32::MAX;
@@ -306,8 +306,8 @@ impl ExpertStore {
                 layers.push(None);
                 continue;
             };
-            let gate_up = SlotBuffer::new(&[g, u], h, slots, read.pack_q4_0)?;
-            let down = SlotBuffer::new(&[d], i, slots, read.pack_q4_0)?;
+            let gate_up = SlotBuffer::new(&[g, u], h, slots, read.pack)?;
+            let down = SlotBuffer::new(&[d], i, slots, read.pack)?;
             for b in [&gate_up, &down] {
                 bytes += (b.data.len() + b.scales.len() + b.biases.len()) as u64;
             }
@@ -688,7 +688,7 @@ fn coalesce(batch: &mut Vec<ReadRequest>, first: usize, span: FileRange, tag: u3
     let planned = &mut batch[first..];
     debug_assert!(planned.len() <= MAX_SEGS);
     planned.sort_unstable_by_key(|r| r.range.offset);
-    let mut segs = [Segment { dst: std::ptr::null_mut(), len: 0, pack_cols: 0 }; MAX_SEGS];
+    let mut segs = [NO_SEGMENT; MAX_SEGS];
     for (s, r) in segs.iter_mut().zip(planned.iter()) {
         *s = r.segments()[0];
     }

@@ -36,7 +36,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use moestream_format::FileRange;
+use moestream_format::{Encoding, FileRange};
 
 use crate::{AlignedBuf, StoreError};
 
@@ -55,15 +55,15 @@ pub struct ReadOptions {
     /// fallback on filesystems that accept O_DIRECT.
     #[doc(hidden)]
     pub simulate_direct_einval: bool,
-    /// Store `Q4_0` experts (whose parts have a multiple of 16 rows) as `Q4_0x16`, packed by the I/O thread on the
-    /// way from its staging buffer into the slot. The model sets this when its kernels want packed weights
-    /// (`Dispatch::packs_q4_0`); the bytes a slot holds change, the values do not.
-    pub pack_q4_0: bool,
+    /// Store `Q4_0` and `Q4_K` experts (whose parts have a multiple of 16 rows) as `Q4_0x16` / `Q4_Kx16`, packed
+    /// by the I/O thread on the way from its staging buffer into the slot. The model sets this when its kernels
+    /// want packed weights (`Dispatch::packs`); the bytes a slot holds change, the values do not.
+    pub pack: bool,
 }
 
 impl Default for ReadOptions {
     fn default() -> Self {
-        ReadOptions { direct_io: true, io_threads: 8, simulate_direct_einval: false, pack_q4_0: false }
+        ReadOptions { direct_io: true, io_threads: 8, simulate_direct_einval: false, pack: false }
     }
 }
 
@@ -76,33 +76,35 @@ pub(crate) const MAX_SEGS: usize = 9;
 pub(crate) struct Segment {
     pub dst: *mut u8,
     pub len: usize,
-    /// Non-zero: the bytes are `Q4_0` rows of this many columns, to be stored packed as `Q4_0x16`.
-    pub pack_cols: u32,
+    /// Some: the bytes are rows of this encoding and this many columns, to be stored in its packed form
+    /// (`moestream_quant::packed::pack`).
+    pub pack: Option<(Encoding, u32)>,
 }
 
-const NO_SEGMENT: Segment = Segment { dst: std::ptr::null_mut(), len: 0, pack_cols: 0 };
+pub(crate) const NO_SEGMENT: Segment = Segment { dst: std::ptr::null_mut(), len: 0, pack: None };
 
 impl Segment {
     /// Whether the bytes must pass through a staging buffer (to be packed) rather than land in place.
     fn staged(&self) -> bool {
-        self.pack_cols != 0
+        self.pack.is_some()
     }
 
-    /// Moves `src` (this segment's bytes as read) into the segment: a copy, or the `Q4_0x16` pack.
+    /// Moves `src` (this segment's bytes as read) into the segment: a copy, or the pack into `Q4_0x16` /
+    /// `Q4_Kx16`.
     ///
     /// # Safety
     /// `dst` is valid for `len` writable bytes that nobody else touches during the batch (see `ReadRequest`).
     unsafe fn fill_from(&self, src: &[u8]) -> io::Result<()> {
         // SAFETY: guaranteed by the caller.
         let dst = unsafe { std::slice::from_raw_parts_mut(self.dst, self.len) };
-        if self.pack_cols == 0 {
+        let Some((from, cols)) = self.pack else {
             dst.copy_from_slice(src);
             return Ok(());
-        }
-        let cols = self.pack_cols as usize;
-        let rows = moestream_quant::GgmlType::Q4_0.row_bytes(cols).map_or(0, |rb| self.len / rb);
-        moestream_quant::packed::pack_q4_0x16(src, dst, rows, cols)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("packing Q4_0 rows: {e}")))
+        };
+        let cols = cols as usize;
+        let rows = from.row_bytes(cols).map_or(0, |rb| self.len / rb.max(1));
+        moestream_quant::packed::pack(from, src, dst, rows, cols)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("packing {} rows: {e}", from.name())))
     }
 }
 
@@ -131,7 +133,7 @@ impl ReadRequest {
     /// Read `range` into the `range.len` writable bytes at `dst`.
     pub fn new(range: FileRange, dst: *mut u8, tag: u32, now: Instant) -> Self {
         let mut segs = [NO_SEGMENT; MAX_SEGS];
-        segs[0] = Segment { dst, len: range.len as usize, pack_cols: 0 };
+        segs[0] = Segment { dst, len: range.len as usize, pack: None };
         ReadRequest { range, segs, nsegs: 1, tag, disk_bytes: 0, direct: false, done_at: now, error: None }
     }
 
@@ -151,9 +153,10 @@ impl ReadRequest {
         &self.segs[..self.nsegs]
     }
 
-    /// Marks a single-destination request as `Q4_0` rows of `cols` columns, to be stored as `Q4_0x16`.
-    pub fn packed(mut self, cols: usize) -> Self {
-        self.segs[0].pack_cols = cols as u32;
+    /// Marks a single-destination request as rows of `from` with `cols` columns, to be stored in `from`'s packed
+    /// form.
+    pub fn packed(mut self, from: Encoding, cols: usize) -> Self {
+        self.segs[0].pack = Some((from, cols as u32));
         self
     }
 }
@@ -452,7 +455,7 @@ impl ExpertReader {
         let threads = opts.io_threads.max(1);
         // The aligned superset of a request spans at most its length plus one block on each side. Buffered reads
         // (`preadv`) need no bounce buffer, unless they are packed on the way.
-        let staged = opts.direct_io || opts.pack_q4_0;
+        let staged = opts.direct_io || opts.pack;
         let bounce_len = if staged { (max_range.div_ceil(BLOCK) + 2) * BLOCK } else { 0 } as usize;
         let mut reader = ExpertReader { shared, workers: Vec::with_capacity(threads) };
         for i in 0..threads {

@@ -6,7 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::time::Instant;
 
 use moestream_format::{Encoding, ExpertRanges, FileRange, TensorEntry, TensorIndex};
-use moestream_quant::GgmlType;
+use moestream_quant::packed::packable;
 
 use crate::reader::ReadRequest;
 use crate::{AlignedBuf, StoreError};
@@ -124,24 +124,27 @@ impl ResidentWeights {
         &self.weights[id.0 as usize]
     }
 
-    /// Repacks every `Q4_0` matrix with a multiple of 16 rows (and of 32 columns) as `Q4_0x16`, except `keep`
+    /// Repacks every `Q4_0` and `Q4_K` matrix with a multiple of 16 rows as `Q4_0x16` / `Q4_Kx16`, except `keep`
     /// (weights read by row, such as the token embedding). Returns how many were packed. Load time only: each
     /// matrix is packed into a new buffer, which then replaces the old one.
-    pub fn pack_q4_0(&mut self, keep: &[WeightId]) -> Result<usize, StoreError> {
+    pub fn pack(&mut self, keep: &[WeightId]) -> Result<usize, StoreError> {
         let mut n = 0;
         for (i, w) in self.weights.iter_mut().enumerate() {
-            let packable = w.encoding == Encoding::Ggml(GgmlType::Q4_0)
-                && w.rows.is_multiple_of(moestream_quant::packed::GROUP)
-                && w.cols.is_multiple_of(32);
-            if !packable || keep.contains(&WeightId(i as u32)) {
+            let to = match moestream_quant::packed::packed_form(w.encoding) {
+                Some(to) if packable(w.encoding, w.rows, w.cols) => to,
+                _ => continue,
+            };
+            if keep.contains(&WeightId(i as u32)) {
                 continue;
             }
             let mut packed = AlignedBuf::zeroed(w.data.len())?;
-            moestream_quant::packed::pack_q4_0x16(w.data.as_slice(), packed.as_mut_slice(), w.rows, w.cols).map_err(
-                |e| StoreError::Layout { tensor: format!("resident weight #{i}"), msg: format!("packing: {e}") },
-            )?;
+            moestream_quant::packed::pack(w.encoding, w.data.as_slice(), packed.as_mut_slice(), w.rows, w.cols)
+                .map_err(|e| StoreError::Layout {
+                    tensor: format!("resident weight #{i}"),
+                    msg: format!("packing: {e}"),
+                })?;
             w.data = packed;
-            w.encoding = Encoding::Q4_0x16;
+            w.encoding = to;
             n += 1;
         }
         Ok(n)
@@ -163,7 +166,10 @@ impl ResidentWeights {
 /// The stacked slot buffers of one projection: `[slots, rows, row_bytes]` plus MLX scales and biases. The gate+up
 /// buffer stacks gate's rows then up's rows in each slot, so one slot is one `[2·I, H]` matrix.
 pub struct SlotBuffer {
+    /// How the slots hold the weights: the file's encoding, or its packed form.
     pub encoding: Encoding,
+    /// How the file stores them (what a read brings in before any packing).
+    file_encoding: Encoding,
     pub rows: usize,
     pub cols: usize,
     pub data: AlignedBuf,
@@ -175,7 +181,8 @@ pub struct SlotBuffer {
 
 impl SlotBuffer {
     /// A buffer whose slots hold `parts` (one expert of each tensor, stacked by rows) back to back. With `pack`,
-    /// `Q4_0` parts whose row counts are multiples of 16 are stored as `Q4_0x16` (each part packed on its own, so
+    /// `Q4_0` / `Q4_K` parts whose row counts are multiples of 16 are stored as `Q4_0x16` / `Q4_Kx16` (each part
+    /// packed on its own, so
     /// gate and up stay separate groups).
     pub(crate) fn new(parts: &[&TensorEntry], cols: usize, slots: usize, pack: bool) -> Result<Self, StoreError> {
         let first = parts[0];
@@ -199,12 +206,11 @@ impl SlotBuffer {
             data_stride += e0.data.len as usize;
             group_stride += e0.scales.map(|r| r.len as usize).unwrap_or(0);
         }
-        let packed = pack
-            && first.encoding == Encoding::Ggml(GgmlType::Q4_0)
-            && cols.is_multiple_of(32)
-            && parts.iter().all(|t| t.matrix_dims().0.is_multiple_of(moestream_quant::packed::GROUP));
+        let packed = pack && parts.iter().all(|t| packable(first.encoding, t.matrix_dims().0, cols));
+        let packed_form = moestream_quant::packed::packed_form(first.encoding).filter(|_| packed);
         Ok(SlotBuffer {
-            encoding: if packed { Encoding::Q4_0x16 } else { first.encoding },
+            encoding: packed_form.unwrap_or(first.encoding),
+            file_encoding: first.encoding,
             rows,
             cols,
             data: AlignedBuf::zeroed(data_stride * slots)?,
@@ -240,7 +246,7 @@ impl SlotBuffer {
             // SAFETY (all three `add`s): the offsets stay inside slot `s` of their buffer, by the strides computed in
             // `new` from these same tensors' expert ranges.
             let req = ReadRequest::new(r.data, unsafe { data.add(d_at) }, tag, now);
-            out.push(if self.encoding == Encoding::Q4_0x16 { req.packed(self.cols) } else { req });
+            out.push(if self.encoding.is_packed() { req.packed(self.file_encoding, self.cols) } else { req });
             d_at += r.data.len as usize;
             if let (Some(sc), Some(bi)) = (r.scales, r.biases) {
                 out.push(ReadRequest::new(sc, unsafe { scales.add(g_at) }, tag, now));

@@ -1,5 +1,6 @@
-//! Kernels for `Q4_0x16` weights (ggml `Q4_0` regrouped 16 rows at a time, layout in `moestream_quant::packed`):
-//! 16 rows × 1 token (decode) and 16 rows × up to 16 tokens per AMX tile (prefill).
+//! Kernels for `Q4_0x16` and `Q4_Kx16` weights (ggml `Q4_0` / `Q4_K` regrouped 16 rows at a time, layouts in
+//! `moestream_quant::packed`): 16 rows × 1 token (decode), 16 rows × 4 tokens (`Q4_Kx16` prefill) and 16 rows ×
+//! up to 16 tokens per AMX tile (`Q4_0x16` prefill).
 //!
 //! Why a layout of our own: in ggml's row-major `Q4_0` a row's block dot lands in SIMD lanes that must be summed
 //! across, and each block scale is applied per (row, token) pair: ~8 multiply-adds per vector op. With 16 rows
@@ -14,9 +15,24 @@
 //! for each 32-block b:  isum = Σ (q − 8)·x_q   (exact i32)
 //!                       acc  = fma(f32(isum), f32(d_w) · d_x, acc)
 //! ```
+//!
+//! `Q4_Kx16` kernels likewise compute, per (row, token), exactly this (ggml's `Q8_K` activation scheme: one `d_x`
+//! per 256, integer block sums `qsum_j`), which is what makes them interchangeable:
+//! ```text
+//! acc = macc = 0
+//! for each 256-super-block s:  S = Σ_j sc_j · Σ q·x_q     M = Σ_j mn_j · qsum_j   (exact i32, j = 0..8)
+//!                              acc  = fma(f32(S), f32(d) · d_x, acc)
+//!                              macc = fma(f32(M), f32(dmin) · d_x, macc)
+//! result = acc − macc
+//! ```
+//! Why a `Q4_K` layout of our own: in ggml's row-major blocks every 32-element sub-block needs its own scale
+//! broadcast and lane shuffle per row (the row-major q8 kernel streams ~11 GB/s per core from cache, i.e. it is
+//! compute-bound on this machine's ~10 GB/s per core); interleaved, one 64-byte load feeds 16 rows, the 6-bit
+//! scales of 16 rows unpack in a few 32-bit lane ops, and one `vpmulld` applies 16 rows' sub-block scales.
+//!
 //! It owns arithmetic only; shapes, tasks and the choice of kernel live in `matmul`.
 
-use moestream_quant::packed::{GROUP, GROUP_BLOCK};
+use moestream_quant::packed::{GROUP, GROUP_BLOCK, K_GROUP_BLOCK};
 use moestream_quant::{FloatType, decode_floats};
 
 use super::Q8Block;
@@ -52,6 +68,60 @@ pub(crate) fn dot16_f32(g: &[u8], x: &[f32], out: &mut [f32; GROUP]) {
         moestream_quant::packed::dequantize_q4_0x16(blk, 32, &mut vals).expect("one whole block column");
         for (r, a) in acc.iter_mut().enumerate() {
             for (w, v) in vals[32 * r..32 * r + 32].iter().zip(xb) {
+                *a += w * v;
+            }
+        }
+    }
+    *out = acc;
+}
+
+/// The `Q4_Kx16` scalar reference: `out[i]` = row `i` of the 16-row group `g` (`q8.len() / 8` super-block
+/// columns) · one token's q8 blocks (8 per super-block, one shared `d`).
+pub(crate) fn dot16k_scalar(g: &[u8], q8: &[Q8Block], out: &mut [f32; GROUP]) {
+    let (mut acc, mut macc) = ([0f32; GROUP], [0f32; GROUP]);
+    let (mut d, mut dmin) = ([0f32; GROUP], [0f32; GROUP]);
+    for (col, xs) in g.chunks_exact(K_GROUP_BLOCK).zip(q8.chunks_exact(8)) {
+        decode_floats(FloatType::F16, &col[..2 * GROUP], &mut d).expect("16 f16 d");
+        decode_floats(FloatType::F16, &col[2 * GROUP..4 * GROUP], &mut dmin).expect("16 f16 dmin");
+        let dx = xs[0].d;
+        for r in 0..GROUP {
+            let mut packed = [0u8; 12];
+            for w in 0..3 {
+                packed[4 * w..4 * w + 4].copy_from_slice(&col[64 + 64 * w + 4 * r..64 + 64 * w + 4 * r + 4]);
+            }
+            let (sc, mn) = moestream_quant::ggml::scale_min_k4(&packed);
+            let (mut sum, mut mins) = (0i32, 0i32);
+            for (j, xb) in xs.iter().enumerate() {
+                let sub = &col[256 + 256 * j..512 + 256 * j];
+                let mut isum = 0i32;
+                for c in 0..4 {
+                    for i in 0..4 {
+                        let q = sub[64 * c + 4 * r + i];
+                        isum += i32::from(q & 15) * i32::from(xb.qs[4 * c + i]);
+                        isum += i32::from(q >> 4) * i32::from(xb.qs[16 + 4 * c + i]);
+                    }
+                }
+                sum += i32::from(sc[j]) * isum;
+                mins += i32::from(mn[j]) * xb.qsum;
+            }
+            acc[r] = (sum as f32).mul_add(d[r] * dx, acc[r]);
+            macc[r] = (mins as f32).mul_add(dmin[r] * dx, macc[r]);
+        }
+    }
+    for (o, (a, m)) in out.iter_mut().zip(acc.iter().zip(&macc)) {
+        *o = a - m;
+    }
+}
+
+/// `Q4_Kx16` with exact-f32 activations: dequantize a super-block column, dot per row in column order (the
+/// order of the scalar row-major reference, so the two agree bit for bit).
+pub(crate) fn dot16k_f32(g: &[u8], x: &[f32], out: &mut [f32; GROUP]) {
+    let mut acc = [0f32; GROUP];
+    let mut vals = [0f32; GROUP * 256];
+    for (col, xs) in g.chunks_exact(K_GROUP_BLOCK).zip(x.chunks_exact(256)) {
+        moestream_quant::packed::dequantize_q4_kx16(col, 256, &mut vals).expect("one whole super-block column");
+        for (r, a) in acc.iter_mut().enumerate() {
+            for (w, v) in vals[256 * r..256 * r + 256].iter().zip(xs) {
                 *a += w * v;
             }
         }
@@ -96,7 +166,7 @@ pub(crate) mod x86 {
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
-    use super::{ATile, GROUP, GROUP_BLOCK, Q8Block};
+    use super::{ATile, GROUP, GROUP_BLOCK, K_GROUP_BLOCK, Q8Block};
 
     /// Block columns ahead that [`dot16`] prefetches (4.6 KiB). On the 16-layer 30B-shaped decode A/B, with 128 KiB
     /// tasks: 8 → 12 gave +11% (median of 6 alternating pairs); 12, 16 and 24 were within noise of each other.
@@ -153,6 +223,155 @@ pub(crate) mod x86 {
         }
         // SAFETY: `out` is 16 f32.
         unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
+    }
+
+    /// `Q4_Kx16` super-block columns ahead that [`dot16k`] prefetches (4.5 KiB, as [`dot16`]'s 16 block columns).
+    const K_PREFETCH: usize = 2;
+
+    /// AVX-512 VNNI: `Q4_Kx16`, 16 rows × one token. Same contract and result as [`super::dot16k_scalar`]; `next`
+    /// as for [`dot16`].
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL + VNNI; `g` holds `q8.len() / 8` super-block columns.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    pub(crate) unsafe fn dot16k(g: &[u8], q8: &[Q8Block], out: &mut [f32; GROUP], next: *const u8) {
+        let mut res = [[0f32; GROUP]; 1];
+        // SAFETY: guaranteed by the caller.
+        unsafe { dot16k_t::<1>(g, [q8], &mut res, next) };
+        *out = res[0];
+    }
+
+    /// [`dot16k`] for 4 tokens at once (prefill): each code vector is unpacked once for the 4, the per-(row, token)
+    /// arithmetic is unchanged, so the results equal 4 [`dot16k`] calls bit for bit.
+    ///
+    /// # Safety
+    /// As [`dot16k`], for each of the 4 tokens' blocks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    pub(crate) unsafe fn dot16k4(g: &[u8], q8: [&[Q8Block]; 4], out: &mut [[f32; GROUP]; 4]) {
+        // SAFETY: guaranteed by the caller; the null `next` is never prefetched for T > 1.
+        unsafe { dot16k_t::<4>(g, q8, out, std::ptr::null()) };
+    }
+
+    /// The `Q4_Kx16` kernel over T tokens. Per super-block column: ggml's 32-bit scale/min unpacking on 16 rows'
+    /// words at once; the mins term as 4 `vpdpwssd` (mins paired as i16, `qsum` pairs broadcast); per sub-block 8
+    /// `vpdpbusd` (low and high nibbles, two chains) and one `vpmulld` by the 16 rows' scales.
+    // Index loops: the indices are the layout (sub-block, chunk and token numbers), not just positions.
+    #[allow(clippy::needless_range_loop)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    unsafe fn dot16k_t<const T: usize>(g: &[u8], q8: [&[Q8Block]; T], out: &mut [[f32; GROUP]; T], next: *const u8) {
+        let nsb = q8[0].len() / 8;
+        debug_assert!(g.len() >= nsb * K_GROUP_BLOCK);
+        let low = _mm512_set1_epi8(15);
+        let (km1, km2, km3) =
+            (_mm512_set1_epi32(0x3f3f_3f3f), _mm512_set1_epi32(0x0f0f_0f0f), _mm512_set1_epi32(0x0303_0303));
+        let (byte, pair16) = (_mm512_set1_epi32(0xff), _mm512_set1_epi32(0x00ff_00ff));
+        let mut acc = [_mm512_setzero_ps(); T];
+        let mut macc = [_mm512_setzero_ps(); T];
+        let p = g.as_ptr();
+        for s in 0..nsb {
+            // SAFETY: super-block column s of the group is in bounds (the caller's contract).
+            let col = unsafe { p.add(s * K_GROUP_BLOCK) };
+            // Decode streams the group once: 9 steps (header, 8 sub-blocks) of 256 bytes each ask for the same
+            // 256 bytes K_PREFETCH columns ahead, running on into `next` at the group's end. Never faults.
+            let ahead = if s + K_PREFETCH < nsb {
+                col.wrapping_add(K_PREFETCH * K_GROUP_BLOCK)
+            } else {
+                next.wrapping_add((s + K_PREFETCH - nsb) * K_GROUP_BLOCK)
+            };
+            let prefetch = |h: usize| {
+                if T == 1 {
+                    for l in 0..4 {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(256 * h + 64 * l).cast());
+                    }
+                }
+            };
+            prefetch(0);
+            // SAFETY (loads of this block): the 256-byte header of column s.
+            let (d, dmin, w0, w1, w2) = unsafe {
+                (
+                    _mm512_cvtph_ps(_mm256_loadu_si256(col.cast())),
+                    _mm512_cvtph_ps(_mm256_loadu_si256(col.add(32).cast())),
+                    _mm512_loadu_si512(col.add(64).cast()),
+                    _mm512_loadu_si512(col.add(128).cast()),
+                    _mm512_loadu_si512(col.add(192).cast()),
+                )
+            };
+            // ggml's `utmp` unpacking, 16 rows per operation: scales 0–3 / 4–7, mins 0–3 / 4–7, one byte each.
+            let sc = [
+                _mm512_and_si512(w0, km1),
+                _mm512_or_si512(
+                    _mm512_and_si512(w2, km2),
+                    _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(w0), km3)),
+                ),
+            ];
+            let m_lo = _mm512_and_si512(w1, km1);
+            let m_hi = _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi32::<4>(w2), km2),
+                _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(w1), km3)),
+            );
+            // Mins as i16 pairs (0, 2), (1, 3), (4, 6), (5, 7) per row.
+            let mins = [
+                _mm512_and_si512(m_lo, pair16),
+                _mm512_and_si512(_mm512_srli_epi32::<8>(m_lo), pair16),
+                _mm512_and_si512(m_hi, pair16),
+                _mm512_and_si512(_mm512_srli_epi32::<8>(m_hi), pair16),
+            ];
+            let mut isc = [_mm512_setzero_si512(); T];
+            let mut imn = [_mm512_setzero_si512(); T];
+            let mut xs = [std::ptr::null::<Q8Block>(); T];
+            for t in 0..T {
+                // SAFETY: blocks 8s..8s+8 of token t exist (q8[t].len() == 8·nsb, the caller's contract).
+                xs[t] = unsafe { q8[t].as_ptr().add(8 * s) };
+                // SAFETY: as above.
+                let qs = |j: usize| unsafe { (*xs[t].add(j)).qsum };
+                let pair = |a: usize, b: usize| ((qs(a) as u32 & 0xffff) | ((qs(b) as u32) << 16)) as i32;
+                for (m, (a, b)) in mins.iter().zip([(0, 2), (1, 3), (4, 6), (5, 7)]) {
+                    imn[t] = _mm512_dpwssd_epi32(imn[t], *m, _mm512_set1_epi32(pair(a, b)));
+                }
+            }
+            for j in 0..8 {
+                prefetch(1 + j);
+                let scj = match j % 4 {
+                    0 => _mm512_and_si512(sc[j / 4], byte),
+                    1 => _mm512_and_si512(_mm512_srli_epi32::<8>(sc[j / 4]), byte),
+                    2 => _mm512_and_si512(_mm512_srli_epi32::<16>(sc[j / 4]), byte),
+                    _ => _mm512_srli_epi32::<24>(sc[j / 4]),
+                };
+                // SAFETY: sub-block j of column s.
+                let sub = unsafe { col.add(256 + 256 * j) };
+                let mut lo_acc = [_mm512_setzero_si512(); T];
+                let mut hi_acc = [_mm512_setzero_si512(); T];
+                for c in 0..4 {
+                    // SAFETY: chunk c of sub-block j.
+                    let w = unsafe { _mm512_loadu_si512(sub.add(64 * c).cast()) };
+                    let lo = _mm512_and_si512(w, low);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
+                    for t in 0..T {
+                        // SAFETY: block 8s + j of token t; words c and 4 + c of its 32 code bytes.
+                        let (xl, xh) = unsafe {
+                            let x = (*xs[t].add(j)).qs.as_ptr().cast::<i32>();
+                            (x.add(c).read_unaligned(), x.add(4 + c).read_unaligned())
+                        };
+                        lo_acc[t] = _mm512_dpbusd_epi32(lo_acc[t], lo, _mm512_set1_epi32(xl));
+                        hi_acc[t] = _mm512_dpbusd_epi32(hi_acc[t], hi, _mm512_set1_epi32(xh));
+                    }
+                }
+                for t in 0..T {
+                    isc[t] = _mm512_add_epi32(isc[t], _mm512_mullo_epi32(_mm512_add_epi32(lo_acc[t], hi_acc[t]), scj));
+                }
+            }
+            for t in 0..T {
+                // SAFETY: block 8s of token t, as above.
+                let dx = _mm512_set1_ps(unsafe { (*xs[t]).d });
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isc[t]), _mm512_mul_ps(d, dx), acc[t]);
+                macc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(imn[t]), _mm512_mul_ps(dmin, dx), macc[t]);
+            }
+        }
+        for t in 0..T {
+            // SAFETY: `out[t]` is 16 f32.
+            unsafe { _mm512_storeu_ps(out[t].as_mut_ptr(), _mm512_sub_ps(acc[t], macc[t])) };
+        }
     }
 
     /// Whether AMX-INT8 tiles can be used: the CPU has them and the kernel granted this process the tile state

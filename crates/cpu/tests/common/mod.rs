@@ -87,6 +87,13 @@ pub fn make_weight(encoding: Encoding, rows: usize, cols: usize, rng: &mut Rng) 
             (w.encoding, w.data) = (encoding, packed);
             return w;
         }
+        Encoding::Q4Kx16 => {
+            let mut w = make_weight(Encoding::Ggml(GgmlType::Q4K), rows, cols, rng);
+            let mut packed = vec![0u8; w.data.len()];
+            moestream_quant::packed::pack_q4_kx16(&w.data, &mut packed, rows, cols).expect("16-row groups");
+            (w.encoding, w.data) = (encoding, packed);
+            return w;
+        }
         Encoding::Float(ft) => {
             data = vec![0u8; n * ft.size()];
             encode_floats(ft, &src, &mut data).expect("encode floats");
