@@ -168,9 +168,15 @@ pub(crate) mod x86 {
 
     use super::{ATile, GROUP, GROUP_BLOCK, K_GROUP_BLOCK, Q8Block};
 
-    /// Block columns ahead that [`dot16`] prefetches (4.6 KiB). On the 16-layer 30B-shaped decode A/B, with 128 KiB
-    /// tasks: 8 → 12 gave +11% (median of 6 alternating pairs); 12, 16 and 24 were within noise of each other.
+    /// Block columns ahead that [`dot16`] prefetches into L1 (4.6 KiB). On the 16-layer 30B-shaped decode A/B, with
+    /// 128 KiB tasks: 8 → 12 gave +11% (median of 6 alternating pairs); 12, 16 and 24 were within noise of each
+    /// other.
     const PREFETCH: usize = 16;
+    /// Block columns ahead that [`dot16`] also prefetches into L2 only (13.5 KiB): one core streams ~10 GB/s here,
+    /// latency-bound, and the L1 prefetches alone keep too few lines in flight (L1 has 16 fill buffers, L2 tracks
+    /// ~48 misses). `examples/stream.rs`, 3 alternating rounds: L1 only 17.3–20.2 GB/s; plus L2 at 32, 48, 64
+    /// columns 18.0–21.8, 20.0–21.2, 20.2–21.1; at 96 13.8–20.4 (past the next group, often the wrong bytes).
+    const FAR_PREFETCH: usize = 48;
 
     /// AVX-512 VNNI: 16 rows × one token. Same contract and result as [`super::dot16_scalar`]. `next` is where
     /// the caller reads next (the following group of its task, or the next expert's): the prefetch runs on into
@@ -197,6 +203,14 @@ pub(crate) mod x86 {
             };
             for l in 0..5 {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l).cast());
+            }
+            let far = if b + FAR_PREFETCH < q8.len() {
+                blk.wrapping_add(FAR_PREFETCH * GROUP_BLOCK)
+            } else {
+                next.wrapping_add((b + FAR_PREFETCH - q8.len()) * GROUP_BLOCK)
+            };
+            for l in 0..5 {
+                _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(64 * l).cast());
             }
             let x = xb.qs.as_ptr().cast::<i32>();
             // Two chains (low and high nibbles): integers, so the split does not change the sum.
@@ -225,8 +239,10 @@ pub(crate) mod x86 {
         unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
     }
 
-    /// `Q4_Kx16` super-block columns ahead that [`dot16k`] prefetches (4.5 KiB, as [`dot16`]'s 16 block columns).
+    /// `Q4_Kx16` super-block columns ahead that [`dot16k`] prefetches into L1 and into L2 only: 4.5 and 13.5 KiB, as
+    /// [`dot16`]'s [`PREFETCH`] and [`FAR_PREFETCH`].
     const K_PREFETCH: usize = 2;
+    const K_FAR_PREFETCH: usize = 6;
 
     /// AVX-512 VNNI: `Q4_Kx16`, 16 rows × one token. Same contract and result as [`super::dot16k_scalar`]; `next`
     /// as for [`dot16`].
@@ -279,10 +295,16 @@ pub(crate) mod x86 {
             } else {
                 next.wrapping_add((s + K_PREFETCH - nsb) * K_GROUP_BLOCK)
             };
+            let far = if s + K_FAR_PREFETCH < nsb {
+                col.wrapping_add(K_FAR_PREFETCH * K_GROUP_BLOCK)
+            } else {
+                next.wrapping_add((s + K_FAR_PREFETCH - nsb) * K_GROUP_BLOCK)
+            };
             let prefetch = |h: usize| {
                 if T == 1 {
                     for l in 0..4 {
                         _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(256 * h + 64 * l).cast());
+                        _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(256 * h + 64 * l).cast());
                     }
                 }
             };
