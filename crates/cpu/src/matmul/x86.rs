@@ -1070,7 +1070,7 @@ pub(super) mod avx512 {
                     }
                 }
                 if T == 1 && !pf.is_null() {
-                    prefetch_span(pf, 144 * R * sb, 144 * R);
+                    prefetch_span(pf, 144 * R * sb, 144 * R, 2 * R * w[0].len());
                 }
                 for r in 0..R {
                     let bp = w[r].as_ptr().add(144 * sb);
@@ -1143,7 +1143,7 @@ pub(super) mod avx512 {
                     }
                 }
                 if T == 1 && !pf.is_null() {
-                    prefetch_span(pf, 210 * R * sb, 210 * R);
+                    prefetch_span(pf, 210 * R * sb, 210 * R, 2 * R * w[0].len());
                 }
                 for r in 0..R {
                     let bp = w[r].as_ptr().add(210 * sb);
@@ -1206,12 +1206,17 @@ pub(super) mod avx512 {
     /// `off..off + len` of this group (summed over its rows), the same bytes of the next group are requested, so the
     /// whole next group is in flight by the time this one ends. The hardware streamer does not do this by itself:
     /// each row is a short stream (1–2 KiB) and four run side by side.
+    ///
+    /// The same span of the group after the one after next (`far`, two groups further) is also requested into L2
+    /// only, as the packed kernels do (`packed::x86::FAR_PREFETCH`): L1's fill buffers alone keep too few lines
+    /// in flight for one core to reach its share of the bandwidth.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    fn prefetch_span(next: *const u8, off: usize, len: usize) {
+    fn prefetch_span(next: *const u8, off: usize, len: usize, far: usize) {
         // Prefetch never faults, whatever the address; wrapping_add keeps the pointer arithmetic defined.
         for at in (off..off + len).step_by(64) {
             _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(at).cast());
+            _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(far + at).cast());
         }
     }
 
@@ -1240,7 +1245,7 @@ pub(super) mod avx512 {
             let mut b = 0;
             while b + 2 <= nb {
                 if T == 1 && !pf.is_null() {
-                    prefetch_span(pf, 18 * R * b, 36 * R);
+                    prefetch_span(pf, 18 * R * b, 36 * R, 2 * R * w[0].len());
                 }
                 // Loops, not `array::from_fn`: closures do not inherit target features and were not inlined.
                 let mut xv = [_mm512_setzero_si512(); T];
