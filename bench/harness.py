@@ -543,6 +543,10 @@ def parse_moestream(stdout):
         for k in ("prefill_tok_s", "decode_tok_s", "ttft_s", "hit_rate", "read_bytes_per_token",
                   "read_latency_p50_us", "read_latency_p99_us"):
             out[f"{phase}_{k}"] = s[k]["median"]
+        # Decode-only miss and stall figures (moestream bench ≥ c5e20ce); absent from older binaries' JSON.
+        for k in ("decode_misses_per_token", "decode_stall_ms_per_token"):
+            if isinstance(s.get(k), dict):
+                out[f"{phase}_{k}"] = s[k]["median"]
         reuse = find_key(s, "routing_reuse")
         if reuse is not None:
             out[f"{phase}_routing_reuse"] = reuse
@@ -696,7 +700,8 @@ def scenario_table(results, scenario):
     head = ["file, engine", "prompt / gen", f"{what} tok/s (warm)", "cold", "vs llama.cpp", "bound tok/s",
             "% of bound"]
     if limited:
-        head += ["hit rate (warm)", "read MB/token (warm)"]
+        head += ["hit rate (warm)", "read MB/token (warm)", "decode misses/token (warm)",
+                 "decode read stall ms/token (warm)"]
     elif what == "decode":
         head.append("prefill tok/s (warm)")
     if scenario.startswith("skew"):
@@ -719,7 +724,9 @@ def scenario_table(results, scenario):
         if limited:
             row += ([fmt_spread(runs, "warm_hit_rate", 1, 100) + ("%" if stat(runs, "warm_hit_rate")[0] is not None
                                                                     else ""),
-                     fmt_spread(runs, "warm_read_bytes_per_token", 0, 1e-6)] if eng == "moestream" else ["–", "–"])
+                     fmt_spread(runs, "warm_read_bytes_per_token", 0, 1e-6),
+                     fmt_spread(runs, "warm_decode_misses_per_token", 2),
+                     fmt_spread(runs, "warm_decode_stall_ms_per_token", 1)] if eng == "moestream" else ["–"] * 4)
         elif what == "decode":
             row.append(fmt_spread(runs, headline_key(eng, "prefill")))
         if scenario.startswith("skew"):

@@ -25,9 +25,11 @@ def llama(scenario, file, decode=None, prefill=None, limit=None, prompt=32, gen=
             "limit_bytes": limit, "prompt": prompt, "gen": gen, "cmd": ["llama-bench", "-m", "F"], "result": res}
 
 
-def ms(scenario, file, variant, decode, prefill=20.0, hit=1.0, limit=None, prompt=32, gen=64, read=0.0):
+def ms(scenario, file, variant, decode, prefill=20.0, hit=1.0, limit=None, prompt=32, gen=64, read=0.0, misses=0.0,
+       stall=0.0):
     res = {"warm_decode_tok_s": decode, "cold_decode_tok_s": decode * 0.9, "warm_prefill_tok_s": prefill,
-           "cold_prefill_tok_s": prefill * 0.9, "warm_hit_rate": hit, "warm_read_bytes_per_token": read}
+           "cold_prefill_tok_s": prefill * 0.9, "warm_hit_rate": hit, "warm_read_bytes_per_token": read,
+           "warm_decode_misses_per_token": misses, "warm_decode_stall_ms_per_token": stall}
     return {"scenario": scenario, "case": f"{file} moestream {variant}", "engine": "moestream", "variant": variant,
             "file": file, "limit_bytes": limit, "prompt": prompt, "gen": gen,
             "cmd": ["moestream", "bench", "--model", "F"], "result": res}
@@ -54,7 +56,8 @@ CANNED = {
         llama("in_ram", "Q4_K_M", decode=5.0),
         ms("in_ram", "Q4_K_M", "q8", 4.0),
         llama("limit_half", "Q4_0", decode=0.2, limit=8 << 30, prompt=0, gen=8),
-        ms("limit_half", "Q4_0", "q8", 5.0, hit=0.8, limit=8 << 30, prompt=8, gen=32),
+        ms("limit_half", "Q4_0", "q8", 5.0, hit=0.8, limit=8 << 30, prompt=8, gen=32, read=16.7e6, misses=5.58,
+           stall=10.08),
         llama("limit_quarter", "Q4_0", decode=0.1, limit=4 << 30, prompt=0, gen=4),
         ms("limit_quarter", "Q4_0", "q8", 3.0, hit=0.75, limit=4 << 30, prompt=8, gen=32),
         llama("prefill_in_ram", "Q4_0", prefill=18.0, prompt=512, gen=0),
@@ -112,6 +115,10 @@ def test_render_has_every_section(harness):
                     "#### In RAM: decode (and a short prefill)", "#### Bigger than memory: ¼ of the file size"):
         assert heading in body
     assert "| 20.0 GB/s" in body  # measured memory bandwidth
+    # Under a limit, moestream's row carries the decode miss and stall figures; llama.cpp's has dashes there.
+    half = body[body.index("#### Bigger than memory: ½"):]
+    assert "| 80.0% | 17 | 5.58 | 10.1 |" in half
+    assert "| – | – | – | – |" in half
 
 
 @pytest.mark.parametrize("before, after", [
