@@ -1,11 +1,13 @@
-//! Streaming rate of the packed (`Q4_0x16`) gemv against a plain summing loop over the same bytes, in one
+//! Streaming rate of a packed (`Q4_0x16`, or `Q4_Kx16` with `ENC=q4k`) gemv against a plain summing loop over
+//! the same bytes, in one
 //! process and one time window: this machine's bandwidth drifts by ±20% between runs, so only the ratio of the
 //! two is comparable across runs. The working set (default 2 GiB) is far beyond the L3 (300 MiB here), which
 //! the 256 MiB `cold` case of `benches/matmul.rs` is not. The summing loop is built for the baseline target
 //! (SSE2) and reads less than `bench/membw.c` (`-march=native`), which stays the harness's bandwidth bound.
 //!
 //! `cargo run --release -p moestream-cpu --example stream -- [ROWS] [COLS] [MIB] [THREADS]`, defaults
-//! `1536 2048 2048 2` (a Qwen3-30B-A3B fused gate_up). `ISA=avx2-q8` picks another dispatch table.
+//! `1536 2048 2048 2` (a Qwen3-30B-A3B fused gate_up). `ISA=avx2-q8` picks another dispatch table; `ENC=q4k`
+//! streams `Q4_Kx16` (random codes and scales, finite f16 `d`/`dmin`; `COLS` a multiple of 256).
 use std::time::Instant;
 
 use moestream_cpu::{Dispatch, ThreadPool, WeightView};
@@ -27,11 +29,30 @@ fn main() {
         std::process::exit(2);
     }
     let src: Vec<f32> = (0..rows * cols).map(|i| ((i as f32) * 0.618).sin()).collect();
-    let t = GgmlType::Q4_0;
+    let k_quant = std::env::var("ENC").is_ok_and(|e| e == "q4k");
+    if k_quant && cols % 256 != 0 {
+        eprintln!("ENC=q4k needs cols to be a multiple of 256 (got {cols})");
+        std::process::exit(2);
+    }
+    let (t, packed) = if k_quant { (GgmlType::Q4K, Encoding::Q4Kx16) } else { (GgmlType::Q4_0, Encoding::Q4_0x16) };
     let mut rowmajor = vec![0u8; t.row_bytes(cols).expect("row size") * rows];
-    ggml::quantize(t, &src, &mut rowmajor).expect("quantize");
+    if k_quant {
+        // No K-quant encoder: random bytes, with d = dmin = 2^-8 so every value is finite.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for b in rowmajor.iter_mut() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *b = state as u8;
+        }
+        for blk in rowmajor.chunks_exact_mut(144) {
+            blk[..4].copy_from_slice(&[0x00, 0x1c, 0x00, 0x1c]);
+        }
+    } else {
+        ggml::quantize(t, &src, &mut rowmajor).expect("quantize");
+    }
     let mut one = vec![0u8; rowmajor.len()];
-    moestream_quant::packed::pack_q4_0x16(&rowmajor, &mut one, rows, cols).expect("pack");
+    moestream_quant::packed::pack(Encoding::Ggml(t), &rowmajor, &mut one, rows, cols).expect("pack");
     let copies = ((mib << 20) / one.len()).max(1);
     let big = huge_zeroed(copies * one.len());
     let big: &mut [u8] = big;
@@ -40,7 +61,7 @@ fn main() {
     }
     let views: Vec<WeightView> = big
         .chunks_exact(one.len())
-        .map(|data| WeightView { encoding: Encoding::Q4_0x16, rows, cols, data, scales: &[], biases: &[] })
+        .map(|data| WeightView { encoding: packed, rows, cols, data, scales: &[], biases: &[] })
         .collect();
     let gbs = |dt: f64| big.len() as f64 / dt / 1e9;
     for pass in 0..3 {
