@@ -76,16 +76,11 @@ fn make(enc: Encoding, rows: usize, cols: usize) -> Owned {
             encode_floats(scale_type, &b, &mut biases).expect("biases");
             Owned { data, scales, biases }
         }
-        Encoding::Q4_0x16 => {
-            let rowmajor = make(Encoding::Ggml(GgmlType::Q4_0), rows, cols);
+        Encoding::Q4_0x16 | Encoding::Q4Kx16 => {
+            let source = Encoding::Ggml(if enc == Encoding::Q4Kx16 { GgmlType::Q4K } else { GgmlType::Q4_0 });
+            let rowmajor = make(source, rows, cols);
             let mut data = vec![0u8; rowmajor.data.len()];
-            moestream_quant::packed::pack_q4_0x16(&rowmajor.data, &mut data, rows, cols).expect("pack");
-            Owned { data, scales: vec![], biases: vec![] }
-        }
-        Encoding::Q4Kx16 => {
-            let rowmajor = make(Encoding::Ggml(GgmlType::Q4K), rows, cols);
-            let mut data = vec![0u8; rowmajor.data.len()];
-            moestream_quant::packed::pack_q4_kx16(&rowmajor.data, &mut data, rows, cols).expect("pack");
+            moestream_quant::packed::pack(source, &rowmajor.data, &mut data, rows, cols).expect("pack");
             Owned { data, scales: vec![], biases: vec![] }
         }
         Encoding::Float(_) => unreachable!("not benchmarked"),

@@ -984,7 +984,7 @@ impl Dispatch {
     fn group_dot(&self, enc: Encoding, g: &[u8], next: *const u8, act: &Act<'_>, out: &mut [f32; GROUP]) {
         let k_quant = enc == Encoding::Q4Kx16;
         if act.q8.is_empty() {
-            if k_quant { packed::dot16k_f32(g, act.x, out) } else { packed::dot16_f32(g, act.x, out) }
+            packed::dot16_f32(enc, g, act.x, out);
         } else if let Some(k) = if k_quant { self.dot16k.map(|k| k.0) } else { self.dot16 } {
             // SAFETY: `g` is a whole group of a validated view and `act.q8` its token's blocks (one per block
             // column, or 8 per super-block column for `Q4_Kx16`, as `q8_group` makes them); `Dispatch::new_q8`

@@ -35,18 +35,30 @@ const BLOCK: usize = 18;
 /// Bytes of one block column of a group.
 pub const GROUP_BLOCK: usize = GROUP * BLOCK;
 
-fn check(rows: usize, cols: usize, got: usize, ty: &'static str) -> Result<usize, QuantError> {
-    if !cols.is_multiple_of(32) {
-        return Err(QuantError::PartialBlock { ty, elems: cols, block: 32 });
+/// Checks a `[rows, cols]` matrix of `got` bytes in blocks of `elems` elements / `bytes` bytes (`Q4_0`: 32 / 18,
+/// `Q4_K`: 256 / 144) against the packed forms' rules (whole groups, whole blocks); returns blocks per row.
+fn check_blocks(
+    rows: usize,
+    cols: usize,
+    got: usize,
+    ty: &'static str,
+    (elems, bytes): (usize, usize),
+) -> Result<usize, QuantError> {
+    if !cols.is_multiple_of(elems) {
+        return Err(QuantError::PartialBlock { ty, elems: cols, block: elems });
     }
     if !rows.is_multiple_of(GROUP) {
         return Err(QuantError::PartialBlock { ty, elems: rows, block: GROUP });
     }
-    let expected = rows * cols / 32 * BLOCK;
+    let expected = rows * cols / elems * bytes;
     if got != expected {
         return Err(QuantError::ByteLength { ty, expected, got });
     }
-    Ok(cols / 32)
+    Ok(cols / elems)
+}
+
+fn check(rows: usize, cols: usize, got: usize, ty: &'static str) -> Result<usize, QuantError> {
+    check_blocks(rows, cols, got, ty, (32, BLOCK))
 }
 
 /// Packs `rows` ggml `Q4_0` rows of `cols` elements (`src`) into `dst` (same length). `rows` must be a multiple of
@@ -146,17 +158,7 @@ pub fn pack(from: Encoding, src: &[u8], dst: &mut [u8], rows: usize, cols: usize
 }
 
 fn check_k(rows: usize, cols: usize, got: usize, ty: &'static str) -> Result<usize, QuantError> {
-    if !cols.is_multiple_of(256) {
-        return Err(QuantError::PartialBlock { ty, elems: cols, block: 256 });
-    }
-    if !rows.is_multiple_of(GROUP) {
-        return Err(QuantError::PartialBlock { ty, elems: rows, block: GROUP });
-    }
-    let expected = rows * cols / 256 * K_BLOCK;
-    if got != expected {
-        return Err(QuantError::ByteLength { ty, expected, got });
-    }
-    Ok(cols / 256)
+    check_blocks(rows, cols, got, ty, (256, K_BLOCK))
 }
 
 /// The two sub-blocks `2p` (low nibbles) and `2p + 1` (high nibbles) of ggml's 32 code bytes `q` (elements

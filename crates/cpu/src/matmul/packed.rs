@@ -33,7 +33,7 @@
 //! It owns arithmetic only; shapes, tasks and the choice of kernel live in `matmul`.
 
 use moestream_quant::packed::{GROUP, GROUP_BLOCK, K_GROUP_BLOCK};
-use moestream_quant::{FloatType, decode_floats};
+use moestream_quant::{Encoding, FloatType, decode_floats};
 
 use super::Q8Block;
 
@@ -59,15 +59,24 @@ pub(crate) fn dot16_scalar(g: &[u8], q8: &[Q8Block], out: &mut [f32; GROUP]) {
     *out = acc;
 }
 
-/// Exact-f32 activations (no q8 table): dequantize a block column and dot per row in column order. Only for
-/// completeness — packed weights are made for the q8 tables — so it favours obviousness over speed.
-pub(crate) fn dot16_f32(g: &[u8], x: &[f32], out: &mut [f32; GROUP]) {
+/// Exact-f32 activations (no q8 table), either packed form (`enc`): dequantize a block (`Q4_0x16`) or
+/// super-block (`Q4_Kx16`) column and dot per row in column order, the order of the scalar row-major reference, so
+/// the two agree bit for bit. Only for completeness — packed weights are made for the q8 tables — so it favours
+/// obviousness over speed.
+pub(crate) fn dot16_f32(enc: Encoding, g: &[u8], x: &[f32], out: &mut [f32; GROUP]) {
+    type Dequant = fn(&[u8], usize, &mut [f32]) -> Result<(), moestream_quant::QuantError>;
+    let (elems, col_bytes, dequant): (usize, usize, Dequant) = if enc == Encoding::Q4Kx16 {
+        (256, K_GROUP_BLOCK, moestream_quant::packed::dequantize_q4_kx16)
+    } else {
+        (32, GROUP_BLOCK, moestream_quant::packed::dequantize_q4_0x16)
+    };
     let mut acc = [0f32; GROUP];
-    let mut vals = [0f32; GROUP * 32];
-    for (blk, xb) in g.chunks_exact(GROUP_BLOCK).zip(x.chunks_exact(32)) {
-        moestream_quant::packed::dequantize_q4_0x16(blk, 32, &mut vals).expect("one whole block column");
+    let mut buf = [0f32; GROUP * 256];
+    let vals = &mut buf[..GROUP * elems];
+    for (col, xs) in g.chunks_exact(col_bytes).zip(x.chunks_exact(elems)) {
+        dequant(col, elems, vals).expect("one whole column of a validated view");
         for (r, a) in acc.iter_mut().enumerate() {
-            for (w, v) in vals[32 * r..32 * r + 32].iter().zip(xb) {
+            for (w, v) in vals[elems * r..elems * (r + 1)].iter().zip(xs) {
                 *a += w * v;
             }
         }
@@ -111,22 +120,6 @@ pub(crate) fn dot16k_scalar(g: &[u8], q8: &[Q8Block], out: &mut [f32; GROUP]) {
     for (o, (a, m)) in out.iter_mut().zip(acc.iter().zip(&macc)) {
         *o = a - m;
     }
-}
-
-/// `Q4_Kx16` with exact-f32 activations: dequantize a super-block column, dot per row in column order (the
-/// order of the scalar row-major reference, so the two agree bit for bit).
-pub(crate) fn dot16k_f32(g: &[u8], x: &[f32], out: &mut [f32; GROUP]) {
-    let mut acc = [0f32; GROUP];
-    let mut vals = [0f32; GROUP * 256];
-    for (col, xs) in g.chunks_exact(K_GROUP_BLOCK).zip(x.chunks_exact(256)) {
-        moestream_quant::packed::dequantize_q4_kx16(col, 256, &mut vals).expect("one whole super-block column");
-        for (r, a) in acc.iter_mut().enumerate() {
-            for (w, v) in vals[256 * r..256 * r + 256].iter().zip(xs) {
-                *a += w * v;
-            }
-        }
-    }
-    *out = acc;
 }
 
 /// One AMX A tile's worth of activations: 16 tokens' codes of one 32-block, rows 32 bytes apart and 64-byte
@@ -196,19 +189,11 @@ pub(crate) mod x86 {
             let blk = unsafe { p.add(b * GROUP_BLOCK) };
             // Decode streams each group from DRAM once: ask for the bytes PREFETCH columns ahead, running on into
             // `next` near the group's end. A prefetch never faults.
-            let ahead = if b + PREFETCH < q8.len() {
-                blk.wrapping_add(PREFETCH * GROUP_BLOCK)
-            } else {
-                next.wrapping_add((b + PREFETCH - q8.len()) * GROUP_BLOCK)
-            };
+            let ahead = column_ahead(p, next, b, q8.len(), PREFETCH, GROUP_BLOCK);
             for l in 0..5 {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l).cast());
             }
-            let far = if b + FAR_PREFETCH < q8.len() {
-                blk.wrapping_add(FAR_PREFETCH * GROUP_BLOCK)
-            } else {
-                next.wrapping_add((b + FAR_PREFETCH - q8.len()) * GROUP_BLOCK)
-            };
+            let far = column_ahead(p, next, b, q8.len(), FAR_PREFETCH, GROUP_BLOCK);
             for l in 0..5 {
                 _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(64 * l).cast());
             }
@@ -237,6 +222,18 @@ pub(crate) mod x86 {
         }
         // SAFETY: `out` is 16 f32.
         unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
+    }
+
+    /// Where column `i + dist` of a group of `n` columns of `col_bytes` starting at `base` is, running on into
+    /// `next` (where the caller reads after this group) past the group's end. Prefetch addresses only: never
+    /// dereferenced, so `wrapping_add` and any address are fine.
+    #[inline]
+    fn column_ahead(base: *const u8, next: *const u8, i: usize, n: usize, dist: usize, col_bytes: usize) -> *const u8 {
+        if i + dist < n {
+            base.wrapping_add((i + dist) * col_bytes)
+        } else {
+            next.wrapping_add((i + dist - n) * col_bytes)
+        }
     }
 
     /// `Q4_Kx16` super-block columns ahead that [`dot16k`] prefetches into L1 and into L2 only: 4.5 and 13.5 KiB, as
@@ -290,16 +287,8 @@ pub(crate) mod x86 {
             let col = unsafe { p.add(s * K_GROUP_BLOCK) };
             // Decode streams the group once: 9 steps (header, 8 sub-blocks) of 256 bytes each ask for the same
             // 256 bytes K_PREFETCH columns ahead, running on into `next` at the group's end. Never faults.
-            let ahead = if s + K_PREFETCH < nsb {
-                col.wrapping_add(K_PREFETCH * K_GROUP_BLOCK)
-            } else {
-                next.wrapping_add((s + K_PREFETCH - nsb) * K_GROUP_BLOCK)
-            };
-            let far = if s + K_FAR_PREFETCH < nsb {
-                col.wrapping_add(K_FAR_PREFETCH * K_GROUP_BLOCK)
-            } else {
-                next.wrapping_add((s + K_FAR_PREFETCH - nsb) * K_GROUP_BLOCK)
-            };
+            let ahead = column_ahead(p, next, s, nsb, K_PREFETCH, K_GROUP_BLOCK);
+            let far = column_ahead(p, next, s, nsb, K_FAR_PREFETCH, K_GROUP_BLOCK);
             let prefetch = |h: usize| {
                 if T == 1 {
                     for l in 0..4 {

@@ -79,18 +79,12 @@ pub fn make_weight(encoding: Encoding, rows: usize, cols: usize, rng: &mut Rng) 
     let mut data: Vec<u8>;
     let (mut scales, mut biases) = (Vec::new(), Vec::new());
     match encoding {
-        Encoding::Q4_0x16 => {
-            // The same values as a Q4_0 matrix, regrouped: the reference decode is the row-major one.
-            let mut w = make_weight(Encoding::Ggml(GgmlType::Q4_0), rows, cols, rng);
+        Encoding::Q4_0x16 | Encoding::Q4Kx16 => {
+            // The same values as a Q4_0 / Q4_K matrix, regrouped: the reference decode is the row-major one.
+            let source = Encoding::Ggml(if encoding == Encoding::Q4Kx16 { GgmlType::Q4K } else { GgmlType::Q4_0 });
+            let mut w = make_weight(source, rows, cols, rng);
             let mut packed = vec![0u8; w.data.len()];
-            moestream_quant::packed::pack_q4_0x16(&w.data, &mut packed, rows, cols).expect("16-row groups");
-            (w.encoding, w.data) = (encoding, packed);
-            return w;
-        }
-        Encoding::Q4Kx16 => {
-            let mut w = make_weight(Encoding::Ggml(GgmlType::Q4K), rows, cols, rng);
-            let mut packed = vec![0u8; w.data.len()];
-            moestream_quant::packed::pack_q4_kx16(&w.data, &mut packed, rows, cols).expect("16-row groups");
+            moestream_quant::packed::pack(source, &w.data, &mut packed, rows, cols).expect("16-row groups");
             (w.encoding, w.data) = (encoding, packed);
             return w;
         }
