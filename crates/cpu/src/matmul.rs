@@ -257,6 +257,25 @@ fn with_q8<R>(enabled: bool, x: &[f32], cols: usize, e: Encoding, f: impl FnOnce
     })
 }
 
+thread_local! {
+    /// Per calling thread, like [`Q8_SCRATCH`]: the expert parts of the current [`Dispatch::gathered_down`].
+    static PARTS_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a scratch of `len` floats (contents unspecified), reused across calls on this thread.
+fn with_parts<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    PARTS_SCRATCH.with(|cell| {
+        let Ok(mut v) = cell.try_borrow_mut() else {
+            // Re-entered on this thread (no caller does today): a buffer of its own rather than a panic.
+            return f(&mut vec![0.0; len]);
+        };
+        if v.len() < len {
+            v.resize(len, 0.0);
+        }
+        f(&mut v[..len])
+    })
+}
+
 #[cfg(target_arch = "x86_64")]
 thread_local! {
     /// Per calling thread, like [`Q8_SCRATCH`]: the AMX activation tiles of the current `gemm`.
@@ -818,8 +837,12 @@ impl Dispatch {
         });
     }
 
-    /// `out = Σ_j weights[j] · (down_j · h_j)` over k `[H, I]` slots, `h` being `k × I`. Each output row sums
-    /// the experts in index order inside one task, so the result does not depend on the thread count.
+    /// `out = Σ_j weights[j] · (down_j · h_j)` over k `[H, I]` slots, `h` being `k × I`: the experts' parts
+    /// ([`Dispatch::gathered_down_parts`]) into a per-thread scratch, then summed in expert order from zero
+    /// ([`sum_parts`]'s order), so the result does not depend on the thread count. Parts rather than a per-row
+    /// sum over experts inside each task: a task then streams one expert's contiguous rows (up to
+    /// [`TASK_BYTES`]) instead of 16 rows of each of the k experts in turn (7 KiB per jump at I = 768), which
+    /// ran the down pass ~8% slower per byte than gate_up (BENCHMARKS.md, seventh pass).
     pub fn gathered_down(
         &self,
         pool: &ThreadPool,
@@ -835,76 +858,18 @@ impl Dispatch {
             return Ok(());
         };
         check_slots("down", slots, first.rows, first.cols)?;
-        let (hidden, inter) = (first.rows, first.cols);
-        check_len("h", slots.len() * inter, h.len())?;
+        let hidden = first.rows;
         check_len("out", hidden, out.len())?;
-        let per = rows_per_task(hidden, slots.len() * row_cost(first), pool.n_threads());
-        let dst = OutPtr(out.as_mut_ptr());
-        if first.encoding.is_packed() {
-            check_packed("down", slots)?;
-            with_q8(self.q8(), h, inter, first.encoding, |q8| {
-                let (groups, per) = (hidden / GROUP, groups_per_task(per));
-                pool.run(groups.div_ceil(per), &|t| {
-                    let mut r = [0f32; GROUP];
-                    for gi in t * per..((t + 1) * per).min(groups) {
-                        let mut acc = [0f32; GROUP];
-                        for (j, (w, &wt)) in slots.iter().zip(weights).enumerate() {
-                            let act = Act { x: &h[j * inter..(j + 1) * inter], q8: q8_part(q8, inter, j) };
-                            // The next strip is the next expert's, or the first expert's next group.
-                            let next = match slots.get(j + 1) {
-                                Some(n) => group_ptr(n, gi),
-                                None => group_ptr(&slots[0], gi + 1),
-                            };
-                            self.group_dot(w.encoding, group(w, gi), next, &act, &mut r);
-                            for (a, &v) in acc.iter_mut().zip(&r) {
-                                *a += wt * v;
-                            }
-                        }
-                        for (i, &v) in acc.iter().enumerate() {
-                            // SAFETY: 16·gi + i < hidden = out.len(); group gi belongs to this task only.
-                            unsafe { dst.write(GROUP * gi + i, v) };
-                        }
-                    }
-                })
-            });
-            return Ok(());
-        }
-        with_q8(self.q8(), h, inter, first.encoding, |q8| {
-            if let Some(rows4) = self.rows4_for(first, q8) {
-                pool.run(hidden.div_ceil(per), &|t| {
-                    let band = t * per..((t + 1) * per).min(hidden);
-                    for r0 in band.clone().step_by(4) {
-                        let mut acc = [0f32; 4];
-                        for (j, (w, &wt)) in slots.iter().zip(weights).enumerate() {
-                            let w = w.rows();
-                            let row = |i: usize| w.get((r0 + i).min(band.end - 1));
-                            // SAFETY: rows of validated views, q8 blocks of expert j's activations.
-                            let res = unsafe { dot_rows4(rows4, row, q8_part(q8, inter, j)) };
-                            for (a, v) in acc.iter_mut().zip(res) {
-                                *a += wt * v;
-                            }
-                        }
-                        for (i, &v) in acc.iter().enumerate().take(band.end - r0) {
-                            // SAFETY: r0 + i < band.end ≤ hidden = out.len(); rows of `band` are this task's.
-                            unsafe { dst.write(r0 + i, v) };
-                        }
-                    }
-                });
-                return;
-            }
-            pool.run(hidden.div_ceil(per), &|t| {
-                for r in t * per..((t + 1) * per).min(hidden) {
-                    let mut acc = 0f32;
-                    for (j, (w, &wt)) in slots.iter().zip(weights).enumerate() {
-                        let act = Act { x: &h[j * inter..(j + 1) * inter], q8: q8_part(q8, inter, j) };
-                        acc += wt * self.dot(&w.row(r), &act);
-                    }
-                    // SAFETY: r < hidden = out.len(), and each r belongs to exactly one task.
-                    unsafe { dst.write(r, acc) };
+        with_parts(slots.len() * hidden, |parts| {
+            self.gathered_down_parts(pool, slots, h, parts)?;
+            out.fill(0.0);
+            for (part, &wt) in parts.chunks_exact(hidden).zip(weights) {
+                for (o, &v) in out.iter_mut().zip(part) {
+                    *o += wt * v;
                 }
-            })
-        });
-        Ok(())
+            }
+            Ok(())
+        })
     }
 
     /// The unweighted parts of [`Dispatch::gathered_down`]: `parts[j·H + r] = down_j[r]·h_j` for each of the k
