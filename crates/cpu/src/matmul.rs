@@ -552,53 +552,91 @@ impl Dispatch {
 
     /// `y[r] = Σ_c W[r,c]·x[c]`.
     pub fn gemv(&self, pool: &ThreadPool, w: &WeightView, x: &[f32], y: &mut [f32]) -> Result<(), MatmulError> {
-        w.validate()?;
-        check_len("x", w.cols, x.len())?;
-        check_len("y", w.rows, y.len())?;
-        let per = rows_per_task(w.rows, row_cost(w), pool.n_threads());
-        let out = OutPtr(y.as_mut_ptr());
-        if w.encoding.is_packed() {
-            with_q8(self.q8(), x, w.cols, w.encoding, |q8| {
-                let act = Act { x, q8 };
-                let (groups, per) = (w.rows / GROUP, groups_per_task(per));
-                pool.run(groups.div_ceil(per), &|t| {
-                    let mut r = [0f32; GROUP];
-                    for gi in t * per..((t + 1) * per).min(groups) {
-                        self.group_dot(w.encoding, group(w, gi), group_ptr(w, gi + 1), &act, &mut r);
-                        for (i, &v) in r.iter().enumerate() {
-                            // SAFETY: 16·gi + i < rows = y.len(); group gi belongs to this task only.
-                            unsafe { out.write(GROUP * gi + i, v) };
-                        }
-                    }
-                })
-            });
-            return Ok(());
+        self.gemv_many(pool, &[*w], x, &mut [y])
+    }
+
+    /// `ys[i] = ws[i] · x` for several weights over one input (attention's q, k and v), each value as
+    /// [`Dispatch::gemv`] computes it. Weights of one encoding share one pool run and one quantization of `x`:
+    /// a decode token runs ~8 matmuls per layer, and each run costs a hand-off, a barrier and a part-filled last
+    /// task, which for k and v (0.6 MB each) was a quarter of their time (BENCHMARKS.md, seventh pass). Weights
+    /// of different encodings (Q4_K_M's Q6_K v beside Q4_K q and k) run in one pool run per encoding.
+    pub fn gemv_many(
+        &self,
+        pool: &ThreadPool,
+        ws: &[WeightView],
+        x: &[f32],
+        ys: &mut [&mut [f32]],
+    ) -> Result<(), MatmulError> {
+        check_len("outputs", ws.len(), ys.len())?;
+        for (w, y) in ws.iter().zip(ys.iter()) {
+            w.validate()?;
+            check_len("x", w.cols, x.len())?;
+            check_len("y", w.rows, y.len())?;
         }
-        with_q8(self.q8(), x, w.cols, w.encoding, |q8| {
-            if let Some(rows4) = self.rows4_for(w, q8) {
-                let rw = w.rows();
-                pool.run(w.rows.div_ceil(per), &|t| {
-                    let band = t * per..((t + 1) * per).min(w.rows);
-                    for r0 in band.clone().step_by(4) {
-                        // SAFETY: rows of the validated view, `q8` holds x's blocks; the table's ISA is supported.
-                        let res = unsafe { dot_rows4(rows4, |i| rw.get((r0 + i).min(band.end - 1)), q8) };
-                        for (i, &v) in res.iter().enumerate().take(band.end - r0) {
-                            // SAFETY: r0 + i < band.end ≤ rows = y.len(); rows of `band` belong to this task.
-                            unsafe { out.write(r0 + i, v) };
+        let mut i = 0;
+        while i < ws.len() {
+            // The longest run of the same encoding from `i`, at most MAX_FUSED weights.
+            let n = ws[i..].iter().take(MAX_FUSED).take_while(|w| w.encoding == ws[i].encoding).count();
+            let (w, y) = (&ws[i..i + n], &mut ys[i..i + n]);
+            with_q8(self.q8(), x, w[0].cols, w[0].encoding, |q8| {
+                let act = Act { x, q8 };
+                let rows4 = self.rows4_for(&w[0], q8);
+                let plans: [GemvPlan; MAX_FUSED] = std::array::from_fn(|j| match w.get(j) {
+                    Some(wj) => GemvPlan::new(wj, OutPtr(y[j].as_mut_ptr()), rows4, pool.n_threads()),
+                    None => GemvPlan::EMPTY,
+                });
+                let total: usize = plans.iter().map(|p| p.tasks).sum();
+                pool.run(total, &|mut t| {
+                    for p in &plans {
+                        if t < p.tasks {
+                            // SAFETY: `p` covers a validated view whose output (`rows` floats) it owns; `t` is one
+                            // of its tasks, run once; `q8` holds x's blocks for the view's columns.
+                            return unsafe { self.gemv_task(p, &act, t) };
                         }
+                        t -= p.tasks;
                     }
                 });
-                return;
-            }
-            let act = Act { x, q8 };
-            pool.run(w.rows.div_ceil(per), &|t| {
-                for r in t * per..((t + 1) * per).min(w.rows) {
-                    // SAFETY: r < rows = y.len(), and each r belongs to exactly one task.
-                    unsafe { out.write(r, self.dot(&w.row(r), &act)) };
-                }
-            })
-        });
+            });
+            i += n;
+        }
         Ok(())
+    }
+
+    /// Task `t` of a one-token matmul plan: a band of whole 16-row groups (packed), of rows by 4 (a q8 rows4
+    /// table), or of rows one at a time.
+    ///
+    /// # Safety
+    /// `p.w` is validated, `p.out` points at its `rows` outputs and no other task writes this task's rows, and
+    /// `act` holds the input (and its q8 blocks for `p.w`'s encoding, or none).
+    unsafe fn gemv_task(&self, p: &GemvPlan, act: &Act<'_>, t: usize) {
+        let (w, out, per) = (p.w, p.out, p.per);
+        if w.encoding.is_packed() {
+            let groups = w.rows / GROUP;
+            let mut r = [0f32; GROUP];
+            for gi in t * per..((t + 1) * per).min(groups) {
+                self.group_dot(w.encoding, group(w, gi), group_ptr(w, gi + 1), act, &mut r);
+                for (i, &v) in r.iter().enumerate() {
+                    // SAFETY: 16·gi + i < rows; group gi belongs to this task only.
+                    unsafe { out.write(GROUP * gi + i, v) };
+                }
+            }
+        } else if let Some(rows4) = p.rows4 {
+            let rw = w.rows();
+            let band = t * per..((t + 1) * per).min(w.rows);
+            for r0 in band.clone().step_by(4) {
+                // SAFETY: rows of the validated view, `q8` holds x's blocks; the table's ISA is supported.
+                let res = unsafe { dot_rows4(rows4, |i| rw.get((r0 + i).min(band.end - 1)), act.q8) };
+                for (i, &v) in res.iter().enumerate().take(band.end - r0) {
+                    // SAFETY: r0 + i < band.end ≤ rows; rows of `band` belong to this task.
+                    unsafe { out.write(r0 + i, v) };
+                }
+            }
+        } else {
+            for r in t * per..((t + 1) * per).min(w.rows) {
+                // SAFETY: r < rows, and each r belongs to exactly one task.
+                unsafe { out.write(r, self.dot(&w.row(r), act)) };
+            }
+        }
     }
 
     /// `y[t, r] = Σ_c W[r,c]·x[t,c]` for `n` tokens (`x` is `n × cols`, `y` is `n × rows`, both row-major).
@@ -1259,6 +1297,42 @@ fn check_packed(what: &'static str, slots: &[WeightView]) -> Result<(), MatmulEr
             Err(MatmulError::MixedPacking { what, slot, got: slots[slot].encoding.name(), first: first.name() })
         }
         None => Ok(()),
+    }
+}
+
+/// Most weights [`Dispatch::gemv_many`] puts in one pool run (attention needs 3).
+const MAX_FUSED: usize = 4;
+
+/// One weight's share of a [`Dispatch::gemv_many`] run: its tasks and where they write.
+struct GemvPlan<'a> {
+    w: &'a WeightView<'a>,
+    out: OutPtr,
+    /// Groups (packed) or rows per task.
+    per: usize,
+    tasks: usize,
+    rows4: Option<Rows4Dot>,
+}
+
+impl<'a> GemvPlan<'a> {
+    const NONE: WeightView<'static> = WeightView {
+        data: &[],
+        scales: &[],
+        biases: &[],
+        rows: 0,
+        cols: 0,
+        encoding: Encoding::Ggml(moestream_quant::GgmlType::F32),
+    };
+    const EMPTY: GemvPlan<'static> =
+        GemvPlan { w: &Self::NONE, out: OutPtr(std::ptr::null_mut()), per: 1, tasks: 0, rows4: None };
+
+    fn new(w: &'a WeightView<'a>, out: OutPtr, rows4: Option<Rows4Dot>, threads: usize) -> Self {
+        let per = rows_per_task(w.rows, row_cost(w), threads);
+        if w.encoding.is_packed() {
+            let per = groups_per_task(per);
+            GemvPlan { w, out, per, tasks: (w.rows / GROUP).div_ceil(per), rows4: None }
+        } else {
+            GemvPlan { w, out, per, tasks: w.rows.div_ceil(per), rows4 }
+        }
     }
 }
 

@@ -83,6 +83,51 @@ fn gemv_matches_reference_and_every_q8_table_agrees() {
     }
 }
 
+/// `gemv_many` puts weights of one encoding in one pool run (task indices offset per weight) and splits runs at
+/// encoding changes; every output must equal that weight's own `gemv` bit for bit, whatever the mix.
+#[test]
+fn gemv_many_equals_one_gemv_per_weight() {
+    let pools = [ThreadPool::new(1), ThreadPool::new(2), ThreadPool::new(3)];
+    let mut rng = Rng(0x77);
+    let q4k = Encoding::Ggml(GgmlType::Q4K);
+    let q6k = Encoding::Ggml(GgmlType::Q6K);
+    // Attention-like mixes at 256 and 512 columns: Q4_0 all packed; Q4_K_M's Q6_K v between packed q and k and
+    // a trailing packed o; an odd row count on row-major weights; more weights than one run takes (5 > 4).
+    let mixes: [(usize, Vec<(Encoding, usize)>); 4] = [
+        (512, vec![(Encoding::Q4_0x16, 64), (Encoding::Q4_0x16, 16), (Encoding::Q4_0x16, 16)]),
+        (256, vec![(Encoding::Q4Kx16, 48), (Encoding::Q4Kx16, 16), (q6k, 16), (Encoding::Q4Kx16, 32)]),
+        (256, vec![(q6k, 7), (q4k, 33), (q4k, 5)]),
+        (512, vec![(Encoding::Q4_0x16, 16); 5]),
+    ];
+    for (cols, mix) in mixes {
+        let ws: Vec<_> = mix.iter().map(|&(e, rows)| make_weight(e, rows, cols, &mut rng)).collect();
+        let views: Vec<WeightView> = ws.iter().map(|w| w.view()).collect();
+        let x = rng.vec(cols);
+        for d in tables() {
+            for pool in &pools {
+                let mut outs: Vec<Vec<f32>> = views.iter().map(|v| vec![f32::NAN; v.rows]).collect();
+                let mut ys: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+                d.gemv_many(pool, &views, &x, &mut ys).expect("valid");
+                for (i, v) in views.iter().enumerate() {
+                    let mut want = vec![f32::NAN; v.rows];
+                    d.gemv(pool, v, &x, &mut want).expect("valid");
+                    assert_eq!(bits(&outs[i]), bits(&want), "{} weight {i} ({})", d.name(), v.encoding.name());
+                }
+            }
+        }
+        // A wrong output length names the output, and nothing else is computed.
+        let mut short = vec![0f32; views[1].rows - 1];
+        let mut first = vec![f32::NAN; views[0].rows];
+        let err = Dispatch::best().gemv_many(&pools[1], &views[..2], &x, &mut [&mut first, &mut short]);
+        assert_eq!(err, Err(MatmulError::Len { what: "y", expected: views[1].rows, got: views[1].rows - 1 }));
+        assert!(first.iter().all(|v| v.is_nan()), "a refused call wrote output");
+        assert_eq!(
+            Dispatch::best().gemv_many(&pools[1], &views[..2], &x, &mut [&mut first]),
+            Err(MatmulError::Len { what: "outputs", expected: 2, got: 1 })
+        );
+    }
+}
+
 #[test]
 fn packed_equals_row_major_values_in_exact_f32() {
     // The exact tables dequantize packed groups: same values as the Q4_0 rows, summed in the same column order.

@@ -11,7 +11,9 @@
 
 use moestream_cpu::attention::{AttnDispatch, AttnShape};
 use moestream_cpu::gdn::{conv1d_silu_step, delta_rule_step, l2norm_inplace, rmsnorm_gated_inplace, sigmoid, softplus};
-use moestream_cpu::ops::{rmsnorm, rmsnorm_heads_inplace, rope_inv_freq, rope_neox, silu, softmax_inplace, top_k};
+use moestream_cpu::ops::{
+    rmsnorm, rmsnorm_heads_inplace, rope_cos_sin, rope_inv_freq, rope_neox_with, silu, softmax_inplace, top_k,
+};
 use moestream_cpu::{Dispatch, ThreadPool, WeightView, sum_parts};
 use moestream_format::{Architecture, LayerAttention, ModelConfig, TensorIndex};
 use std::sync::Mutex;
@@ -394,6 +396,8 @@ struct Scratch {
     dn: Vec<f32>,
     /// Decode: each chosen expert's unweighted down output (`[k × H]`), summed by `sum_parts`.
     parts: Vec<f32>,
+    /// RoPE angles of the chunk's positions (`[token × (cos | sin)]`), computed once per chunk for every layer.
+    rope_cs: Vec<f32>,
     order: Vec<u32>,
     offsets: Vec<u32>,
     scores: Vec<f32>,
@@ -676,6 +680,7 @@ impl Qwen3Moe {
                 xin: vec![0.0; t * h],
                 dn: vec![0.0; t * h],
                 parts: vec![0.0; k * h],
+                rope_cs: vec![0.0; t * 2 * self.inv_freq.len()],
                 order: vec![0; t * k],
                 offsets: vec![0; c.num_experts + 1],
                 scores: vec![0.0; c.num_heads * capacity],
@@ -731,6 +736,10 @@ impl Qwen3Moe {
         let embd = self.resident.at(self.embd);
         for (t, &tok) in tokens.iter().enumerate() {
             dequant_row(embd, tok as usize, &mut sess.s.x[t * h..(t + 1) * h])?;
+        }
+        let m = 2 * self.inv_freq.len();
+        for (t, cs) in sess.s.rope_cs[..n * m].chunks_exact_mut(m.max(1)).enumerate() {
+            rope_cos_sin(&self.inv_freq, sess.pos + t, cs);
         }
         for (l, layer) in self.layers.iter().enumerate() {
             let s = &mut sess.s;
@@ -822,9 +831,19 @@ impl Qwen3Moe {
         let (pos0, cap) = (sess.pos, sess.capacity);
         let w = |id: WeightId| view(self.resident.at(id));
         let s = &mut sess.s;
+        // q_proj's output: [query | gate] per head when gated (split below), else the query.
+        let qw = if *gated { 2 * qd } else { qd };
+        let q_out = if *gated { &mut s.qg[..n * qw] } else { &mut s.q[..n * qw] };
+        if n == 1 {
+            // One pool run for q, k and v (per encoding): see `Dispatch::gemv_many`.
+            let ys: &mut [&mut [f32]] = &mut [q_out, &mut s.kk[..kvd], &mut s.vv[..kvd]];
+            self.dispatch.gemv_many(&self.pool, &[w(*wq), w(*wk), w(*wv)], &s.hn[..h], ys)?;
+        } else {
+            self.matmul(&w(*wq), &s.hn[..n * h], n, q_out)?;
+            self.matmul(&w(*wk), &s.hn[..n * h], n, &mut s.kk[..n * kvd])?;
+            self.matmul(&w(*wv), &s.hn[..n * h], n, &mut s.vv[..n * kvd])?;
+        }
         if *gated {
-            // q_proj gives [query | gate] per head; split them so the rest is plain attention.
-            self.matmul(&w(*wq), &s.hn[..n * h], n, &mut s.qg[..n * 2 * qd])?;
             for t in 0..n {
                 for hd in 0..nh {
                     let src = &s.qg[t * 2 * qd + hd * 2 * d..t * 2 * qd + (hd + 1) * 2 * d];
@@ -832,19 +851,16 @@ impl Qwen3Moe {
                     s.gate[t * qd + hd * d..t * qd + (hd + 1) * d].copy_from_slice(&src[d..]);
                 }
             }
-        } else {
-            self.matmul(&w(*wq), &s.hn[..n * h], n, &mut s.q[..n * qd])?;
         }
-        self.matmul(&w(*wk), &s.hn[..n * h], n, &mut s.kk[..n * kvd])?;
-        self.matmul(&w(*wv), &s.hn[..n * h], n, &mut s.vv[..n * kvd])?;
         let kbase = kv * cap * kvd;
         for t in 0..n {
             let q = &mut s.q[t * qd..(t + 1) * qd];
             rmsnorm_heads_inplace(q, q_norm, eps);
-            rope_neox(q, d, &self.inv_freq, pos0 + t);
+            let cs = &s.rope_cs[t * 2 * self.inv_freq.len()..(t + 1) * 2 * self.inv_freq.len()];
+            rope_neox_with(q, d, cs);
             let k = &mut s.kk[t * kvd..(t + 1) * kvd];
             rmsnorm_heads_inplace(k, k_norm, eps);
-            rope_neox(k, d, &self.inv_freq, pos0 + t);
+            rope_neox_with(k, d, cs);
             let at = kbase + (pos0 + t) * kvd;
             sess.k[at..at + kvd].copy_from_slice(k);
             sess.v[at..at + kvd].copy_from_slice(&s.vv[t * kvd..(t + 1) * kvd]);
