@@ -756,8 +756,13 @@ impl Dispatch {
                 let half = inter / GROUP;
                 self.packed_swiglu(pool, slots.len(), inter, 2 * row_cost(first), out, &|j, gi, g, u| {
                     let w = &slots[j];
+                    // After an expert's last pair comes the next expert's first (a pool stripe walks on).
+                    let next = match slots.get(j + 1) {
+                        Some(n) if gi + 1 == half => group_ptr(n, 0),
+                        _ => group_ptr(w, gi + 1),
+                    };
                     self.group_dot(w.encoding, group(w, gi), group_ptr(w, half + gi), &act, g);
-                    self.group_dot(w.encoding, group(w, half + gi), group_ptr(w, gi + 1), &act, u);
+                    self.group_dot(w.encoding, group(w, half + gi), next, &act, u);
                 });
             });
             return Ok(());
@@ -941,7 +946,12 @@ impl Dispatch {
                     let mut r = [0f32; GROUP];
                     for gi in c * per..((c + 1) * per).min(groups) {
                         let w = &slots[j];
-                        self.group_dot(w.encoding, group(w, gi), group_ptr(w, gi + 1), &act, &mut r);
+                        // After an expert's last group comes the next expert's first (a pool stripe walks on).
+                        let next = match slots.get(j + 1) {
+                            Some(n) if gi + 1 == groups => group_ptr(n, 0),
+                            _ => group_ptr(w, gi + 1),
+                        };
+                        self.group_dot(w.encoding, group(w, gi), next, &act, &mut r);
                         for (i, &v) in r.iter().enumerate() {
                             // SAFETY: j·hidden + 16·gi + i < k·hidden = parts.len(); (j, gi) is this task's.
                             unsafe { dst.write(j * hidden + GROUP * gi + i, v) };

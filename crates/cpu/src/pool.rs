@@ -6,9 +6,15 @@
 //! atomics instead of boxing jobs onto a queue.
 //!
 //! Protocol: the caller stores the job and bumps `epoch`; workers spin briefly on `epoch` (a decode step issues
-//! several runs back to back, and a futex wake costs microseconds), then park. Tasks are claimed one index at a
-//! time from a shared counter, so uneven tasks balance themselves. `run` returns only after every worker has
-//! acknowledged the epoch, because the job pointer borrows the caller's stack.
+//! several runs back to back, and a futex wake costs microseconds), then park. `run` returns only after every
+//! worker has acknowledged the epoch, because the job pointer borrows the caller's stack.
+//!
+//! Claiming: the task range is cut into one contiguous stripe per thread. A thread claims its own stripe from the
+//! front, in order, and when it is empty steals from the back of the others, so uneven tasks still balance. Why
+//! not one shared counter: the matmuls hand out consecutive slices of one weight stream, and a kernel prefetches
+//! past the end of its task into the next index. With a shared counter two threads take alternate tasks, so that
+//! prefetch lands in the other thread's task and every task starts cold; with stripes a thread's next task is
+//! the one it prefetched (BENCHMARKS.md, seventh pass).
 //!
 //! A panic in a task is caught, the remaining tasks are skipped, and the first payload is re-raised on the caller
 //! once every worker is done; the pool stays usable afterwards.
@@ -32,8 +38,9 @@ struct Shared {
     job: UnsafeCell<*const Job>,
     /// The thread inside `run`, woken by the last worker to finish.
     caller: UnsafeCell<Option<Thread>>,
-    n_tasks: AtomicUsize,
-    next_task: AtomicUsize,
+    /// Per thread (the caller is 0, worker i is i): its stripe's unclaimed tasks as `front << 32 | back`,
+    /// offsets into the current run's task range (half-open).
+    stripes: Box<[AtomicU64]>,
     /// Workers that have not yet finished the current epoch.
     pending: AtomicUsize,
     epoch: AtomicU64,
@@ -66,8 +73,7 @@ impl ThreadPool {
         let shared = Arc::new(Shared {
             job: UnsafeCell::new(noop as *const Job),
             caller: UnsafeCell::new(None),
-            n_tasks: AtomicUsize::new(0),
-            next_task: AtomicUsize::new(0),
+            stripes: (0..n_threads.max(1)).map(|_| AtomicU64::new(0)).collect(),
             pending: AtomicUsize::new(0),
             epoch: AtomicU64::new(0),
             panicked: AtomicBool::new(false),
@@ -79,7 +85,7 @@ impl ThreadPool {
                 let shared = Arc::clone(&shared);
                 thread::Builder::new()
                     .name(format!("moestream-cpu-{i}"))
-                    .spawn(move || worker_loop(&shared))
+                    .spawn(move || worker_loop(&shared, i))
                     .expect("spawning a compute worker thread")
             })
             .collect();
@@ -96,14 +102,20 @@ impl ThreadPool {
     ///
     /// Must not be called from inside a task of the same pool (it would wait on itself).
     pub fn run(&self, n_tasks: usize, task: &(dyn Fn(usize) + Sync)) {
-        if n_tasks == 0 {
-            return;
-        }
-        if self.workers.is_empty() || n_tasks == 1 {
+        if self.workers.is_empty() || n_tasks <= 1 {
             // Nothing to share: skip the handshake entirely.
             (0..n_tasks).for_each(task);
             return;
         }
+        // Stripe offsets are 32-bit; a larger range (none today) runs as consecutive runs.
+        const MAX: usize = u32::MAX as usize;
+        for base in (0..n_tasks).step_by(MAX) {
+            let n = (n_tasks - base).min(MAX);
+            self.run_striped(n, &|i| task(base + i));
+        }
+    }
+
+    fn run_striped(&self, n_tasks: usize, task: &(dyn Fn(usize) + Sync)) {
         // A poisoned lock only means an earlier run re-raised a task panic; the pool state is consistent then.
         let _guard = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
         let s = &*self.shared;
@@ -114,8 +126,11 @@ impl ThreadPool {
             *s.job.get() = std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const Job>(task);
             *s.caller.get() = Some(thread::current());
         }
-        s.n_tasks.store(n_tasks, Ordering::Relaxed);
-        s.next_task.store(0, Ordering::Relaxed);
+        let threads = s.stripes.len();
+        for (i, stripe) in s.stripes.iter().enumerate() {
+            let (lo, hi) = (i * n_tasks / threads, (i + 1) * n_tasks / threads);
+            stripe.store(pack(lo, hi), Ordering::Relaxed);
+        }
         s.panicked.store(false, Ordering::Relaxed);
         s.pending.store(self.workers.len(), Ordering::Relaxed);
         s.epoch.fetch_add(1, Ordering::Release);
@@ -123,7 +138,7 @@ impl ThreadPool {
             // Cheap when the worker is still spinning: unpark only makes a syscall for a parked thread.
             w.thread().unpark();
         }
-        claim_tasks(s, task);
+        claim_tasks(s, task, 0);
         let start = Instant::now();
         let mut spins = 0u32;
         while s.pending.load(Ordering::Acquire) != 0 {
@@ -141,17 +156,37 @@ impl ThreadPool {
     }
 }
 
-/// Claims and runs task indices until none are left (or a task has panicked).
-fn claim_tasks(s: &Shared, task: &(dyn Fn(usize) + Sync + '_)) {
-    let n = s.n_tasks.load(Ordering::Relaxed);
+fn pack(front: usize, back: usize) -> u64 {
+    ((front as u64) << 32) | back as u64
+}
+
+/// Takes one task from stripe `stripe`: its first unclaimed one (`own`) or its last.
+fn claim(stripe: &AtomicU64, own: bool) -> Option<usize> {
+    let mut cur = stripe.load(Ordering::Relaxed);
+    loop {
+        let (front, back) = ((cur >> 32) as usize, (cur & 0xffff_ffff) as usize);
+        if front >= back {
+            return None;
+        }
+        let (task, next) = if own { (front, pack(front + 1, back)) } else { (back - 1, pack(front, back - 1)) };
+        match stripe.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return Some(task),
+            Err(now) => cur = now,
+        }
+    }
+}
+
+/// Claims and runs tasks until none are left (or a task has panicked): thread `me`'s own stripe in order, then
+/// the others' from their backs.
+fn claim_tasks(s: &Shared, task: &(dyn Fn(usize) + Sync + '_), me: usize) {
+    let n = s.stripes.len();
     loop {
         if s.panicked.load(Ordering::Relaxed) {
             return;
         }
-        let i = s.next_task.fetch_add(1, Ordering::Relaxed);
-        if i >= n {
+        let Some(i) = (0..n).find_map(|k| claim(&s.stripes[(me + k) % n], k == 0)) else {
             return;
-        }
+        };
         if let Err(p) = catch_unwind(AssertUnwindSafe(|| task(i))) {
             let mut slot = s.payload.lock().unwrap_or_else(|e| e.into_inner());
             if slot.is_none() {
@@ -162,7 +197,7 @@ fn claim_tasks(s: &Shared, task: &(dyn Fn(usize) + Sync + '_)) {
     }
 }
 
-fn worker_loop(s: &Shared) {
+fn worker_loop(s: &Shared, me: usize) {
     let mut seen = 0u64;
     loop {
         let start = Instant::now();
@@ -187,7 +222,7 @@ fn worker_loop(s: &Shared) {
         // SAFETY: the Acquire load of `epoch` above synchronises with the Release bump in `run`, which wrote
         // these cells first; `run` does not return (so the job stays alive) until `pending` reaches 0 below.
         let (job, caller) = unsafe { (&**s.job.get(), (*s.caller.get()).clone()) };
-        claim_tasks(s, job);
+        claim_tasks(s, job, me);
         // `caller` was cloned before this decrement: once it reaches 0, `run` may return and start a new epoch.
         if s.pending.fetch_sub(1, Ordering::AcqRel) == 1
             && let Some(c) = caller
@@ -226,6 +261,30 @@ mod tests {
                 });
                 assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "threads {threads} tasks {n_tasks}");
             }
+        }
+    }
+
+    /// A thread's own stripe runs front to back (so a kernel's prefetch past its task lands in its next task);
+    /// what it steals comes from the other stripe's back.
+    #[test]
+    fn each_thread_walks_its_stripe_in_order_and_steals_from_the_back() {
+        let pool = ThreadPool::new(2);
+        let n = 64;
+        let caller = thread::current().id();
+        for _ in 0..20 {
+            let seq = Mutex::new(Vec::new());
+            pool.run(n, &|i| {
+                if thread::current().id() == caller {
+                    seq.lock().unwrap().push(i);
+                }
+                std::hint::black_box((0..2000).sum::<u64>());
+            });
+            let seq = seq.into_inner().unwrap();
+            let own: Vec<usize> = seq.iter().copied().filter(|&i| i < n / 2).collect();
+            assert_eq!(own, (0..own.len()).collect::<Vec<_>>(), "{seq:?}");
+            let stolen: Vec<usize> = seq.iter().copied().filter(|&i| i >= n / 2).collect();
+            assert!(stolen.windows(2).all(|w| w[0] == w[1] + 1), "{seq:?}");
+            assert!(stolen.first().is_none_or(|&i| i == n - 1), "{seq:?}");
         }
     }
 
