@@ -40,7 +40,7 @@ struct Shared {
     caller: UnsafeCell<Option<Thread>>,
     /// Per thread (the caller is 0, worker i is i): its stripe's unclaimed tasks as `front << 32 | back`,
     /// offsets into the current run's task range (half-open).
-    stripes: Box<[AtomicU64]>,
+    stripes: Box<[Stripe]>,
     /// Workers that have not yet finished the current epoch.
     pending: AtomicUsize,
     epoch: AtomicU64,
@@ -73,7 +73,7 @@ impl ThreadPool {
         let shared = Arc::new(Shared {
             job: UnsafeCell::new(noop as *const Job),
             caller: UnsafeCell::new(None),
-            stripes: (0..n_threads.max(1)).map(|_| AtomicU64::new(0)).collect(),
+            stripes: (0..n_threads.max(1)).map(|_| Stripe(AtomicU64::new(0))).collect(),
             pending: AtomicUsize::new(0),
             epoch: AtomicU64::new(0),
             panicked: AtomicBool::new(false),
@@ -129,7 +129,7 @@ impl ThreadPool {
         let threads = s.stripes.len();
         for (i, stripe) in s.stripes.iter().enumerate() {
             let (lo, hi) = (i * n_tasks / threads, (i + 1) * n_tasks / threads);
-            stripe.store(pack(lo, hi), Ordering::Relaxed);
+            stripe.0.store(pack(lo, hi), Ordering::Relaxed);
         }
         s.panicked.store(false, Ordering::Relaxed);
         s.pending.store(self.workers.len(), Ordering::Relaxed);
@@ -156,12 +156,18 @@ impl ThreadPool {
     }
 }
 
+/// One thread's stripe, alone on its cache lines (two, for the adjacent-line prefetcher): claims are one
+/// atomic per task, and sharing a line made every claim a cross-core miss (1.8% of decode in a profile).
+#[repr(align(128))]
+struct Stripe(AtomicU64);
+
 fn pack(front: usize, back: usize) -> u64 {
     ((front as u64) << 32) | back as u64
 }
 
 /// Takes one task from stripe `stripe`: its first unclaimed one (`own`) or its last.
-fn claim(stripe: &AtomicU64, own: bool) -> Option<usize> {
+fn claim(stripe: &Stripe, own: bool) -> Option<usize> {
+    let stripe = &stripe.0;
     let mut cur = stripe.load(Ordering::Relaxed);
     loop {
         let (front, back) = ((cur >> 32) as usize, (cur & 0xffff_ffff) as usize);
