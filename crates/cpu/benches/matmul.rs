@@ -14,7 +14,7 @@ fn main() {
     divan::main();
 }
 
-const ENCODINGS: [&str; 7] = ["Q4_0", "Q4_0x16", "Q4_K", "Q4_Kx16", "Q6_K", "Q8_0", "MLX_Q4_G64"];
+const ENCODINGS: [&str; 8] = ["Q4_0", "Q4_0x16", "Q4_K", "Q4_Kx16", "Q6_K", "Q6_Kx16", "Q8_0", "MLX_Q4_G64"];
 const SHAPES: [(&str, usize, usize); 2] = [("gate_up", 1536, 2048), ("down", 2048, 768)];
 
 fn encoding(name: &str) -> Encoding {
@@ -23,6 +23,7 @@ fn encoding(name: &str) -> Encoding {
         "Q4_0x16" => Encoding::Q4_0x16,
         "Q4_K" => Encoding::Ggml(GgmlType::Q4K),
         "Q4_Kx16" => Encoding::Q4Kx16,
+        "Q6_Kx16" => Encoding::Q6Kx16,
         "Q6_K" => Encoding::Ggml(GgmlType::Q6K),
         "Q8_0" => Encoding::Ggml(GgmlType::Q8_0),
         _ => Encoding::MlxAffine { params: MlxAffine { bits: 4, group_size: 64 }, scale_type: FloatType::BF16 },
@@ -76,8 +77,12 @@ fn make(enc: Encoding, rows: usize, cols: usize) -> Owned {
             encode_floats(scale_type, &b, &mut biases).expect("biases");
             Owned { data, scales, biases }
         }
-        Encoding::Q4_0x16 | Encoding::Q4Kx16 => {
-            let source = Encoding::Ggml(if enc == Encoding::Q4Kx16 { GgmlType::Q4K } else { GgmlType::Q4_0 });
+        Encoding::Q4_0x16 | Encoding::Q4Kx16 | Encoding::Q6Kx16 => {
+            let source = Encoding::Ggml(match enc {
+                Encoding::Q4Kx16 => GgmlType::Q4K,
+                Encoding::Q6Kx16 => GgmlType::Q6K,
+                _ => GgmlType::Q4_0,
+            });
             let rowmajor = make(source, rows, cols);
             let mut data = vec![0u8; rowmajor.data.len()];
             moestream_quant::packed::pack(source, &rowmajor.data, &mut data, rows, cols).expect("pack");

@@ -11,10 +11,10 @@
 //! - `arm::row_dot` / `arm::row_dot_q8`: NEON kernels for the same encodings on aarch64 (exact f32; the q8 table
 //!   needs the `dotprod` extension for `sdot`).
 //!
-//! `Q4_0x16` and `Q4_Kx16` views (ggml `Q4_0` / `Q4_K` regrouped 16 rows at a time, see `packed`) have no rows to
-//! hand out: every entry point walks them by 16-row group instead, through `packed`'s kernels (AVX-512 VNNI for
-//! one token and, for `Q4_Kx16`, four; AMX tiles for `Q4_0x16` `gemm` where the CPU and OS allow; a scalar
-//! reference otherwise), which all give the same bits.
+//! `Q4_0x16`, `Q4_Kx16` and `Q6_Kx16` views (ggml `Q4_0` / `Q4_K` / `Q6_K` regrouped 16 rows at a time, see
+//! `packed`) have no rows to hand out: every entry point walks them by 16-row group instead, through `packed`'s
+//! kernels (AVX-512 VNNI for one token and, for the K forms, four; AMX tiles for `Q4_0x16` `gemm` where the CPU and
+//! OS allow; a scalar reference otherwise), which all give the same bits.
 //!
 //! It must not allocate on the per-call path, own weight memory, or know which model or expert a view belongs to.
 //! Every output element is written by exactly one task with a fixed summation order, so results are bit-identical
@@ -218,7 +218,7 @@ fn quantize_q8_scalar(x: &[f32], out: &mut [Q8Block], group: usize) {
 /// whose q8 kernels rely on it, 1 otherwise.
 fn q8_group(e: Encoding) -> usize {
     use moestream_quant::GgmlType;
-    if matches!(e, Encoding::Ggml(GgmlType::Q4K | GgmlType::Q6K) | Encoding::Q4Kx16) { 8 } else { 1 }
+    if matches!(e, Encoding::Ggml(GgmlType::Q4K | GgmlType::Q6K) | Encoding::Q4Kx16 | Encoding::Q6Kx16) { 8 } else { 1 }
 }
 
 /// `r.round()` for `|r| < 2²³` without the libm call `round` becomes on baseline x86-64 (no SSE4.1): truncate,
@@ -390,15 +390,17 @@ pub struct Dispatch {
     dot16: Option<Dot16>,
     /// The same for `Q4_Kx16`, one token and four.
     dot16k: Option<(Dot16, Dot16K4)>,
+    /// The same for `Q6_Kx16`.
+    dot16q6: Option<(Dot16, Dot16K4)>,
     /// Prefill of `Q4_0x16` weights through AMX tiles (q8 table, CPU and OS permitting).
     amx: bool,
 }
 
-/// A packed group kernel (`Q4_0x16` or `Q4_Kx16`): 16 rows × one token's q8 blocks. Safety contract: the group comes from a validated
+/// A packed group kernel (`Q4_0x16`, `Q4_Kx16` or `Q6_Kx16`): 16 rows × one token's q8 blocks. Safety contract: the group comes from a validated
 /// view, the q8 blocks are the token's (one per block column), and the CPU supports the kernel.
 type Dot16 = unsafe fn(&[u8], &[Q8Block], &mut [f32; GROUP], *const u8);
 
-/// A `Q4_Kx16` group kernel for 4 tokens, bit-identical per token to the one-token [`Dot16`]; same contract.
+/// A `Q4_Kx16` or `Q6_Kx16` group kernel for 4 tokens, bit-identical per token to the one-token [`Dot16`]; same contract.
 type Dot16K4 = unsafe fn(&[u8], [&[Q8Block]; 4], &mut [[f32; GROUP]; 4]);
 
 impl std::fmt::Debug for Dispatch {
@@ -432,6 +434,7 @@ impl Dispatch {
             rows4: None,
             dot16: None,
             dot16k: None,
+            dot16q6: None,
             amx: false,
         })
     }
@@ -440,11 +443,12 @@ impl Dispatch {
     /// VNNI; NEON needs `dotprod` for `sdot`). There is no scalar q8 table: the f32 reference is what q8 is
     /// checked against.
     pub fn new_q8(isa: Isa) -> Option<Dispatch> {
-        type Q8Table = (RowDot, Option<TileDot>, Option<Rows4Dot>, Option<Dot16>, Option<(Dot16, Dot16K4)>, bool);
-        let (row_dot, tile, rows4, dot16, dot16k, amx): Q8Table = match isa {
+        type K = Option<(Dot16, Dot16K4)>;
+        type Q8Table = (RowDot, Option<TileDot>, Option<Rows4Dot>, Option<Dot16>, K, K, bool);
+        let (row_dot, tile, rows4, dot16, dot16k, dot16q6, amx): Q8Table = match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 if x86::has_avx2() => {
-                (x86::avx2::row_dot_q8, Some(x86::avx2::tile_q8), Some(x86::avx2::rows4_q8), None, None, false)
+                (x86::avx2::row_dot_q8, Some(x86::avx2::tile_q8), Some(x86::avx2::rows4_q8), None, None, None, false)
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 if x86::has_avx512_vnni() => (
@@ -453,20 +457,21 @@ impl Dispatch {
                 Some(x86::avx512::rows4_q8),
                 Some(packed::x86::dot16),
                 Some((packed::x86::dot16k, packed::x86::dot16k4)),
+                Some((packed::x86::dot16q6, packed::x86::dot16q6x4)),
                 packed::x86::has_amx(),
             ),
             #[cfg(target_arch = "aarch64")]
-            Isa::Neon if arm::has_dotprod() => (arm::row_dot_q8, None, None, None, None, false),
+            Isa::Neon if arm::has_dotprod() => (arm::row_dot_q8, None, None, None, None, None, false),
             _ => return None,
         };
-        Some(Dispatch { isa, activations: Activations::Q8, row_dot, tile, rows4, dot16, dot16k, amx })
+        Some(Dispatch { isa, activations: Activations::Q8, row_dot, tile, rows4, dot16, dot16k, dot16q6, amx })
     }
 
-    /// Whether this table has fast kernels for the packed forms (`Q4_0x16`, `Q4_Kx16`), i.e. whether a model
-    /// should pack its `Q4_0` and `Q4_K` matrices (those with a multiple of 16 rows) for it. Packed weights run on
+    /// Whether this table has fast kernels for the packed forms (`Q4_0x16`, `Q4_Kx16`, `Q6_Kx16`), i.e. whether a
+    /// model should pack its `Q4_0`, `Q4_K` and `Q6_K` matrices (those with a multiple of 16 rows) for it. Packed weights run on
     /// every table, but only these are faster than row-major ones.
     pub fn packs(&self) -> bool {
-        self.q8() && self.dot16.is_some() && self.dot16k.is_some()
+        self.q8() && self.dot16.is_some() && self.dot16k.is_some() && self.dot16q6.is_some()
     }
 
     /// Whether `gemm` on `Q4_0x16` weights uses AMX tiles (for reports and benchmarks).
@@ -535,6 +540,7 @@ impl Dispatch {
             rows4: None,
             dot16: None,
             dot16k: None,
+            dot16q6: None,
             amx: false,
         }
     }
@@ -995,18 +1001,21 @@ impl Dispatch {
     /// `next` is the group the caller computes after this one (a prefetch hint, see `packed::x86::dot16`).
     #[inline]
     fn group_dot(&self, enc: Encoding, g: &[u8], next: *const u8, act: &Act<'_>, out: &mut [f32; GROUP]) {
-        let k_quant = enc == Encoding::Q4Kx16;
         if act.q8.is_empty() {
-            packed::dot16_f32(enc, g, act.x, out);
-        } else if let Some(k) = if k_quant { self.dot16k.map(|k| k.0) } else { self.dot16 } {
+            return packed::dot16_f32(enc, g, act.x, out);
+        }
+        type Scalar = fn(&[u8], &[Q8Block], &mut [f32; GROUP]);
+        let (kernel, scalar): (Option<Dot16>, Scalar) = match enc {
+            Encoding::Q4Kx16 => (self.dot16k.map(|k| k.0), packed::dot16k_scalar),
+            Encoding::Q6Kx16 => (self.dot16q6.map(|k| k.0), packed::dot16q6_scalar),
+            _ => (self.dot16, packed::dot16_scalar),
+        };
+        match kernel {
             // SAFETY: `g` is a whole group of a validated view and `act.q8` its token's blocks (one per block
-            // column, or 8 per super-block column for `Q4_Kx16`, as `q8_group` makes them); `Dispatch::new_q8`
-            // only sets `dot16` / `dot16k` where the CPU supports them. `next` is only prefetched.
-            unsafe { k(g, act.q8, out, next) };
-        } else if k_quant {
-            packed::dot16k_scalar(g, act.q8, out);
-        } else {
-            packed::dot16_scalar(g, act.q8, out);
+            // column, or 8 per super-block column for the K forms, as `q8_group` makes them); `Dispatch::new_q8`
+            // only sets the group kernels where the CPU supports them. `next` is only prefetched.
+            Some(k) => unsafe { k(g, act.q8, out, next) },
+            None => scalar(g, act.q8, out),
         }
     }
 
@@ -1027,7 +1036,12 @@ impl Dispatch {
         r0: usize,
     ) {
         let mut first = 0;
-        if let Some((_, k4)) = self.dot16k.filter(|_| enc == Encoding::Q4Kx16 && !q8.is_empty()) {
+        let four = match enc {
+            Encoding::Q4Kx16 => self.dot16k,
+            Encoding::Q6Kx16 => self.dot16q6,
+            _ => None,
+        };
+        if let Some((_, k4)) = four.filter(|_| !q8.is_empty()) {
             let mut r4 = [[0f32; GROUP]; 4];
             while first + 4 <= n {
                 let acts = std::array::from_fn(|i| q8_part(q8, cols, first + i));

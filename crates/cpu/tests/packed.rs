@@ -1,7 +1,8 @@
-//! `Q4_0x16` and `Q4_Kx16` (16-row regrouped `Q4_0` / `Q4_K`) through every table and entry point.
+//! `Q4_0x16`, `Q4_Kx16` and `Q6_Kx16` (16-row regrouped `Q4_0` / `Q4_K` / `Q6_K`) through every table and entry
+//! point.
 //!
 //! The packed kernels promise one per-(row, token) arithmetic (exact integer block sums, then one FMA per block
-//! with `d_w·d_x`; for `Q4_Kx16` one per super-block for the scales and one for the mins), so: every q8 table —
+//! with `d_w·d_x`; for the K forms one per super-block, plus one for `Q4_Kx16`'s mins), so: every q8 table —
 //! the scalar group kernel (tables without one), AVX-512 VNNI (1 and 4 tokens), AMX — gives the same bits; `gemm` equals `gemv` per token; the gathered ops equal composed `gemv`s; thread counts do not
 //! matter. Against the f64 reference the bound is the one `tests/matmul.rs` states for q8 tables.
 
@@ -13,10 +14,11 @@ use moestream_cpu::{Activations, Dispatch, MatmulError, ThreadPool, WeightView};
 use moestream_quant::{Encoding, GgmlType};
 
 /// Each packed encoding with the column counts to test it at (odd block counts) and its row-major source.
-fn packed() -> [(Encoding, Encoding, Vec<usize>); 2] {
+fn packed() -> [(Encoding, Encoding, Vec<usize>); 3] {
     [
         (Encoding::Q4_0x16, Encoding::Ggml(GgmlType::Q4_0), vec![32, 96, 224, 512]),
         (Encoding::Q4Kx16, Encoding::Ggml(GgmlType::Q4K), vec![256, 768, 1280]),
+        (Encoding::Q6Kx16, Encoding::Ggml(GgmlType::Q6K), vec![256, 768, 1280]),
     ]
 }
 
@@ -42,7 +44,7 @@ fn gemv_matches_reference_and_every_q8_table_agrees() {
             let (want, scale) = w.reference(&x);
             // q8 rounding bound: Σ_c |W[r,c]|·(max|x| over c's 32-block, or 256-group for Q4_K)/127/2, with 1%
             // for rounding of x/d.
-            let block = if p == Encoding::Q4Kx16 { 256 } else { 32 };
+            let block = if p == Encoding::Q4_0x16 { 32 } else { 256 };
             let half: Vec<f64> = x
                 .chunks_exact(block)
                 .flat_map(|b| {
@@ -93,9 +95,10 @@ fn gemv_many_equals_one_gemv_per_weight() {
     let q6k = Encoding::Ggml(GgmlType::Q6K);
     // Attention-like mixes at 256 and 512 columns: Q4_0 all packed; Q4_K_M's Q6_K v between packed q and k and
     // a trailing packed o; an odd row count on row-major weights; more weights than one run takes (5 > 4).
-    let mixes: [(usize, Vec<(Encoding, usize)>); 4] = [
+    let mixes: [(usize, Vec<(Encoding, usize)>); 5] = [
         (512, vec![(Encoding::Q4_0x16, 64), (Encoding::Q4_0x16, 16), (Encoding::Q4_0x16, 16)]),
         (256, vec![(Encoding::Q4Kx16, 48), (Encoding::Q4Kx16, 16), (q6k, 16), (Encoding::Q4Kx16, 32)]),
+        (512, vec![(Encoding::Q4Kx16, 32), (Encoding::Q4Kx16, 16), (Encoding::Q6Kx16, 16), (Encoding::Q6Kx16, 32)]),
         (256, vec![(q6k, 7), (q4k, 33), (q4k, 5)]),
         (512, vec![(Encoding::Q4_0x16, 16); 5]),
     ];
@@ -137,11 +140,12 @@ fn packed_equals_row_major_values_in_exact_f32() {
         let cols = cols_list[1];
         let w = make_weight(p, 32, cols, &mut rng);
         let mut rowmajor = vec![0u8; w.data.len()];
-        if p == Encoding::Q4Kx16 {
-            moestream_quant::packed::unpack_q4_kx16(&w.data, &mut rowmajor, 32, cols).expect("unpack");
-        } else {
-            moestream_quant::packed::unpack_q4_0x16(&w.data, &mut rowmajor, 32, cols).expect("unpack");
+        match p {
+            Encoding::Q4Kx16 => moestream_quant::packed::unpack_q4_kx16(&w.data, &mut rowmajor, 32, cols),
+            Encoding::Q6Kx16 => moestream_quant::packed::unpack_q6_kx16(&w.data, &mut rowmajor, 32, cols),
+            _ => moestream_quant::packed::unpack_q4_0x16(&w.data, &mut rowmajor, 32, cols),
         }
+        .expect("unpack");
         let q4 = WeightView { encoding: source, data: &rowmajor, ..w.view() };
         let x = rng.vec(cols);
         let d = Dispatch::scalar();
@@ -183,7 +187,8 @@ fn gathered_ops_equal_composed_gemv_at_any_thread_count() {
     let pools: Vec<ThreadPool> = (1..=3).map(ThreadPool::new).collect();
     let mut rng = Rng(0x54);
     // Q4_K: the down projection's columns (inter) must be whole 256-element super-blocks.
-    for (p, hidden, inter) in [(Encoding::Q4_0x16, 96, 32), (Encoding::Q4Kx16, 256, 256)] {
+    for (p, hidden, inter) in [(Encoding::Q4_0x16, 96, 32), (Encoding::Q4Kx16, 256, 256), (Encoding::Q6Kx16, 256, 256)]
+    {
         for d in tables() {
             for k in [1, 3, 8] {
                 let pool = &pools[k % 3];

@@ -49,7 +49,7 @@ pub struct ModelOptions {
     pub eviction: EvictionPolicy,
     /// What decode reads ahead for the next MoE layer while this one computes.
     pub prefetch: Prefetch,
-    /// Regroup `Q4_0` and `Q4_K` matrices as `Q4_0x16` / `Q4_Kx16` where the kernel table is faster on them
+    /// Regroup `Q4_0`, `Q4_K` and `Q6_K` matrices as `Q4_0x16` / `Q4_Kx16` / `Q6_Kx16` where the kernel table is faster on them
     /// (`Dispatch::packs`: q8 activations on AVX-512 VNNI). Changes summation order only (f32 rounding), never
     /// which values are used.
     pub pack: bool,

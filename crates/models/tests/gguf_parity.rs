@@ -440,8 +440,8 @@ fn hybrid_gguf_mtp_blocks_are_ignored() {
 /// prefill where the CPU has them, VNNI in decode; `Q4_Kx16`: VNNI, 4 tokens per call in prefill). Measured on
 /// gqa_headdim-q4_0, over positions with unambiguous routing: ours vs the f64 model 2.8e-2 of max |logit|
 /// (llama.cpp 1.3e-2; the row-major q8 path gives the same 2.8e-2), vs llama.cpp ≤ 2.2e-2; packed vs row-major
-/// 2.4e-7; token-by-token decode equal to the prefill. On synth_w256-q4_k_m (Q4_K gate/up and attn_q): printed by
-/// the test.
+/// 2.4e-7; token-by-token decode equal to the prefill. On synth_w256-q4_k_m (packed: Q4_K gate/up experts and
+/// attn_q, Q6_K down experts and output head): printed by the test.
 #[test]
 fn q8_activations_on_q4_0_stay_within_activation_rounding() {
     q8_case("gqa_headdim-q4_0");

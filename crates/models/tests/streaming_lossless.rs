@@ -269,8 +269,8 @@ fn q8_packed_streaming_is_lossless() {
 }
 
 /// q8 activations with packing (the default) on GGUF Q4_K_M from llama.cpp's `llama-quantize` (the
-/// synth_w256-q4_k_m fixture: Q4_K gate/up experts, packed as `Q4_Kx16` on the way into the slot, and Q6_K down
-/// experts, which stay row-major): streaming gives the logits of every expert resident.
+/// synth_w256-q4_k_m fixture: Q4_K gate/up experts and Q6_K down experts, packed as `Q4_Kx16` / `Q6_Kx16` on the
+/// way into the slot): streaming gives the logits of every expert resident.
 #[test]
 fn q8_packed_q4_k_streaming_is_lossless() {
     let path =

@@ -31,6 +31,8 @@ pub enum Encoding {
     Q4_0x16,
     /// ggml `Q4_K` regrouped 16 rows at a time ([`packed`]), the same way and for the same reasons as `Q4_0x16`.
     Q4Kx16,
+    /// ggml `Q6_K` regrouped 16 rows at a time ([`packed`]), for the same reasons.
+    Q6Kx16,
 }
 
 impl Encoding {
@@ -44,6 +46,7 @@ impl Encoding {
             Encoding::Ggml(t) => t.row_bytes(cols),
             Encoding::Q4_0x16 => GgmlType::Q4_0.row_bytes(cols),
             Encoding::Q4Kx16 => GgmlType::Q4K.row_bytes(cols),
+            Encoding::Q6Kx16 => GgmlType::Q6K.row_bytes(cols),
             Encoding::MlxAffine { params, .. } => {
                 cols.is_multiple_of(params.group_size).then(|| params.packed_bytes(cols))
             }
@@ -66,6 +69,7 @@ impl Encoding {
             Encoding::Ggml(ty) => ggml::dequantize(ty, data, out),
             Encoding::Q4_0x16 => packed::dequantize_q4_0x16(data, cols, out),
             Encoding::Q4Kx16 => packed::dequantize_q4_kx16(data, cols, out),
+            Encoding::Q6Kx16 => packed::dequantize_q6_kx16(data, cols, out),
             Encoding::MlxAffine { params, scale_type } => {
                 params.validate()?;
                 let g = params.group_size;
@@ -103,7 +107,7 @@ impl Encoding {
     /// Whether this is one of the 16-row interleaved forms ([`packed`]), which are walked by group, not by row.
     #[inline]
     pub fn is_packed(&self) -> bool {
-        matches!(self, Encoding::Q4_0x16 | Encoding::Q4Kx16)
+        matches!(self, Encoding::Q4_0x16 | Encoding::Q4Kx16 | Encoding::Q6Kx16)
     }
 
     pub fn name(&self) -> String {
@@ -112,6 +116,7 @@ impl Encoding {
             Encoding::Ggml(t) => t.name().to_string(),
             Encoding::Q4_0x16 => "Q4_0x16".to_string(),
             Encoding::Q4Kx16 => "Q4_Kx16".to_string(),
+            Encoding::Q6Kx16 => "Q6_Kx16".to_string(),
             Encoding::MlxAffine { params, .. } => format!("MLX_Q{}_G{}", params.bits, params.group_size),
         }
     }

@@ -1,6 +1,6 @@
-//! Row-interleaved forms of ggml's 4-bit formats, 16 rows at a time, so that one 64-byte vector holds 4
-//! consecutive codes of 16 rows — the operand layout of a 16-lane `vpdpbusd` with a broadcast activation word (and,
-//! for `Q4_0x16`, of an AMX `tdpbssd` B tile: K/4 rows × 16 columns × 4 bytes). Both keep their source format's
+//! Row-interleaved forms of ggml's `Q4_0`, `Q4_K` and `Q6_K`, 16 rows at a time, so that one 64-byte vector holds
+//! 4 consecutive codes of 16 rows — the operand layout of a 16-lane `vpdpbusd` with a broadcast activation word (and,
+//! for `Q4_0x16`, of an AMX `tdpbssd` B tile: K/4 rows × 16 columns × 4 bytes). All keep their source format's
 //! bytes per matrix, so a slot or a band of rows keeps its size and offsets: group `g` (rows `16g..16g+16`)
 //! occupies exactly the bytes its 16 rows did. Only whole groups exist: a matrix is packed only when its row count
 //! is a multiple of 16. Each pack is a byte permutation (`unpack(pack(x)) == x`), so dequantizing a packed group
@@ -20,6 +20,16 @@
 //!   byte `4r + i` holds element `32j + 4c + i` of row `r` in its low nibble and `32j + 16 + 4c + i` in its high
 //!   one. (ggml's `Q4_K` pairs sub-blocks `2p` and `2p+1` in one byte's nibbles instead; the repack moves nibbles
 //!   so that a sub-block lines up with one q8 activation block, as `Q4_0`'s do.)
+//!
+//! `Q6_Kx16` (from `Q6_K`): super-block column `s` (elements `256s..256s+256`) is 3360 bytes at `3360·s`:
+//! - 16 f16 `d` (row order, 32 bytes);
+//! - the 16 i8 scales of each row, scale-major: byte `32 + 16j + r` is row `r`'s scale `j` (elements
+//!   `16j..16j+16`), so one 16-byte load widened to i32 is sub-block `j`'s scale for all 16 rows (256 bytes);
+//! - 8 blocks of 384 bytes, block `b` (elements `32b..32b+32`, one q8 activation block): the low 4 bits of the
+//!   6-bit codes in `Q4_0x16`'s chunk layout (4 chunks of 64 bytes: chunk `c`, byte `4r + i` holds element
+//!   `32b + 4c + i` of row `r` in its low nibble and `32b + 16 + 4c + i` in its high one), then the high 2 bits
+//!   as two 64-byte words: word `h`, byte `4r + i`, bits `2c..2c+2` are the high bits of element
+//!   `32b + 16h + 4c + i` of row `r`.
 
 use crate::ggml::{self, GgmlType};
 use crate::{Encoding, QuantError};
@@ -30,6 +40,10 @@ pub const GROUP: usize = 16;
 const K_BLOCK: usize = 144;
 /// Bytes of one super-block column of a `Q4_Kx16` group.
 pub const K_GROUP_BLOCK: usize = GROUP * K_BLOCK;
+/// Bytes of one ggml `Q6_K` super-block (256 elements).
+const Q6_BLOCK: usize = 210;
+/// Bytes of one super-block column of a `Q6_Kx16` group.
+pub const Q6_GROUP_BLOCK: usize = GROUP * Q6_BLOCK;
 /// Bytes of one ggml `Q4_0` block (f16 scale + 16 code bytes).
 const BLOCK: usize = 18;
 /// Bytes of one block column of a group.
@@ -133,11 +147,12 @@ pub fn dequantize_q4_0x16(data: &[u8], cols: usize, out: &mut [f32]) -> Result<(
     Ok(())
 }
 
-/// The packed form of `e` when there is one (`Q4_0` → `Q4_0x16`, `Q4_K` → `Q4_Kx16`).
+/// The packed form of `e` when there is one (`Q4_0` → `Q4_0x16`, `Q4_K` → `Q4_Kx16`, `Q6_K` → `Q6_Kx16`).
 pub fn packed_form(e: Encoding) -> Option<Encoding> {
     match e {
         Encoding::Ggml(GgmlType::Q4_0) => Some(Encoding::Q4_0x16),
         Encoding::Ggml(GgmlType::Q4K) => Some(Encoding::Q4Kx16),
+        Encoding::Ggml(GgmlType::Q6K) => Some(Encoding::Q6Kx16),
         _ => None,
     }
 }
@@ -153,6 +168,7 @@ pub fn pack(from: Encoding, src: &[u8], dst: &mut [u8], rows: usize, cols: usize
     match from {
         Encoding::Ggml(GgmlType::Q4_0) => pack_q4_0x16(src, dst, rows, cols),
         Encoding::Ggml(GgmlType::Q4K) => pack_q4_kx16(src, dst, rows, cols),
+        Encoding::Ggml(GgmlType::Q6K) => pack_q6_kx16(src, dst, rows, cols),
         _ => Err(QuantError::NoPackedForm(from.name())),
     }
 }
@@ -276,6 +292,139 @@ pub fn dequantize_q4_kx16(data: &[u8], cols: usize, out: &mut [f32]) -> Result<(
     Ok(())
 }
 
+fn check_q6(rows: usize, cols: usize, got: usize, ty: &'static str) -> Result<usize, QuantError> {
+    check_blocks(rows, cols, got, ty, (256, Q6_BLOCK))
+}
+
+/// Element `e` (0..256) of a ggml `Q6_K` block: (byte of `ql`, its nibble shift, byte of `qh`, its bit shift).
+/// ggml's order: per 128-element half `n`, `l < 32`: elements `l`, `l+32`, `l+64`, `l+96` take the low nibble of
+/// `ql[64n+l]`, low of `ql[64n+l+32]`, high of `ql[64n+l]`, high of `ql[64n+l+32]`, and bits 0–1, 2–3, 4–5, 6–7 of
+/// `qh[32n+l]`.
+#[inline]
+fn q6_source(e: usize) -> (usize, u32, usize, u32) {
+    let (n, m) = (e / 128, e % 128);
+    let (quarter, l) = (m / 32, m % 32);
+    let ql = 64 * n + l + 32 * (quarter & 1);
+    (ql, 4 * (quarter as u32 >> 1), 128 + 32 * n + l, 2 * quarter as u32)
+}
+
+/// Where element `e` (0..256) of row `r` goes in a `Q6_Kx16` super-block column: (low-bits byte, its nibble
+/// shift, high-bits byte, its bit shift), offsets from the column start.
+#[inline]
+fn q6_dest(e: usize, r: usize) -> (usize, u32, usize, u32) {
+    let (b, k) = (e / 32, e % 32);
+    let (h, c, i) = (k / 16, (k % 16) / 4, k % 4);
+    let blk = 288 + 384 * b;
+    (blk + 64 * c + 4 * r + i, 4 * h as u32, blk + 256 + 64 * h + 4 * r + i, 2 * c as u32)
+}
+
+/// Row `r`'s ggml `Q6_K` block `blk` written into super-block column `col`. By whole bytes, not elements: a
+/// 32-block `b` of the packed form is one quarter (`b % 4`) of one 128-half (`b / 4`) in ggml's, so its low bits are
+/// one nibble of 32 consecutive `ql` bytes and its high bits one bit pair of 32 consecutive `qh` bytes. (It runs on
+/// the I/O thread for every streamed `Q6_K` expert; [`q6_unpack_block`] goes element by element through the
+/// layout maps and checks it in the round-trip tests.)
+fn q6_pack_block(blk: &[u8], col: &mut [u8], r: usize) {
+    col[2 * r..2 * r + 2].copy_from_slice(&blk[208..210]);
+    for j in 0..16 {
+        col[32 + 16 * j + r] = blk[192 + j];
+    }
+    for b in 0..8 {
+        let (n, quarter) = (b / 4, b % 4);
+        let ql = &blk[64 * n + 32 * (quarter & 1)..][..32];
+        let qh = &blk[128 + 32 * n..][..32];
+        let (ns, hs) = (4 * (quarter >> 1), 2 * quarter);
+        let dst = &mut col[288 + 384 * b..288 + 384 * (b + 1)];
+        for c in 0..4 {
+            for i in 0..4 {
+                let k = 4 * c + i;
+                dst[64 * c + 4 * r + i] = ((ql[k] >> ns) & 0x0f) | (((ql[16 + k] >> ns) & 0x0f) << 4);
+            }
+        }
+        for h in 0..2 {
+            for i in 0..4 {
+                let mut v = 0u8;
+                for c in 0..4 {
+                    v |= ((qh[16 * h + 4 * c + i] >> hs) & 3) << (2 * c);
+                }
+                dst[256 + 64 * h + 4 * r + i] = v;
+            }
+        }
+    }
+}
+
+/// The inverse of [`q6_pack_block`]: row `r`'s ggml `Q6_K` block from column `col`.
+fn q6_unpack_block(col: &[u8], r: usize, blk: &mut [u8]) {
+    blk.fill(0);
+    blk[208..210].copy_from_slice(&col[2 * r..2 * r + 2]);
+    for j in 0..16 {
+        blk[192 + j] = col[32 + 16 * j + r];
+    }
+    for e in 0..256 {
+        let (sl, ss, sh, hs) = q6_source(e);
+        let (dl, ds, dh, dhs) = q6_dest(e, r);
+        blk[sl] |= ((col[dl] >> ds) & 0x0f) << ss;
+        blk[sh] |= ((col[dh] >> dhs) & 3) << hs;
+    }
+}
+
+/// Packs `rows` ggml `Q6_K` rows of `cols` elements (`src`) into `dst` (same length). `rows` must be a multiple of
+/// 16 and `cols` of 256.
+pub fn pack_q6_kx16(src: &[u8], dst: &mut [u8], rows: usize, cols: usize) -> Result<(), QuantError> {
+    let nsb = check_q6(rows, cols, src.len(), "Q6_Kx16 pack source")?;
+    if dst.len() != src.len() {
+        return Err(QuantError::ByteLength { ty: "Q6_Kx16 pack destination", expected: src.len(), got: dst.len() });
+    }
+    let rb = nsb * Q6_BLOCK;
+    for (sg, dg) in src.chunks_exact(GROUP * rb).zip(dst.chunks_exact_mut(GROUP * rb)) {
+        for (s, col) in dg.chunks_exact_mut(Q6_GROUP_BLOCK).enumerate() {
+            for r in 0..GROUP {
+                q6_pack_block(&sg[r * rb + s * Q6_BLOCK..r * rb + (s + 1) * Q6_BLOCK], col, r);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The inverse of [`pack_q6_kx16`].
+pub fn unpack_q6_kx16(src: &[u8], dst: &mut [u8], rows: usize, cols: usize) -> Result<(), QuantError> {
+    let nsb = check_q6(rows, cols, src.len(), "Q6_Kx16 unpack source")?;
+    if dst.len() != src.len() {
+        return Err(QuantError::ByteLength { ty: "Q6_Kx16 unpack destination", expected: src.len(), got: dst.len() });
+    }
+    let rb = nsb * Q6_BLOCK;
+    for (sg, dg) in src.chunks_exact(GROUP * rb).zip(dst.chunks_exact_mut(GROUP * rb)) {
+        for (s, col) in sg.chunks_exact(Q6_GROUP_BLOCK).enumerate() {
+            for r in 0..GROUP {
+                q6_unpack_block(col, r, &mut dg[r * rb + s * Q6_BLOCK..r * rb + (s + 1) * Q6_BLOCK]);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Dequantizes whole `Q6_Kx16` groups (`out.len()` a multiple of `16·cols`) through a stack buffer of one
+/// super-block: no allocation.
+pub fn dequantize_q6_kx16(data: &[u8], cols: usize, out: &mut [f32]) -> Result<(), QuantError> {
+    if cols == 0 || !out.len().is_multiple_of(GROUP * cols) {
+        return Err(QuantError::PartialBlock { ty: "Q6_Kx16 rows", elems: out.len(), block: GROUP * cols.max(1) });
+    }
+    let rows = out.len() / cols;
+    let nsb = check_q6(rows, cols, data.len(), "Q6_Kx16")?;
+    let rb = nsb * Q6_BLOCK;
+    let mut blk = [0u8; Q6_BLOCK];
+    let mut vals = [0f32; 256];
+    for (sg, og) in data.chunks_exact(GROUP * rb).zip(out.chunks_exact_mut(GROUP * cols)) {
+        for (s, col) in sg.chunks_exact(Q6_GROUP_BLOCK).enumerate() {
+            for r in 0..GROUP {
+                q6_unpack_block(col, r, &mut blk);
+                ggml::dequantize(GgmlType::Q6K, &blk, &mut vals)?;
+                og[r * cols + 256 * s..r * cols + 256 * s + 256].copy_from_slice(&vals);
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,6 +534,72 @@ mod tests {
         assert_eq!(p.iter().filter(|&&b| b != 0).count(), 1);
     }
 
+    /// Random `Q6_K` rows: random bytes with a finite f16 `d`.
+    fn q6k_rows(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed;
+        let mut q: Vec<u8> = (0..rows * cols / 256 * Q6_BLOCK)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        for b in q.chunks_exact_mut(Q6_BLOCK) {
+            b[209] &= 0x3b;
+        }
+        q
+    }
+
+    #[test]
+    fn q6_k_pack_round_trips_and_dequantizes_like_the_rows() {
+        for (rows, cols) in [(16, 256), (32, 768), (48, 512)] {
+            let q = q6k_rows(rows, cols, 0x2545_f491_4f6c_dd1d ^ (rows * cols) as u64);
+            let mut p = vec![0u8; q.len()];
+            pack_q6_kx16(&q, &mut p, rows, cols).unwrap();
+            assert_ne!(p, q, "packing must move bytes");
+            let mut back = vec![0u8; q.len()];
+            unpack_q6_kx16(&p, &mut back, rows, cols).unwrap();
+            assert_eq!(back, q);
+            let (mut a, mut b) = (vec![0f32; rows * cols], vec![0f32; rows * cols]);
+            ggml::dequantize(GgmlType::Q6K, &q, &mut a).unwrap();
+            dequantize_q6_kx16(&p, cols, &mut b).unwrap();
+            assert_eq!(a, b);
+            let mut via = vec![0u8; q.len()];
+            pack(Encoding::Ggml(GgmlType::Q6K), &q, &mut via, rows, cols).unwrap();
+            assert_eq!(via, p, "pack() dispatches to the Q6_K packer");
+        }
+    }
+
+    #[test]
+    fn q6_k_layout_puts_an_element_where_the_doc_says() {
+        // Row 5, element 128 + 64 + 7 = 199: ggml half 1, quarter 2, l = 7 → high nibble of ql[64 + 7], bits 4–5
+        // of qh[32 + 7]. Packed: block 6, k = 7 → low half (h 0), chunk 1, i 3: low nibble of byte 288 + 384·6 +
+        // 64 + 4·5 + 3, and bits 2–3 of byte 288 + 384·6 + 256 + 4·5 + 3.
+        let (rows, cols) = (16, 256);
+        let mut q = vec![0u8; rows * Q6_BLOCK];
+        q[5 * Q6_BLOCK + 64 + 7] = 0xb0;
+        q[5 * Q6_BLOCK + 128 + 32 + 7] = 0x20;
+        let mut p = vec![0u8; q.len()];
+        pack_q6_kx16(&q, &mut p, rows, cols).unwrap();
+        let blk = 288 + 384 * 6;
+        assert_eq!(p[blk + 64 + 4 * 5 + 3], 0x0b);
+        assert_eq!(p[blk + 256 + 4 * 5 + 3], 0x08);
+        assert_eq!(p.iter().filter(|&&b| b != 0).count(), 2);
+    }
+
+    #[test]
+    fn q6_k_bad_shapes_are_refused() {
+        let q = q6k_rows(16, 256, 9);
+        let mut p = vec![0u8; q.len()];
+        assert!(pack_q6_kx16(&q, &mut p, 8, 512).is_err(), "8 rows is not a whole group");
+        assert!(pack_q6_kx16(&q[1..], &mut p[1..], 16, 256).is_err(), "short source");
+        assert!(pack_q6_kx16(&q, &mut p[1..], 16, 256).is_err(), "short destination");
+        assert!(dequantize_q6_kx16(&q, 256, &mut [0f32; 8 * 256]).is_err(), "half a group");
+        assert!(packable(Encoding::Ggml(GgmlType::Q6K), 32, 512));
+        assert!(!packable(Encoding::Ggml(GgmlType::Q6K), 24, 512));
+    }
+
     #[test]
     fn q4_k_bad_shapes_are_refused() {
         let q = q4k_rows(16, 256, 7);
@@ -393,7 +608,7 @@ mod tests {
         assert!(pack_q4_kx16(&q[1..], &mut p[1..], 16, 256).is_err(), "short source");
         assert!(pack_q4_kx16(&q, &mut p[1..], 16, 256).is_err(), "short destination");
         assert!(dequantize_q4_kx16(&q, 256, &mut [0f32; 8 * 256]).is_err(), "half a group");
-        assert!(pack(Encoding::Ggml(GgmlType::Q6K), &q, &mut p, 16, 256).is_err(), "Q6_K has no packed form");
+        assert!(pack(Encoding::Ggml(GgmlType::Q5K), &q, &mut p, 16, 256).is_err(), "Q5_K has no packed form");
         assert!(packable(Encoding::Ggml(GgmlType::Q4K), 32, 512));
         assert!(!packable(Encoding::Ggml(GgmlType::Q4K), 24, 512));
         assert!(!packable(Encoding::Ggml(GgmlType::Q4K), 32, 500));

@@ -55,7 +55,7 @@ pub struct ReadOptions {
     /// fallback on filesystems that accept O_DIRECT.
     #[doc(hidden)]
     pub simulate_direct_einval: bool,
-    /// Store `Q4_0` and `Q4_K` experts (whose parts have a multiple of 16 rows) as `Q4_0x16` / `Q4_Kx16`, packed
+    /// Store `Q4_0`, `Q4_K` and `Q6_K` experts (whose parts have a multiple of 16 rows) in their packed forms, packed
     /// by the I/O thread on the way from its staging buffer into the slot. The model sets this when its kernels
     /// want packed weights (`Dispatch::packs`); the bytes a slot holds change, the values do not.
     pub pack: bool,
@@ -89,8 +89,7 @@ impl Segment {
         self.pack.is_some()
     }
 
-    /// Moves `src` (this segment's bytes as read) into the segment: a copy, or the pack into `Q4_0x16` /
-    /// `Q4_Kx16`.
+    /// Moves `src` (this segment's bytes as read) into the segment: a copy, or the pack into its 16-row form.
     ///
     /// # Safety
     /// `dst` is valid for `len` writable bytes that nobody else touches during the batch (see `ReadRequest`).

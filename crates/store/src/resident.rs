@@ -124,7 +124,7 @@ impl ResidentWeights {
         &self.weights[id.0 as usize]
     }
 
-    /// Repacks every `Q4_0` and `Q4_K` matrix with a multiple of 16 rows as `Q4_0x16` / `Q4_Kx16`, except `keep`
+    /// Repacks every `Q4_0`, `Q4_K` and `Q6_K` matrix with a multiple of 16 rows in its 16-row form, except `keep`
     /// (weights read by row, such as the token embedding). Returns how many were packed. Load time only: each
     /// matrix is packed into a new buffer, which then replaces the old one.
     pub fn pack(&mut self, keep: &[WeightId]) -> Result<usize, StoreError> {
@@ -181,9 +181,8 @@ pub struct SlotBuffer {
 
 impl SlotBuffer {
     /// A buffer whose slots hold `parts` (one expert of each tensor, stacked by rows) back to back. With `pack`,
-    /// `Q4_0` / `Q4_K` parts whose row counts are multiples of 16 are stored as `Q4_0x16` / `Q4_Kx16` (each part
-    /// packed on its own, so
-    /// gate and up stay separate groups).
+    /// parts with a packed form (`Q4_0`, `Q4_K`, `Q6_K`) whose row counts are multiples of 16 are stored packed
+    /// (each part on its own, so gate and up stay separate groups).
     pub(crate) fn new(parts: &[&TensorEntry], cols: usize, slots: usize, pack: bool) -> Result<Self, StoreError> {
         let first = parts[0];
         let mut rows = 0;

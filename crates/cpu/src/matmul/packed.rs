@@ -1,6 +1,6 @@
-//! Kernels for `Q4_0x16` and `Q4_Kx16` weights (ggml `Q4_0` / `Q4_K` regrouped 16 rows at a time, layouts in
-//! `moestream_quant::packed`): 16 rows × 1 token (decode), 16 rows × 4 tokens (`Q4_Kx16` prefill) and 16 rows ×
-//! up to 16 tokens per AMX tile (`Q4_0x16` prefill).
+//! Kernels for `Q4_0x16`, `Q4_Kx16` and `Q6_Kx16` weights (ggml `Q4_0` / `Q4_K` / `Q6_K` regrouped 16 rows at a
+//! time, layouts in `moestream_quant::packed`): 16 rows × 1 token (decode), 16 rows × 4 tokens (K-form prefill) and
+//! 16 rows × up to 16 tokens per AMX tile (`Q4_0x16` prefill).
 //!
 //! Why a layout of our own: in ggml's row-major `Q4_0` a row's block dot lands in SIMD lanes that must be summed
 //! across, and each block scale is applied per (row, token) pair: ~8 multiply-adds per vector op. With 16 rows
@@ -25,6 +25,13 @@
 //!                              macc = fma(f32(M), f32(dmin) · d_x, macc)
 //! result = acc − macc
 //! ```
+//! `Q6_Kx16` kernels compute, per (row, token) (the same `Q8_K` activation scheme; `X_j` is the sum of the 16
+//! activation codes of sub-block `j`):
+//! ```text
+//! acc = 0
+//! for each 256-super-block s:  S = Σ_j sc_j · (Σ q·x_q − 32·X_j)   (exact i32, j = 0..16, q = the 6-bit code)
+//!                              acc = fma(f32(S), f32(d) · d_x, acc)
+//! ```
 //! Why a `Q4_K` layout of our own: in ggml's row-major blocks every 32-element sub-block needs its own scale
 //! broadcast and lane shuffle per row (the row-major q8 kernel streams ~11 GB/s per core from cache, i.e. it is
 //! compute-bound on this machine's ~10 GB/s per core); interleaved, one 64-byte load feeds 16 rows, the 6-bit
@@ -32,7 +39,7 @@
 //!
 //! It owns arithmetic only; shapes, tasks and the choice of kernel live in `matmul`.
 
-use moestream_quant::packed::{GROUP, GROUP_BLOCK, K_GROUP_BLOCK};
+use moestream_quant::packed::{GROUP, GROUP_BLOCK, K_GROUP_BLOCK, Q6_GROUP_BLOCK};
 use moestream_quant::{Encoding, FloatType, decode_floats};
 
 use super::Q8Block;
@@ -65,10 +72,10 @@ pub(crate) fn dot16_scalar(g: &[u8], q8: &[Q8Block], out: &mut [f32; GROUP]) {
 /// obviousness over speed.
 pub(crate) fn dot16_f32(enc: Encoding, g: &[u8], x: &[f32], out: &mut [f32; GROUP]) {
     type Dequant = fn(&[u8], usize, &mut [f32]) -> Result<(), moestream_quant::QuantError>;
-    let (elems, col_bytes, dequant): (usize, usize, Dequant) = if enc == Encoding::Q4Kx16 {
-        (256, K_GROUP_BLOCK, moestream_quant::packed::dequantize_q4_kx16)
-    } else {
-        (32, GROUP_BLOCK, moestream_quant::packed::dequantize_q4_0x16)
+    let (elems, col_bytes, dequant): (usize, usize, Dequant) = match enc {
+        Encoding::Q4Kx16 => (256, K_GROUP_BLOCK, moestream_quant::packed::dequantize_q4_kx16),
+        Encoding::Q6Kx16 => (256, Q6_GROUP_BLOCK, moestream_quant::packed::dequantize_q6_kx16),
+        _ => (32, GROUP_BLOCK, moestream_quant::packed::dequantize_q4_0x16),
     };
     let mut acc = [0f32; GROUP];
     let mut buf = [0f32; GROUP * 256];
@@ -122,6 +129,39 @@ pub(crate) fn dot16k_scalar(g: &[u8], q8: &[Q8Block], out: &mut [f32; GROUP]) {
     }
 }
 
+/// The `Q6_Kx16` scalar reference: `out[i]` = row `i` of the 16-row group `g` (`q8.len() / 8` super-block
+/// columns) · one token's q8 blocks (8 per super-block, one shared `d`).
+pub(crate) fn dot16q6_scalar(g: &[u8], q8: &[Q8Block], out: &mut [f32; GROUP]) {
+    let mut acc = [0f32; GROUP];
+    let mut d = [0f32; GROUP];
+    for (col, xs) in g.chunks_exact(Q6_GROUP_BLOCK).zip(q8.chunks_exact(8)) {
+        decode_floats(FloatType::F16, &col[..2 * GROUP], &mut d).expect("16 f16 d");
+        let dx = xs[0].d;
+        for r in 0..GROUP {
+            let mut sum = 0i32;
+            for (b, xb) in xs.iter().enumerate() {
+                let blk = &col[288 + 384 * b..288 + 384 * (b + 1)];
+                for h in 0..2 {
+                    let (mut qx, mut xsum) = (0i32, 0i32);
+                    for c in 0..4 {
+                        for i in 0..4 {
+                            let lo4 = (blk[64 * c + 4 * r + i] >> (4 * h)) & 15;
+                            let hi2 = (blk[256 + 64 * h + 4 * r + i] >> (2 * c)) & 3;
+                            let x = i32::from(xb.qs[16 * h + 4 * c + i]);
+                            qx += i32::from(lo4 | (hi2 << 4)) * x;
+                            xsum += x;
+                        }
+                    }
+                    let sc = i32::from(col[32 + 16 * (2 * b + h) + r] as i8);
+                    sum += sc * (qx - 32 * xsum);
+                }
+            }
+            acc[r] = (sum as f32).mul_add(d[r] * dx, acc[r]);
+        }
+    }
+    *out = acc;
+}
+
 /// One AMX A tile's worth of activations: 16 tokens' codes of one 32-block, rows 32 bytes apart and 64-byte
 /// aligned (a tile load from a token-major `Q8Block` array reads 16 misaligned rows 44·nb bytes apart, measured
 /// at twice the cost of the tile op itself), and their 16 scales. Rows past the last token are zero.
@@ -159,7 +199,7 @@ pub(crate) mod x86 {
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
-    use super::{ATile, GROUP, GROUP_BLOCK, K_GROUP_BLOCK, Q8Block};
+    use super::{ATile, GROUP, GROUP_BLOCK, K_GROUP_BLOCK, Q6_GROUP_BLOCK, Q8Block};
 
     /// Block columns ahead that [`dot16`] prefetches into L1 (4.6 KiB). On the 16-layer 30B-shaped decode A/B, with
     /// 128 KiB tasks: 8 → 12 gave +11% (median of 6 alternating pairs); 12, 16 and 24 were within noise of each
@@ -240,6 +280,9 @@ pub(crate) mod x86 {
     /// [`dot16`]'s [`PREFETCH`] and [`FAR_PREFETCH`].
     const K_PREFETCH: usize = 2;
     const K_FAR_PREFETCH: usize = 6;
+    /// The same for `Q6_Kx16` (3360-byte columns): 3.3 and 13.1 KiB.
+    const Q6_PREFETCH: usize = 1;
+    const Q6_FAR_PREFETCH: usize = 4;
 
     /// AVX-512 VNNI: `Q4_Kx16`, 16 rows × one token. Same contract and result as [`super::dot16k_scalar`]; `next`
     /// as for [`dot16`].
@@ -382,6 +425,130 @@ pub(crate) mod x86 {
         for t in 0..T {
             // SAFETY: `out[t]` is 16 f32.
             unsafe { _mm512_storeu_ps(out[t].as_mut_ptr(), _mm512_sub_ps(acc[t], macc[t])) };
+        }
+    }
+
+    /// AVX-512 VNNI `Q6_Kx16`: 16 rows × one token. Same contract and result as [`super::dot16q6_scalar`]; `next`
+    /// as for [`dot16`].
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL + VNNI; `g` holds `q8.len() / 8` super-block columns.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    pub(crate) unsafe fn dot16q6(g: &[u8], q8: &[Q8Block], out: &mut [f32; GROUP], next: *const u8) {
+        let mut res = [[0f32; GROUP]; 1];
+        // SAFETY: guaranteed by the caller.
+        unsafe { dot16q6_t::<1>(g, [q8], &mut res, next) };
+        *out = res[0];
+    }
+
+    /// [`dot16q6`] for 4 tokens at once (prefill), bit-identical per token.
+    ///
+    /// # Safety
+    /// As [`dot16q6`], for each of the 4 tokens' blocks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    pub(crate) unsafe fn dot16q6x4(g: &[u8], q8: [&[Q8Block]; 4], out: &mut [[f32; GROUP]; 4]) {
+        // SAFETY: guaranteed by the caller; the null `next` is never prefetched for T > 1.
+        unsafe { dot16q6_t::<4>(g, q8, out, std::ptr::null()) };
+    }
+
+    /// The `Q6_Kx16` kernel over T tokens. Per 32-block: 4 chunks, each one 64-byte load of low nibbles and the
+    /// chunk's 2 high bits of 16 rows from two shared words (shifted into bits 4–5 and masked), 2 `vpdpbusd` per
+    /// token (elements `4c..` and `16 + 4c..`: one accumulator per 16-element sub-block); then per sub-block the
+    /// `−32·X_j` offset and one `vpmulld` by the 16 rows' scales.
+    // Index loops: the indices are the layout (block, chunk and token numbers), not just positions.
+    #[allow(clippy::needless_range_loop)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    unsafe fn dot16q6_t<const T: usize>(g: &[u8], q8: [&[Q8Block]; T], out: &mut [[f32; GROUP]; T], next: *const u8) {
+        let nsb = q8[0].len() / 8;
+        debug_assert!(g.len() >= nsb * Q6_GROUP_BLOCK);
+        let (low, two) = (_mm512_set1_epi8(15), _mm512_set1_epi8(0x30));
+        let mut acc = [_mm512_setzero_ps(); T];
+        let p = g.as_ptr();
+        for s in 0..nsb {
+            // SAFETY: super-block column s of the group is in bounds (the caller's contract).
+            let col = unsafe { p.add(s * Q6_GROUP_BLOCK) };
+            // As `dot16k_t`: each of 9 steps (header, 8 blocks) asks for the same span Q6_PREFETCH columns ahead
+            // (and Q6_FAR_PREFETCH into L2), running on into `next`. Never faults.
+            let ahead = column_ahead(p, next, s, nsb, Q6_PREFETCH, Q6_GROUP_BLOCK);
+            let far = column_ahead(p, next, s, nsb, Q6_FAR_PREFETCH, Q6_GROUP_BLOCK);
+            let prefetch = |at: usize, lines: usize| {
+                if T == 1 {
+                    for l in 0..lines {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(at + 64 * l).cast());
+                        _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(at + 64 * l).cast());
+                    }
+                }
+            };
+            prefetch(0, 5);
+            // SAFETY: the 16 f16 d at the column start.
+            let d = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(col.cast())) };
+            let mut isc = [_mm512_setzero_si512(); T];
+            for b in 0..8 {
+                prefetch(288 + 384 * b, 6);
+                // SAFETY: block b of column s and its two sub-blocks' scale rows.
+                let (blk, sc) = unsafe {
+                    let sc = |j: usize| _mm512_cvtepi8_epi32(_mm_loadu_si128(col.add(32 + 16 * j).cast()));
+                    (col.add(288 + 384 * b), [sc(2 * b), sc(2 * b + 1)])
+                };
+                // SAFETY: the two high-bit words of block b.
+                let (qh0, qh1) =
+                    unsafe { (_mm512_loadu_si512(blk.add(256).cast()), _mm512_loadu_si512(blk.add(320).cast())) };
+                let mut lo_acc = [_mm512_setzero_si512(); T];
+                let mut hi_acc = [_mm512_setzero_si512(); T];
+                for c in 0..4 {
+                    // Bits 2c..2c+2 of each byte to bits 4..6 (16-bit lane shifts: the masked bits stay in their
+                    // own byte for shifts of at most 4).
+                    let up = |v: __m512i| match c {
+                        0 => _mm512_slli_epi16::<4>(v),
+                        1 => _mm512_slli_epi16::<2>(v),
+                        2 => v,
+                        _ => _mm512_srli_epi16::<2>(v),
+                    };
+                    // SAFETY: chunk c of block b.
+                    let w = unsafe { _mm512_loadu_si512(blk.add(64 * c).cast()) };
+                    let lo = _mm512_or_si512(_mm512_and_si512(w, low), _mm512_and_si512(up(qh0), two));
+                    let hi = _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(w), low),
+                        _mm512_and_si512(up(qh1), two),
+                    );
+                    for t in 0..T {
+                        // SAFETY: block 8s + b of token t; words c and 4 + c of its 32 code bytes.
+                        let (xl, xh) = unsafe {
+                            let x = q8[t].as_ptr().add(8 * s + b);
+                            let x = (*x).qs.as_ptr().cast::<i32>();
+                            (x.add(c).read_unaligned(), x.add(4 + c).read_unaligned())
+                        };
+                        lo_acc[t] = _mm512_dpbusd_epi32(lo_acc[t], lo, _mm512_set1_epi32(xl));
+                        hi_acc[t] = _mm512_dpbusd_epi32(hi_acc[t], hi, _mm512_set1_epi32(xh));
+                    }
+                }
+                for t in 0..T {
+                    // SAFETY: block 8s + b of token t.
+                    let xb = unsafe { &*q8[t].as_ptr().add(8 * s + b) };
+                    // X of the first 16 codes: unsigned byte sums of (x + 128), minus 16·128.
+                    // SAFETY: 16 of the block's 32 code bytes.
+                    let v = unsafe { _mm_loadu_si128(xb.qs.as_ptr().cast()) };
+                    let sad = _mm_sad_epu8(_mm_xor_si128(v, _mm_set1_epi8(-128)), _mm_setzero_si128());
+                    let x_lo = _mm_cvtsi128_si32(sad) + _mm_extract_epi16::<4>(sad) - 16 * 128;
+                    let x_hi = xb.qsum - x_lo;
+                    let lo = _mm512_sub_epi32(lo_acc[t], _mm512_set1_epi32(32 * x_lo));
+                    let hi = _mm512_sub_epi32(hi_acc[t], _mm512_set1_epi32(32 * x_hi));
+                    isc[t] = _mm512_add_epi32(
+                        isc[t],
+                        _mm512_add_epi32(_mm512_mullo_epi32(lo, sc[0]), _mm512_mullo_epi32(hi, sc[1])),
+                    );
+                }
+            }
+            for t in 0..T {
+                // SAFETY: block 8s of token t.
+                let dx = _mm512_set1_ps(unsafe { (*q8[t].as_ptr().add(8 * s)).d });
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isc[t]), _mm512_mul_ps(d, dx), acc[t]);
+            }
+        }
+        for t in 0..T {
+            // SAFETY: `out[t]` is 16 f32.
+            unsafe { _mm512_storeu_ps(out[t].as_mut_ptr(), acc[t]) };
         }
     }
 

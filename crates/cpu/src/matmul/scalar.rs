@@ -47,7 +47,7 @@ pub(crate) fn row_dot(row: &RowRef<'_>, x: &[f32]) -> f32 {
                 }
             }
             Encoding::Float(_) => unreachable!("handled by float_type"),
-            Encoding::Q4_0x16 | Encoding::Q4Kx16 => {
+            Encoding::Q4_0x16 | Encoding::Q4Kx16 | Encoding::Q6Kx16 => {
                 unreachable!("packed views are walked by group in `matmul`, never by row")
             }
         },

@@ -79,9 +79,13 @@ pub fn make_weight(encoding: Encoding, rows: usize, cols: usize, rng: &mut Rng) 
     let mut data: Vec<u8>;
     let (mut scales, mut biases) = (Vec::new(), Vec::new());
     match encoding {
-        Encoding::Q4_0x16 | Encoding::Q4Kx16 => {
-            // The same values as a Q4_0 / Q4_K matrix, regrouped: the reference decode is the row-major one.
-            let source = Encoding::Ggml(if encoding == Encoding::Q4Kx16 { GgmlType::Q4K } else { GgmlType::Q4_0 });
+        Encoding::Q4_0x16 | Encoding::Q4Kx16 | Encoding::Q6Kx16 => {
+            // The same values as a Q4_0 / Q4_K / Q6_K matrix, regrouped: the reference decode is the row-major one.
+            let source = Encoding::Ggml(match encoding {
+                Encoding::Q4Kx16 => GgmlType::Q4K,
+                Encoding::Q6Kx16 => GgmlType::Q6K,
+                _ => GgmlType::Q4_0,
+            });
             let mut w = make_weight(source, rows, cols, rng);
             let mut packed = vec![0u8; w.data.len()];
             moestream_quant::packed::pack(source, &w.data, &mut packed, rows, cols).expect("16-row groups");
