@@ -254,37 +254,77 @@ fn unpack_k_block(col: &[u8], r: usize, blk: &mut [u8]) {
 
 /// The inverse of [`pack_q4_kx16`].
 pub fn unpack_q4_kx16(src: &[u8], dst: &mut [u8], rows: usize, cols: usize) -> Result<(), QuantError> {
-    let nsb = check_k(rows, cols, src.len(), "Q4_Kx16 unpack source")?;
+    unpack_super_blocks(&Q4_KX16, src, dst, rows, cols)
+}
+
+/// Dequantizes whole `Q4_Kx16` groups (`out.len()` a multiple of `16·cols`) through a stack buffer of one
+/// super-block: no allocation.
+pub fn dequantize_q4_kx16(data: &[u8], cols: usize, out: &mut [f32]) -> Result<(), QuantError> {
+    dequantize_super_blocks(&Q4_KX16, data, cols, out)
+}
+
+/// What the unpacking and dequantizing of a 256-element super-block form needs: its ggml source type and block
+/// size, how to read row `r`'s ggml block out of a packed column, and the names its errors carry.
+struct SuperBlockForm {
+    ty: GgmlType,
+    block: usize,
+    unpack_block: fn(&[u8], usize, &mut [u8]),
+    /// Error names: unpack source, unpack destination, dequantize rows, dequantize data.
+    names: [&'static str; 4],
+}
+
+const Q4_KX16: SuperBlockForm = SuperBlockForm {
+    ty: GgmlType::Q4K,
+    block: K_BLOCK,
+    unpack_block: unpack_k_block,
+    names: ["Q4_Kx16 unpack source", "Q4_Kx16 unpack destination", "Q4_Kx16 rows", "Q4_Kx16"],
+};
+
+const Q6_KX16: SuperBlockForm = SuperBlockForm {
+    ty: GgmlType::Q6K,
+    block: Q6_BLOCK,
+    unpack_block: q6_unpack_block,
+    names: ["Q6_Kx16 unpack source", "Q6_Kx16 unpack destination", "Q6_Kx16 rows", "Q6_Kx16"],
+};
+
+fn unpack_super_blocks(
+    f: &SuperBlockForm,
+    src: &[u8],
+    dst: &mut [u8],
+    rows: usize,
+    cols: usize,
+) -> Result<(), QuantError> {
+    let nsb = check_blocks(rows, cols, src.len(), f.names[0], (256, f.block))?;
     if dst.len() != src.len() {
-        return Err(QuantError::ByteLength { ty: "Q4_Kx16 unpack destination", expected: src.len(), got: dst.len() });
+        return Err(QuantError::ByteLength { ty: f.names[1], expected: src.len(), got: dst.len() });
     }
-    let rb = nsb * K_BLOCK;
+    let rb = nsb * f.block;
     for (sg, dg) in src.chunks_exact(GROUP * rb).zip(dst.chunks_exact_mut(GROUP * rb)) {
-        for (s, col) in sg.chunks_exact(K_GROUP_BLOCK).enumerate() {
+        for (s, col) in sg.chunks_exact(GROUP * f.block).enumerate() {
             for r in 0..GROUP {
-                unpack_k_block(col, r, &mut dg[r * rb + s * K_BLOCK..r * rb + (s + 1) * K_BLOCK]);
+                (f.unpack_block)(col, r, &mut dg[r * rb + s * f.block..r * rb + (s + 1) * f.block]);
             }
         }
     }
     Ok(())
 }
 
-/// Dequantizes whole `Q4_Kx16` groups (`out.len()` a multiple of `16·cols`) through a stack buffer of one
-/// super-block: no allocation.
-pub fn dequantize_q4_kx16(data: &[u8], cols: usize, out: &mut [f32]) -> Result<(), QuantError> {
+fn dequantize_super_blocks(f: &SuperBlockForm, data: &[u8], cols: usize, out: &mut [f32]) -> Result<(), QuantError> {
     if cols == 0 || !out.len().is_multiple_of(GROUP * cols) {
-        return Err(QuantError::PartialBlock { ty: "Q4_Kx16 rows", elems: out.len(), block: GROUP * cols.max(1) });
+        return Err(QuantError::PartialBlock { ty: f.names[2], elems: out.len(), block: GROUP * cols.max(1) });
     }
     let rows = out.len() / cols;
-    let nsb = check_k(rows, cols, data.len(), "Q4_Kx16")?;
-    let rb = nsb * K_BLOCK;
-    let mut blk = [0u8; K_BLOCK];
+    let nsb = check_blocks(rows, cols, data.len(), f.names[3], (256, f.block))?;
+    let rb = nsb * f.block;
+    const _: () = assert!(Q6_BLOCK >= K_BLOCK);
+    let mut buf = [0u8; Q6_BLOCK];
+    let blk = &mut buf[..f.block];
     let mut vals = [0f32; 256];
     for (sg, og) in data.chunks_exact(GROUP * rb).zip(out.chunks_exact_mut(GROUP * cols)) {
-        for (s, col) in sg.chunks_exact(K_GROUP_BLOCK).enumerate() {
+        for (s, col) in sg.chunks_exact(GROUP * f.block).enumerate() {
             for r in 0..GROUP {
-                unpack_k_block(col, r, &mut blk);
-                ggml::dequantize(GgmlType::Q4K, &blk, &mut vals)?;
+                (f.unpack_block)(col, r, blk);
+                ggml::dequantize(f.ty, blk, &mut vals)?;
                 og[r * cols + 256 * s..r * cols + 256 * s + 256].copy_from_slice(&vals);
             }
         }
@@ -387,42 +427,13 @@ pub fn pack_q6_kx16(src: &[u8], dst: &mut [u8], rows: usize, cols: usize) -> Res
 
 /// The inverse of [`pack_q6_kx16`].
 pub fn unpack_q6_kx16(src: &[u8], dst: &mut [u8], rows: usize, cols: usize) -> Result<(), QuantError> {
-    let nsb = check_q6(rows, cols, src.len(), "Q6_Kx16 unpack source")?;
-    if dst.len() != src.len() {
-        return Err(QuantError::ByteLength { ty: "Q6_Kx16 unpack destination", expected: src.len(), got: dst.len() });
-    }
-    let rb = nsb * Q6_BLOCK;
-    for (sg, dg) in src.chunks_exact(GROUP * rb).zip(dst.chunks_exact_mut(GROUP * rb)) {
-        for (s, col) in sg.chunks_exact(Q6_GROUP_BLOCK).enumerate() {
-            for r in 0..GROUP {
-                q6_unpack_block(col, r, &mut dg[r * rb + s * Q6_BLOCK..r * rb + (s + 1) * Q6_BLOCK]);
-            }
-        }
-    }
-    Ok(())
+    unpack_super_blocks(&Q6_KX16, src, dst, rows, cols)
 }
 
 /// Dequantizes whole `Q6_Kx16` groups (`out.len()` a multiple of `16·cols`) through a stack buffer of one
 /// super-block: no allocation.
 pub fn dequantize_q6_kx16(data: &[u8], cols: usize, out: &mut [f32]) -> Result<(), QuantError> {
-    if cols == 0 || !out.len().is_multiple_of(GROUP * cols) {
-        return Err(QuantError::PartialBlock { ty: "Q6_Kx16 rows", elems: out.len(), block: GROUP * cols.max(1) });
-    }
-    let rows = out.len() / cols;
-    let nsb = check_q6(rows, cols, data.len(), "Q6_Kx16")?;
-    let rb = nsb * Q6_BLOCK;
-    let mut blk = [0u8; Q6_BLOCK];
-    let mut vals = [0f32; 256];
-    for (sg, og) in data.chunks_exact(GROUP * rb).zip(out.chunks_exact_mut(GROUP * cols)) {
-        for (s, col) in sg.chunks_exact(Q6_GROUP_BLOCK).enumerate() {
-            for r in 0..GROUP {
-                q6_unpack_block(col, r, &mut blk);
-                ggml::dequantize(GgmlType::Q6K, &blk, &mut vals)?;
-                og[r * cols + 256 * s..r * cols + 256 * s + 256].copy_from_slice(&vals);
-            }
-        }
-    }
-    Ok(())
+    dequantize_super_blocks(&Q6_KX16, data, cols, out)
 }
 
 #[cfg(test)]
