@@ -426,7 +426,12 @@ impl Dispatch {
             // The ISAs of other architectures (unsupported, so already refused above).
             _ => return None,
         };
-        Some(Dispatch {
+        Some(Dispatch::exact(isa, row_dot))
+    }
+
+    /// An exact-f32 table: one row kernel, no multi-row, tile or packed-group kernels.
+    fn exact(isa: Isa, row_dot: RowDot) -> Dispatch {
+        Dispatch {
             isa,
             activations: Activations::F32,
             row_dot,
@@ -436,7 +441,7 @@ impl Dispatch {
             dot16k: None,
             dot16q6: None,
             amx: false,
-        })
+        }
     }
 
     /// The q8-activation table for `isa`, or `None` when the CPU lacks it (AVX2 uses `maddubs`; AVX-512 needs
@@ -532,17 +537,7 @@ impl Dispatch {
 
     /// The reference table, available everywhere.
     pub fn scalar() -> Dispatch {
-        Dispatch {
-            isa: Isa::Scalar,
-            activations: Activations::F32,
-            row_dot: scalar_row_dot,
-            tile: None,
-            rows4: None,
-            dot16: None,
-            dot16k: None,
-            dot16q6: None,
-            amx: false,
-        }
+        Dispatch::exact(Isa::Scalar, scalar_row_dot)
     }
 
     pub fn isa(&self) -> Isa {
@@ -587,13 +582,12 @@ impl Dispatch {
             with_q8(self.q8(), x, w[0].cols, w[0].encoding, |q8| {
                 let act = Act { x, q8 };
                 let rows4 = self.rows4_for(&w[0], q8);
-                let plans: [GemvPlan; MAX_FUSED] = std::array::from_fn(|j| match w.get(j) {
-                    Some(wj) => GemvPlan::new(wj, OutPtr(y[j].as_mut_ptr()), rows4, pool.n_threads()),
-                    None => GemvPlan::EMPTY,
+                let plans: [Option<GemvPlan>; MAX_FUSED] = std::array::from_fn(|j| {
+                    w.get(j).map(|wj| GemvPlan::new(wj, OutPtr(y[j].as_mut_ptr()), rows4, pool.n_threads()))
                 });
-                let total: usize = plans.iter().map(|p| p.tasks).sum();
+                let total: usize = plans.iter().flatten().map(|p| p.tasks).sum();
                 pool.run(total, &|mut t| {
-                    for p in &plans {
+                    for p in plans.iter().flatten() {
                         if t < p.tasks {
                             // SAFETY: `p` covers a validated view whose output (`rows` floats) it owns; `t` is one
                             // of its tasks, run once; `q8` holds x's blocks for the view's columns.
@@ -1338,17 +1332,6 @@ struct GemvPlan<'a> {
 }
 
 impl<'a> GemvPlan<'a> {
-    const NONE: WeightView<'static> = WeightView {
-        data: &[],
-        scales: &[],
-        biases: &[],
-        rows: 0,
-        cols: 0,
-        encoding: Encoding::Ggml(moestream_quant::GgmlType::F32),
-    };
-    const EMPTY: GemvPlan<'static> =
-        GemvPlan { w: &Self::NONE, out: OutPtr(std::ptr::null_mut()), per: 1, tasks: 0, rows4: None };
-
     fn new(w: &'a WeightView<'a>, out: OutPtr, rows4: Option<Rows4Dot>, threads: usize) -> Self {
         let per = rows_per_task(w.rows, row_cost(w), threads);
         if w.encoding.is_packed() {

@@ -447,20 +447,49 @@ mod tests {
         q
     }
 
+    type Repack = fn(&[u8], &mut [u8], usize, usize) -> Result<(), QuantError>;
+    type Dequant = fn(&[u8], usize, &mut [f32]) -> Result<(), QuantError>;
+
+    /// `ggml` rows `q` of `ty` through one packed form's functions: packing moves bytes, unpacking restores them,
+    /// the packed form dequantizes like the rows, and `pack()` dispatches to `pack_fn`.
+    fn check_round_trip(ty: GgmlType, q: &[u8], (rows, cols): (usize, usize), fns: (Repack, Repack, Dequant)) {
+        let (pack_fn, unpack_fn, dequant_fn) = fns;
+        let mut p = vec![0u8; q.len()];
+        pack_fn(q, &mut p, rows, cols).unwrap();
+        assert_ne!(p, q, "{ty:?}: packing must move bytes");
+        let mut back = vec![0u8; q.len()];
+        unpack_fn(&p, &mut back, rows, cols).unwrap();
+        assert_eq!(back, q, "{ty:?}");
+        let (mut a, mut b) = (vec![0f32; rows * cols], vec![0f32; rows * cols]);
+        ggml::dequantize(ty, q, &mut a).unwrap();
+        dequant_fn(&p, cols, &mut b).unwrap();
+        assert_eq!(a, b, "{ty:?}");
+        let mut via = vec![0u8; q.len()];
+        pack(Encoding::Ggml(ty), q, &mut via, rows, cols).unwrap();
+        assert_eq!(via, p, "pack() dispatches to the {ty:?} packer");
+    }
+
+    /// Random bytes for `n` ggml blocks of `block` bytes, each then passed through `fix` (which keeps its f16
+    /// scales finite: what the layouts must preserve is every bit, not meaningful values).
+    fn random_blocks(n: usize, block: usize, seed: u64, fix: impl Fn(&mut [u8])) -> Vec<u8> {
+        let mut state = seed;
+        let mut q: Vec<u8> = (0..n * block)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        q.chunks_exact_mut(block).for_each(fix);
+        q
+    }
+
     #[test]
     fn pack_round_trips_and_dequantizes_like_the_rows() {
         for (rows, cols) in [(16, 32), (32, 96), (48, 64)] {
-            let q = q4_rows(rows, cols);
-            let mut p = vec![0u8; q.len()];
-            pack_q4_0x16(&q, &mut p, rows, cols).unwrap();
-            assert_ne!(p, q, "packing must move bytes");
-            let mut back = vec![0u8; q.len()];
-            unpack_q4_0x16(&p, &mut back, rows, cols).unwrap();
-            assert_eq!(back, q);
-            let (mut a, mut b) = (vec![0f32; rows * cols], vec![0f32; rows * cols]);
-            ggml::dequantize(GgmlType::Q4_0, &q, &mut a).unwrap();
-            dequantize_q4_0x16(&p, cols, &mut b).unwrap();
-            assert_eq!(a, b);
+            let fns: (Repack, Repack, Dequant) = (pack_q4_0x16, unpack_q4_0x16, dequantize_q4_0x16);
+            check_round_trip(GgmlType::Q4_0, &q4_rows(rows, cols), (rows, cols), fns);
         }
     }
 
@@ -492,42 +521,20 @@ mod tests {
         assert!(dequantize_q4_0x16(&q, 32, &mut [0f32; 8 * 32]).is_err(), "half a group");
     }
 
-    /// Random `Q4_K` rows: random code and scale bytes, finite f16 `d` and `dmin` (what the layout must preserve is
-    /// every bit, not meaningful values).
+    /// Random `Q4_K` rows with finite f16 `d` and `dmin`.
     fn q4k_rows(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed;
-        let mut q: Vec<u8> = (0..rows * cols / 256 * K_BLOCK)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect();
-        for b in q.chunks_exact_mut(K_BLOCK) {
+        random_blocks(rows * cols / 256, K_BLOCK, seed, |b| {
             b[1] &= 0x3b; // d, dmin: exponent below the f16 maximum, so finite
             b[3] &= 0x3b;
-        }
-        q
+        })
     }
 
     #[test]
     fn q4_k_pack_round_trips_and_dequantizes_like_the_rows() {
         for (rows, cols) in [(16, 256), (32, 768), (48, 512)] {
             let q = q4k_rows(rows, cols, 0x9e37_79b9_7f4a_7c15 ^ (rows * cols) as u64);
-            let mut p = vec![0u8; q.len()];
-            pack_q4_kx16(&q, &mut p, rows, cols).unwrap();
-            assert_ne!(p, q, "packing must move bytes");
-            let mut back = vec![0u8; q.len()];
-            unpack_q4_kx16(&p, &mut back, rows, cols).unwrap();
-            assert_eq!(back, q);
-            let (mut a, mut b) = (vec![0f32; rows * cols], vec![0f32; rows * cols]);
-            ggml::dequantize(GgmlType::Q4K, &q, &mut a).unwrap();
-            dequantize_q4_kx16(&p, cols, &mut b).unwrap();
-            assert_eq!(a, b);
-            let mut via = vec![0u8; q.len()];
-            pack(Encoding::Ggml(GgmlType::Q4K), &q, &mut via, rows, cols).unwrap();
-            assert_eq!(via, p, "pack() dispatches to the Q4_K packer");
+            let fns: (Repack, Repack, Dequant) = (pack_q4_kx16, unpack_q4_kx16, dequantize_q4_kx16);
+            check_round_trip(GgmlType::Q4K, &q, (rows, cols), fns);
         }
     }
 
@@ -545,40 +552,17 @@ mod tests {
         assert_eq!(p.iter().filter(|&&b| b != 0).count(), 1);
     }
 
-    /// Random `Q6_K` rows: random bytes with a finite f16 `d`.
+    /// Random `Q6_K` rows with a finite f16 `d`.
     fn q6k_rows(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed;
-        let mut q: Vec<u8> = (0..rows * cols / 256 * Q6_BLOCK)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect();
-        for b in q.chunks_exact_mut(Q6_BLOCK) {
-            b[209] &= 0x3b;
-        }
-        q
+        random_blocks(rows * cols / 256, Q6_BLOCK, seed, |b| b[209] &= 0x3b)
     }
 
     #[test]
     fn q6_k_pack_round_trips_and_dequantizes_like_the_rows() {
         for (rows, cols) in [(16, 256), (32, 768), (48, 512)] {
             let q = q6k_rows(rows, cols, 0x2545_f491_4f6c_dd1d ^ (rows * cols) as u64);
-            let mut p = vec![0u8; q.len()];
-            pack_q6_kx16(&q, &mut p, rows, cols).unwrap();
-            assert_ne!(p, q, "packing must move bytes");
-            let mut back = vec![0u8; q.len()];
-            unpack_q6_kx16(&p, &mut back, rows, cols).unwrap();
-            assert_eq!(back, q);
-            let (mut a, mut b) = (vec![0f32; rows * cols], vec![0f32; rows * cols]);
-            ggml::dequantize(GgmlType::Q6K, &q, &mut a).unwrap();
-            dequantize_q6_kx16(&p, cols, &mut b).unwrap();
-            assert_eq!(a, b);
-            let mut via = vec![0u8; q.len()];
-            pack(Encoding::Ggml(GgmlType::Q6K), &q, &mut via, rows, cols).unwrap();
-            assert_eq!(via, p, "pack() dispatches to the Q6_K packer");
+            let fns: (Repack, Repack, Dequant) = (pack_q6_kx16, unpack_q6_kx16, dequantize_q6_kx16);
+            check_round_trip(GgmlType::Q6K, &q, (rows, cols), fns);
         }
     }
 
