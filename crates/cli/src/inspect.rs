@@ -36,6 +36,8 @@ struct Summary<'a> {
     bytes_routed_per_token: u64,
     /// The pack sidecar experts are read from, if one is in use.
     pack: Option<String>,
+    /// The sidecar's layout: `packed` when it stores experts in their 16-row form, else `file`.
+    pack_layout: Option<&'static str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     tensors: Vec<TensorRow>,
 }
@@ -93,6 +95,10 @@ pub fn run(model: &Path, json: bool, list: bool) -> Result<()> {
         bytes_per_expert,
         bytes_routed_per_token: routed,
         pack: index.pack.as_ref().map(|p| p.display().to_string()),
+        pack_layout: index
+            .pack
+            .as_ref()
+            .map(|_| if index.tensors.values().any(|t| t.data_packed) { "packed" } else { "file" }),
         tensors: if list {
             index
                 .tensors
@@ -117,7 +123,10 @@ pub fn run(model: &Path, json: bool, list: bool) -> Result<()> {
     let mb = |b: u64| format!("{:.2} MB", b as f64 / 1e6);
     println!("model         {}", s.path);
     println!("format        {:?}", s.format);
-    println!("pack          {}", s.pack.as_deref().unwrap_or("none (experts read from the model files)"));
+    match (&s.pack, s.pack_layout) {
+        (Some(p), Some(l)) => println!("pack          {p} (layout {l})"),
+        _ => println!("pack          none (experts read from the model files)"),
+    }
     println!("architecture  {}", s.architecture);
     println!("layers        {} ({} MoE)", s.layers, s.moe_layers);
     println!(

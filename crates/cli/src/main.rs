@@ -136,6 +136,11 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// How expert data is stored: `packed` (Q4_0/Q4_K/Q6_K in the 16-row form the x86 int8 kernels read, so a
+        /// miss is read straight into its slot), `file` (the model's bytes), or `auto` (packed where this
+        /// machine's kernels use the packed form).
+        #[arg(long, default_value = "auto", value_parser = ["auto", "packed", "file"])]
+        layout: String,
     },
     /// Serve the model over an OpenAI-compatible HTTP API (chat and text completions, streaming).
     Serve(serve::ServeArgs),
@@ -486,15 +491,23 @@ fn run() -> Result<()> {
                 if engine.top_k.is_some() { " (lossy --top-k)" } else { "" }
             );
         }
-        Command::Pack { model, out, quiet } => {
+        Command::Pack { model, out, quiet, layout } => {
+            use moestream_format::pack::Layout;
             let index = moestream_format::TensorIndex::open_without_pack(&model)?;
             let out = out.unwrap_or_else(|| moestream_format::pack::default_path(&index));
+            let layout = match layout.as_str() {
+                "packed" => Layout::Packed,
+                "file" => Layout::File,
+                _ if moestream_cpu::Dispatch::best().packs() => Layout::Packed,
+                _ => Layout::File,
+            };
             let t0 = std::time::Instant::now();
-            let s = moestream_format::pack::write(&index, &out, !quiet)?;
+            let s = moestream_format::pack::write_with(&index, &out, !quiet, layout)?;
             let secs = t0.elapsed().as_secs_f64();
             eprintln!(
-                "wrote {} ({:.2} GB: {} slabs in {} MoE layers, {:.2} GB of experts, {:.1}s, {:.0} MB/s)",
+                "wrote {} (layout {}, {:.2} GB: {} slabs in {} MoE layers, {:.2} GB of experts, {:.1}s, {:.0} MB/s)",
                 s.path.display(),
+                if layout == Layout::Packed { "packed" } else { "file" },
                 s.bytes as f64 / 1e9,
                 s.slabs,
                 s.layers,

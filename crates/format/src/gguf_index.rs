@@ -73,6 +73,7 @@ pub(crate) fn open_gguf(path: &Path) -> Result<TensorIndex, FormatError> {
                 scales: Vec::new(),
                 biases: Vec::new(),
                 stored_shape: Vec::new(),
+                data_packed: false,
             },
         );
     }

@@ -59,6 +59,10 @@ pub struct TensorEntry {
     /// HF `[C, 1, K]`, MLX `[C, K, 1]`, GGUF `[C, K]`, all indexed as `[C, K]`). Models read conventions off it
     /// (whether an HF-layout checkpoint still has zero-centred norms). Empty when equal to `shape`.
     pub stored_shape: Vec<usize>,
+    /// `data` holds the bytes in the packed form of `encoding` (`moestream_quant::packed::packed_form`), not in
+    /// `encoding` itself: set on expert tensors whose ranges point into a sidecar written packed
+    /// (`moestream pack`, layout `packed`). False for every range into a model file.
+    pub data_packed: bool,
 }
 
 /// The byte ranges of one expert of one projection.
@@ -640,7 +644,17 @@ fn build_entry(
         None => Vec::new(),
     };
     let source = if p.weight.len() > 1 { format!("{source} (+{} more)", p.weight.len() - 1) } else { source };
-    Ok(TensorEntry { name: name.to_string(), source, shape, encoding, data, scales, biases, stored_shape })
+    Ok(TensorEntry {
+        name: name.to_string(),
+        source,
+        shape,
+        encoding,
+        data,
+        scales,
+        biases,
+        stored_shape,
+        data_packed: false,
+    })
 }
 
 /// The MLX module path of a source tensor name (`model.layers.0.mlp.gate.weight` → `model.layers.0.mlp.gate`).

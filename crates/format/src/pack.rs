@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! 0   magic  b"MOESPACK"
-//! 8   u32    version (1)
+//! 8   u32    version (2; version 1 files, which never store packed pieces, are still read)
 //! 12  u32    reserved (0)
 //! 16  u64    json_len
 //! 24  JSON   PackHeader (json_len bytes), then zeros up to the next multiple of 4096 = data_offset
@@ -16,6 +16,13 @@
 //!
 //! Inside a slab the pieces follow [`PIECE_ORDER`] (gate/up/down data, then scales, then biases; absent pieces
 //! skipped) with no gaps, then zeros to the slab end. The file is exactly `data_offset + data_len` bytes.
+//!
+//! **Layout `packed`** (version 2): data pieces whose encoding has a 16-row packed form (`Q4_0`, `Q4_K`, `Q6_K`
+//! with whole groups, see `moestream_quant::packed`) are stored in that form (`PieceDesc::packed`), the bytes the
+//! x86 int8 kernels read. A miss then needs no packing on the I/O thread, and where the pieces are whole 4 KiB
+//! blocks (Qwen3-30B-A3B's Q4_0 experts are 216 of them) an O_DIRECT read lands straight in the slot: no bounce
+//! copy either. The store unpacks such pieces on the way in when its kernels want the file encoding. Layout `file`
+//! keeps the model's bytes as they are.
 //!
 //! The JSON names every source file with its size, mtime and a hash of its first and last 4 KiB, and every piece
 //! with its tensor, shape, encoding and length. [`TensorIndex::open`] uses the sidecar only when all of that
@@ -34,7 +41,7 @@ use crate::FormatError;
 use crate::index::{FileId, FileRange, ModelFormat, TensorEntry, TensorIndex};
 
 pub const MAGIC: [u8; 8] = *b"MOESPACK";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Alignment of the data region and of every slab.
 pub const ALIGN: u64 = 4096;
 /// Bytes before the JSON: magic, version, reserved, json_len.
@@ -90,6 +97,18 @@ pub struct PieceDesc {
     /// Offset inside the slab.
     pub offset: u64,
     pub len: u64,
+    /// The bytes are the packed form of `encoding` (layout `packed`; data pieces only).
+    #[serde(default)]
+    pub packed: bool,
+}
+
+/// How `write_with` stores expert data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// The model file's bytes, unchanged.
+    File,
+    /// Packable data pieces in their 16-row packed form.
+    Packed,
 }
 
 /// One MoE layer: `experts` slabs of `slab_len` bytes from `offset` (relative to the data region).
@@ -204,8 +223,8 @@ fn moe_layers(index: &TensorIndex) -> Vec<usize> {
     v
 }
 
-/// The header `write` would produce for this index (sources fingerprinted now).
-pub fn plan(index: &TensorIndex) -> Result<PackHeader, FormatError> {
+/// The header `write_with` would produce for this index (sources fingerprinted now).
+pub fn plan(index: &TensorIndex, layout: Layout) -> Result<PackHeader, FormatError> {
     let bad = |msg: String| FormatError::invalid(&index.root, msg);
     let mut layers = Vec::new();
     let mut offset = 0u64;
@@ -231,6 +250,10 @@ pub fn plan(index: &TensorIndex) -> Result<PackHeader, FormatError> {
             if let Some(r) = rs.iter().find(|r| r.len != len) {
                 return Err(bad(format!("{}: experts differ in size ({} and {} bytes)", t.name, len, r.len)));
             }
+            let (rows, cols) = t.matrix_dims();
+            let packed = layout == Layout::Packed
+                && kind == PieceKind::Data
+                && moestream_quant::packed::packable(t.encoding, rows, cols);
             pieces.push(PieceDesc {
                 tensor: t.name.clone(),
                 kind,
@@ -238,6 +261,7 @@ pub fn plan(index: &TensorIndex) -> Result<PackHeader, FormatError> {
                 encoding: t.encoding.name(),
                 offset: used,
                 len,
+                packed,
             });
             used += len;
         }
@@ -293,8 +317,8 @@ pub fn read_header(path: &Path) -> Result<(PackHeader, u64), FormatError> {
         return Err(FormatError::invalid(path, format!("bad magic {:?}, not a moestream pack", &fixed[..8])));
     }
     let version = u32::from_le_bytes(fixed[8..12].try_into().expect("4 bytes"));
-    if version != VERSION {
-        return Err(FormatError::invalid(path, format!("pack version {version}, this build reads {VERSION}")));
+    if !(1..=VERSION).contains(&version) {
+        return Err(FormatError::invalid(path, format!("pack version {version}, this build reads 1 to {VERSION}")));
     }
     let json_len = u64::from_le_bytes(fixed[16..24].try_into().expect("8 bytes"));
     if json_len > MAX_JSON {
@@ -318,16 +342,21 @@ pub fn read_header(path: &Path) -> Result<(PackHeader, u64), FormatError> {
     Ok((h, data_offset))
 }
 
+/// [`write_with`] in layout [`Layout::File`].
+pub fn write(index: &TensorIndex, out: &Path, progress: bool) -> Result<PackSummary, FormatError> {
+    write_with(index, out, progress, Layout::File)
+}
+
 /// Write the sidecar of `index` to `out` (via `out.tmp`, renamed when complete and synced). Streams one slab at a
 /// time through a small pool of buffers: a reader thread fills slabs while this thread writes them.
-pub fn write(index: &TensorIndex, out: &Path, progress: bool) -> Result<PackSummary, FormatError> {
+pub fn write_with(index: &TensorIndex, out: &Path, progress: bool, layout: Layout) -> Result<PackSummary, FormatError> {
     if let Some(p) = &index.pack {
         return Err(FormatError::invalid(
             p,
             "this index already reads experts from a pack; open the model with TensorIndex::open_without_pack",
         ));
     }
-    let header = plan(index)?;
+    let header = plan(index, layout)?;
     let head = encode_header(&header);
     let total = head.len() as u64 + header.data_len;
     let slabs: u64 = header.layers.iter().map(|l| l.experts as u64).sum();
@@ -389,6 +418,8 @@ fn write_file(
         let reader = s.spawn(move || -> Result<(), FormatError> {
             for l in &header.layers {
                 let projs: Vec<&TensorEntry> = l.pieces.iter().map(|p| &index.tensors[&p.tensor]).collect();
+                // Packed pieces are read here first, then packed into the slab.
+                let mut staging = Vec::new();
                 for e in 0..l.experts {
                     let Ok(mut buf) = free_rx.recv() else { return Ok(()) };
                     buf.resize(l.slab_len as usize, 0);
@@ -396,12 +427,23 @@ fn write_file(
                     for (p, t) in l.pieces.iter().zip(&projs) {
                         let r = ranges_of(t, p.kind)[e];
                         let dst = &mut buf[used..used + r.len as usize];
-                        sources[r.file as usize].read_exact_at(dst, r.offset).map_err(|err| {
+                        staging.resize(if p.packed { dst.len() } else { 0 }, 0);
+                        let into = if p.packed { &mut staging[..] } else { &mut dst[..] };
+                        sources[r.file as usize].read_exact_at(into, r.offset).map_err(|err| {
                             FormatError::invalid(
                                 index.file_path(r.file),
                                 format!("reading {} bytes at offset {}: {err}", r.len, r.offset),
                             )
                         })?;
+                        if p.packed {
+                            let (rows, cols) = t.matrix_dims();
+                            moestream_quant::packed::pack(t.encoding, &staging, dst, rows, cols).map_err(|err| {
+                                FormatError::invalid(
+                                    index.file_path(r.file),
+                                    format!("packing {} expert {e}: {err}", t.name),
+                                )
+                            })?;
+                        }
                         used += r.len as usize;
                     }
                     buf[used..].fill(0);
@@ -518,6 +560,16 @@ pub fn attach(index: &mut TensorIndex, path: &Path) -> Result<(), String> {
                     t.encoding.name(),
                     t.num_experts()
                 ));
+            }
+            let (rows, cols) = t.matrix_dims();
+            if p.packed && (p.kind != PieceKind::Data || !moestream_quant::packed::packable(t.encoding, rows, cols)) {
+                return Err(format!(
+                    "{} {:?}: marked packed, but {} {:?} has no packed form",
+                    p.tensor, p.kind, p.encoding, p.shape
+                ));
+            }
+            if p.kind == PieceKind::Data {
+                t.data_packed = p.packed;
             }
             let ranges = match p.kind {
                 PieceKind::Data => &mut t.data,

@@ -248,3 +248,63 @@ fn packing_a_packed_index_is_refused() {
     let again = TensorIndex::open(&idx.root).expect("open");
     assert!(again.pack.is_some() && again.warnings.is_empty(), "{:?}", again.warnings);
 }
+
+/// Layout `packed`: GGUF Q4_0 data pieces are stored as `Q4_0x16` (the bytes `moestream_quant::packed::pack`
+/// makes of the file's rows), marked `packed` in the header and `data_packed` in the index; MLX data (no packed
+/// form) stays as the file has it.
+#[test]
+fn packed_layout_stores_packable_experts_in_their_16_row_form() {
+    for format in [SynthFormat::GgufQ4_0, SynthFormat::MlxQ4] {
+        let what = format.name();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let model = tiny(dir.path(), format);
+        let plain = TensorIndex::open_without_pack(&model).expect("open without pack");
+        let side = pack::default_path(&plain);
+        pack::write_with(&plain, &side, false, pack::Layout::Packed).expect("pack");
+        let (h, _) = pack::read_header(&side).expect("header");
+        assert_eq!(h.version, pack::VERSION);
+        let gguf = format.is_gguf();
+        for p in h.layers.iter().flat_map(|l| &l.pieces) {
+            assert_eq!(p.packed, gguf && p.kind == pack::PieceKind::Data, "{what}: {} {:?}", p.tensor, p.kind);
+        }
+        let idx = TensorIndex::open(&model).expect("open with pack");
+        assert!(idx.warnings.is_empty(), "{what}: {:?}", idx.warnings);
+        let mut checked = 0;
+        for (name, t) in idx.tensors.iter().filter(|(_, t)| t.is_expert_stack()) {
+            let p = &plain.tensors[name];
+            assert_eq!(t.data_packed, gguf, "{what}: {name}");
+            let (rows, cols) = t.matrix_dims();
+            for (e, (&r, &q)) in t.data.iter().zip(&p.data).enumerate() {
+                let file = read(&plain, q);
+                let mut want = file.clone();
+                if gguf {
+                    moestream_quant::packed::pack(t.encoding, &file, &mut want, rows, cols).expect("pack");
+                    assert_ne!(want, file, "{what}: packing must move bytes");
+                }
+                assert_eq!(read(&idx, r), want, "{what}: {name} expert {e}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 0, "{what}");
+    }
+}
+
+/// A header that marks a piece packed whose encoding has no packed form is refused (the sidecar is ignored).
+#[test]
+fn a_packed_mark_on_an_unpackable_piece_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = tiny(dir.path(), SynthFormat::MlxQ4);
+    let plain = TensorIndex::open_without_pack(&model).expect("open without pack");
+    let side = pack::default_path(&plain);
+    pack::write_with(&plain, &side, false, pack::Layout::File).expect("pack");
+    let mut idx = TensorIndex::open_without_pack(&model).expect("open without pack");
+    let bytes = std::fs::read(&side).expect("read sidecar");
+    let text = String::from_utf8_lossy(&bytes);
+    let at = text.find("\"packed\":false").expect("the header marks pieces");
+    let mut bad = bytes.clone();
+    bad[at..at + 14].copy_from_slice(b"\"packed\":true ");
+    std::fs::write(&side, &bad).expect("write");
+    let err = pack::attach(&mut idx, &side).expect_err("a packed mark on MLX data must be refused");
+    assert!(err.contains("marked packed"), "{err}");
+    assert!(idx.pack.is_none());
+}

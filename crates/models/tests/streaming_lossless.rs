@@ -314,3 +314,71 @@ fn q8_streaming_matches_resident(index: &TensorIndex, name: &str) -> Vec<f32> {
     }
     reference
 }
+
+/// A sidecar written in layout `packed` (`moestream pack`): Q4_0 experts stored as `Q4_0x16`, read straight into
+/// the slots (O_DIRECT in place where the pieces are whole 4 KiB blocks, as at real width) or unpacked on the way
+/// when the kernels read row-major. Either way the logits are bit-identical to the model without a sidecar.
+#[test]
+fn packed_sidecar_streaming_is_lossless() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    for (preset, layers) in [(Preset::TinyQwen3Moe, None), (Preset::Qwen3_30bA3b, Some(1))] {
+        let path = dir.path().join(format!("{preset:?}.gguf"));
+        let mut o = SynthOptions::new(preset, SynthFormat::GgufQ4_0, &path);
+        o.layers = layers;
+        synth(&o).expect("synth");
+        let plain = TensorIndex::open(&path).expect("index");
+        assert!(plain.pack.is_none());
+        let q8 = |pack: bool, opts: ModelOptions| ModelOptions { threads: 2, q8_activations: true, pack, ..opts };
+        let want_packed = trace(&Qwen3Moe::load(&plain, &q8(true, ModelOptions::default())).expect("load"));
+        let want_plain = trace(&Qwen3Moe::load(&plain, &q8(false, ModelOptions::default())).expect("load"));
+        moestream_format::pack::write_with(
+            &plain,
+            &moestream_format::pack::default_path(&plain),
+            false,
+            moestream_format::pack::Layout::Packed,
+        )
+        .expect("pack");
+        let index = TensorIndex::open(&path).expect("index with the sidecar");
+        assert!(index.pack.is_some(), "{preset:?}: sidecar not attached: {:?}", index.warnings);
+        let k = index.config.num_experts_per_tok;
+        let blocks = index
+            .tensors
+            .values()
+            .filter(|t| t.is_expert_stack())
+            .all(|t| t.data.iter().all(|r| r.offset % 4096 == 0 && r.len % 4096 == 0));
+        assert!(blocks || layers.is_none(), "{preset:?}: real-width Q4_0 experts are whole 4 KiB blocks");
+        for pack in [true, false] {
+            for direct_io in [true, false] {
+                for cache in [CacheSize::Slots(k), CacheSize::All] {
+                    let label = format!("{preset:?} pack={pack} direct={direct_io} {cache:?}");
+                    let opts = ModelOptions {
+                        expert_cache: cache,
+                        read: ReadOptions { direct_io, io_threads: 3, ..ReadOptions::default() },
+                        ..ModelOptions::default()
+                    };
+                    let m = Qwen3Moe::load(&index, &q8(pack, opts)).expect("load");
+                    m.reset_store_stats();
+                    let got = trace(&m);
+                    let want = if pack { &want_packed } else { &want_plain };
+                    assert!(
+                        got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{label} changed the logits"
+                    );
+                    let st = m.store_stats();
+                    if cache == CacheSize::All {
+                        continue;
+                    }
+                    assert!(st.misses > 0, "{label}: never missed");
+                    // Packed and direct with whole-block pieces: every piece lands in place, one read each (gate,
+                    // up, down), no bytes beyond the pieces. Otherwise a miss is one coalesced read.
+                    let in_place = blocks && pack && direct_io && st.direct_io.iter().all(|&d| d);
+                    let per_miss = if in_place { 3 } else { 1 };
+                    assert_eq!(st.reads, st.misses * per_miss, "{label}");
+                    if in_place {
+                        assert_eq!(st.bytes_read_disk, st.bytes_read, "{label}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -173,6 +173,17 @@ pub fn pack(from: Encoding, src: &[u8], dst: &mut [u8], rows: usize, cols: usize
     }
 }
 
+/// The inverse of [`pack`]: unpacks `rows` rows of `form` (a packed form) into its file encoding in `dst`, same
+/// length. A sidecar stored packed is read through this when the kernels want the file encoding.
+pub fn unpack(form: Encoding, src: &[u8], dst: &mut [u8], rows: usize, cols: usize) -> Result<(), QuantError> {
+    match form {
+        Encoding::Q4_0x16 => unpack_q4_0x16(src, dst, rows, cols),
+        Encoding::Q4Kx16 => unpack_q4_kx16(src, dst, rows, cols),
+        Encoding::Q6Kx16 => unpack_q6_kx16(src, dst, rows, cols),
+        _ => Err(QuantError::NoPackedForm(form.name())),
+    }
+}
+
 fn check_k(rows: usize, cols: usize, got: usize, ty: &'static str) -> Result<usize, QuantError> {
     check_blocks(rows, cols, got, ty, (256, K_BLOCK))
 }
@@ -467,6 +478,10 @@ mod tests {
         let mut via = vec![0u8; q.len()];
         pack(Encoding::Ggml(ty), q, &mut via, rows, cols).unwrap();
         assert_eq!(via, p, "pack() dispatches to the {ty:?} packer");
+        let form = packed_form(Encoding::Ggml(ty)).expect("a packed form");
+        let mut un = vec![0u8; q.len()];
+        unpack(form, &p, &mut un, rows, cols).unwrap();
+        assert_eq!(un, q, "unpack() dispatches to the {ty:?} unpacker");
     }
 
     /// Random bytes for `n` ggml blocks of `block` bytes, each then passed through `fix` (which keeps its f16

@@ -224,6 +224,8 @@ pub struct ExpertStore {
     num_experts: usize,
     bytes: u64,
     clock: u64,
+    /// Reads go through O_DIRECT (where the filesystem allows): block-aligned pieces are then read in place.
+    direct_io: bool,
     stats: StoreStats,
 }
 
@@ -322,7 +324,8 @@ impl ExpertStore {
                 prefetched: vec![false; slots],
             }));
         }
-        let reader = ExpertReader::open(&index.files, read, max_range)?;
+        let converts = layers.iter().flatten().any(|c| c.gate_up.converts() || c.down.converts());
+        let reader = ExpertReader::open(&index.files, read, max_range, converts)?;
         let mut store = ExpertStore {
             layers,
             reader,
@@ -336,6 +339,7 @@ impl ExpertStore {
             num_experts: e,
             bytes,
             clock: 0,
+            direct_io: read.direct_io,
             stats: StoreStats::default(),
         };
         store.reset_stats();
@@ -358,7 +362,7 @@ impl ExpertStore {
                         failed: false,
                     }));
                     let cache = store.layers[l].as_mut().expect("checked above");
-                    plan_batch(cache, &store.batch_misses, &mut store.batch, now);
+                    plan_batch(cache, &store.batch_misses, &mut store.batch, now, store.direct_io);
                     // SAFETY: `batch` and the slots stay untouched until `finish_demand` just below.
                     unsafe { store.reader.submit(&mut store.batch) };
                     store.demand_in_flight = Some((l, now));
@@ -486,7 +490,7 @@ impl ExpertStore {
             });
         }
         // Pass 3: start reading every miss as one batch.
-        plan_batch(cache, &self.batch_misses, &mut self.batch, now);
+        plan_batch(cache, &self.batch_misses, &mut self.batch, now, self.direct_io);
         // SAFETY: `batch` and the victim slots (unmapped above, so no `layer` view of a resident expert covers them)
         // are left alone until `finish_demand`, which `ensure_end`, `ensure_begin`, `prefetch` and drop call first.
         unsafe { self.reader.submit(&mut self.batch) };
@@ -563,7 +567,7 @@ impl ExpertStore {
         if self.pf_misses.is_empty() {
             return;
         }
-        plan_batch(cache, &self.pf_misses, &mut self.pf_batch, now);
+        plan_batch(cache, &self.pf_misses, &mut self.pf_batch, now, self.direct_io);
         // SAFETY: `pf_batch` and the destination slots (unmapped above, so no `ensure` or `layer` view hands them
         // out) are left alone until `finish_prefetch`, which every `ensure`, `prefetch` and drop calls first.
         unsafe { self.reader.submit(&mut self.pf_batch) };
@@ -600,7 +604,7 @@ impl Drop for ExpertStore {
 
 /// The read requests for `misses` (each into its slot's buffers), coalesced per expert where its ranges are
 /// adjacent in one file.
-fn plan_batch(cache: &mut LayerCache, misses: &[Miss], batch: &mut Vec<ReadRequest>, t0: Instant) {
+fn plan_batch(cache: &mut LayerCache, misses: &[Miss], batch: &mut Vec<ReadRequest>, t0: Instant, direct: bool) {
     batch.clear();
     for (tag, m) in misses.iter().enumerate() {
         let [g, u, d] = cache.ranges[m.expert as usize];
@@ -608,7 +612,10 @@ fn plan_batch(cache: &mut LayerCache, misses: &[Miss], batch: &mut Vec<ReadReque
         let first = batch.len();
         cache.gate_up.plan_fill(&[g, u], s, tag as u32, t0, batch);
         cache.down.plan_fill(&[d], s, tag as u32, t0, batch);
-        if let Some(span) = cache.spans[m.expert as usize] {
+        // A sidecar stored packed with block-sized pieces: each piece can go straight into its slot by O_DIRECT,
+        // which beats one read through the bounce buffer (a copy of every byte on the compute cores).
+        let in_place = direct && batch[first..].iter().all(ReadRequest::lands_in_place);
+        if !in_place && let Some(span) = cache.spans[m.expert as usize] {
             coalesce(batch, first, span, tag as u32, t0);
         }
     }

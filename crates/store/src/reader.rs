@@ -76,34 +76,41 @@ pub(crate) const MAX_SEGS: usize = 9;
 pub(crate) struct Segment {
     pub dst: *mut u8,
     pub len: usize,
-    /// Some: the bytes are rows of this encoding and this many columns, to be stored in its packed form
-    /// (`moestream_quant::packed::pack`).
-    pub pack: Option<(Encoding, u32)>,
+    /// Some((from, to, cols)): the bytes are rows of `from` with `cols` columns, to be stored as `to`: packed
+    /// (`moestream_quant::packed::pack`) or, from a sidecar stored packed, unpacked.
+    pub convert: Option<(Encoding, Encoding, u32)>,
 }
 
-pub(crate) const NO_SEGMENT: Segment = Segment { dst: std::ptr::null_mut(), len: 0, pack: None };
+pub(crate) const NO_SEGMENT: Segment = Segment { dst: std::ptr::null_mut(), len: 0, convert: None };
 
 impl Segment {
-    /// Whether the bytes must pass through a staging buffer (to be packed) rather than land in place.
+    /// Whether the bytes must pass through a staging buffer (to be packed or unpacked) rather than land in place.
     fn staged(&self) -> bool {
-        self.pack.is_some()
+        self.convert.is_some()
     }
 
-    /// Moves `src` (this segment's bytes as read) into the segment: a copy, or the pack into its 16-row form.
+    /// Moves `src` (this segment's bytes as read) into the segment: a copy, or the conversion between the file's
+    /// encoding and its 16-row form.
     ///
     /// # Safety
     /// `dst` is valid for `len` writable bytes that nobody else touches during the batch (see `ReadRequest`).
     unsafe fn fill_from(&self, src: &[u8]) -> io::Result<()> {
         // SAFETY: guaranteed by the caller.
         let dst = unsafe { std::slice::from_raw_parts_mut(self.dst, self.len) };
-        let Some((from, cols)) = self.pack else {
+        let Some((from, to, cols)) = self.convert else {
             dst.copy_from_slice(src);
             return Ok(());
         };
         let cols = cols as usize;
         let rows = from.row_bytes(cols).map_or(0, |rb| self.len / rb.max(1));
-        moestream_quant::packed::pack(from, src, dst, rows, cols)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("packing {} rows: {e}", from.name())))
+        let r = if to.is_packed() {
+            moestream_quant::packed::pack(from, src, dst, rows, cols)
+        } else {
+            moestream_quant::packed::unpack(from, src, dst, rows, cols)
+        };
+        r.map_err(|e| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("{} → {}, {rows} rows: {e}", from.name(), to.name()))
+        })
     }
 }
 
@@ -132,7 +139,7 @@ impl ReadRequest {
     /// Read `range` into the `range.len` writable bytes at `dst`.
     pub fn new(range: FileRange, dst: *mut u8, tag: u32, now: Instant) -> Self {
         let mut segs = [NO_SEGMENT; MAX_SEGS];
-        segs[0] = Segment { dst, len: range.len as usize, pack: None };
+        segs[0] = Segment { dst, len: range.len as usize, convert: None };
         ReadRequest { range, segs, nsegs: 1, tag, disk_bytes: 0, direct: false, done_at: now, error: None }
     }
 
@@ -152,11 +159,19 @@ impl ReadRequest {
         &self.segs[..self.nsegs]
     }
 
-    /// Marks a single-destination request as rows of `from` with `cols` columns, to be stored in `from`'s packed
-    /// form.
-    pub fn packed(mut self, from: Encoding, cols: usize) -> Self {
-        self.segs[0].pack = Some((from, cols as u32));
+    /// Marks a single-destination request as rows of `from` with `cols` columns, to be stored as `to` (one is the
+    /// other's packed form).
+    pub fn converted(mut self, from: Encoding, to: Encoding, cols: usize) -> Self {
+        self.segs[0].convert = Some((from, to, cols as u32));
         self
+    }
+
+    /// Whether an O_DIRECT read can put this request's bytes straight into place: one destination, no conversion,
+    /// and offset, length and destination all on `BLOCK` boundaries.
+    pub fn lands_in_place(&self) -> bool {
+        let aligned = |x: u64| x.is_multiple_of(BLOCK);
+        let [seg] = self.segments() else { return false };
+        !seg.staged() && aligned(self.range.offset) && aligned(self.range.len) && aligned(seg.dst as u64)
     }
 }
 
@@ -435,8 +450,9 @@ pub(crate) struct ExpertReader {
 
 impl ExpertReader {
     /// Open `paths` (a `TensorIndex`'s files) and start `opts.io_threads` I/O threads, each with a bounce buffer for
-    /// requests (single or coalesced) of up to `max_range` bytes.
-    pub fn open(paths: &[PathBuf], opts: &ReadOptions, max_range: u64) -> Result<Self, StoreError> {
+    /// requests (single or coalesced) of up to `max_range` bytes. `converts`: some requests will be packed or
+    /// unpacked on the way, so buffered reads need the bounce buffer too.
+    pub fn open(paths: &[PathBuf], opts: &ReadOptions, max_range: u64, converts: bool) -> Result<Self, StoreError> {
         let files = ReaderFiles::open(paths, opts)?;
         let shared = Arc::new(Shared {
             batch: Mutex::new(Batch {
@@ -453,8 +469,8 @@ impl ExpertReader {
         });
         let threads = opts.io_threads.max(1);
         // The aligned superset of a request spans at most its length plus one block on each side. Buffered reads
-        // (`preadv`) need no bounce buffer, unless they are packed on the way.
-        let staged = opts.direct_io || opts.pack;
+        // (`preadv`) need no bounce buffer, unless they are converted on the way.
+        let staged = opts.direct_io || converts;
         let bounce_len = if staged { (max_range.div_ceil(BLOCK) + 2) * BLOCK } else { 0 } as usize;
         let mut reader = ExpertReader { shared, workers: Vec::with_capacity(threads) };
         for i in 0..threads {
@@ -505,7 +521,12 @@ impl ExpertReader {
         b.len = reqs.len();
         b.next = 0;
         b.remaining = reqs.len();
-        self.shared.work.notify_all();
+        drop(b);
+        // One wake per request, not all threads: a miss is ~3 requests, and every thread woken for nothing takes a
+        // context switch on the cores the matmuls run on.
+        for _ in 0..reqs.len().min(self.workers.len()) {
+            self.shared.work.notify_one();
+        }
     }
 
     /// Wait until the batch in flight (if any) has finished.
@@ -579,7 +600,7 @@ mod tests {
             [(4096, 8192), (100, 5000), (4096, 5000), (0, len as u64), (5 * 4096, 123), (10, 4096)];
         for (direct, threads) in [(true, 1), (true, 8), (false, 3)] {
             let opts = ReadOptions { direct_io: direct, io_threads: threads, ..ReadOptions::default() };
-            let mut reader = ExpertReader::open(std::slice::from_ref(&path), &opts, len as u64).unwrap();
+            let mut reader = ExpertReader::open(std::slice::from_ref(&path), &opts, len as u64, false).unwrap();
             let total: usize = cases.iter().map(|c| c.1.next_multiple_of(BLOCK) as usize).sum();
             // One more block for the read past end of file, which may leave partial bytes behind.
             let mut dst = AlignedBuf::zeroed(total + BLOCK as usize).unwrap();

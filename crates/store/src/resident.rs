@@ -168,7 +168,7 @@ impl ResidentWeights {
 pub struct SlotBuffer {
     /// How the slots hold the weights: the file's encoding, or its packed form.
     pub encoding: Encoding,
-    /// How the file stores them (what a read brings in before any packing).
+    /// How the file (or a packed sidecar) stores them: what a read brings in before any packing or unpacking.
     file_encoding: Encoding,
     pub rows: usize,
     pub cols: usize,
@@ -206,10 +206,32 @@ impl SlotBuffer {
             group_stride += e0.scales.map(|r| r.len as usize).unwrap_or(0);
         }
         let packed = pack && parts.iter().all(|t| packable(first.encoding, t.matrix_dims().0, cols));
-        let packed_form = moestream_quant::packed::packed_form(first.encoding).filter(|_| packed);
+        let packed_form = moestream_quant::packed::packed_form(first.encoding);
+        // A packed sidecar holds some parts already in their packed form: the read then lands as is, or is
+        // unpacked on the way when the kernels want the file's encoding.
+        let stored_packed = first.data_packed;
+        if let Some(t) = parts.iter().find(|t| t.data_packed != stored_packed) {
+            return Err(StoreError::Layout {
+                tensor: t.name.clone(),
+                msg: format!(
+                    "stored packed = {} but {} is {stored_packed}; fused gate+up needs one form",
+                    t.data_packed, first.name
+                ),
+            });
+        }
+        let stored = match (stored_packed, packed_form) {
+            (false, _) => first.encoding,
+            (true, Some(form)) if parts.iter().all(|t| packable(first.encoding, t.matrix_dims().0, cols)) => form,
+            (true, _) => {
+                return Err(StoreError::Layout {
+                    tensor: first.name.clone(),
+                    msg: format!("stored packed, but {} {:?} has no packed form", first.encoding.name(), first.shape),
+                });
+            }
+        };
         Ok(SlotBuffer {
-            encoding: packed_form.unwrap_or(first.encoding),
-            file_encoding: first.encoding,
+            encoding: packed_form.filter(|_| packed).unwrap_or(first.encoding),
+            file_encoding: stored,
             rows,
             cols,
             data: AlignedBuf::zeroed(data_stride * slots)?,
@@ -218,6 +240,11 @@ impl SlotBuffer {
             data_stride,
             group_stride,
         })
+    }
+
+    /// Whether a read changes the bytes on the way into a slot (packs them, or unpacks a packed sidecar's).
+    pub(crate) fn converts(&self) -> bool {
+        self.encoding != self.file_encoding
     }
 
     /// (data, scales, biases) of slot `s`: references to this slot's bytes only, since other slots may be
@@ -245,7 +272,7 @@ impl SlotBuffer {
             // SAFETY (all three `add`s): the offsets stay inside slot `s` of their buffer, by the strides computed in
             // `new` from these same tensors' expert ranges.
             let req = ReadRequest::new(r.data, unsafe { data.add(d_at) }, tag, now);
-            out.push(if self.encoding.is_packed() { req.packed(self.file_encoding, self.cols) } else { req });
+            out.push(if self.converts() { req.converted(self.file_encoding, self.encoding, self.cols) } else { req });
             d_at += r.data.len as usize;
             if let (Some(sc), Some(bi)) = (r.scales, r.biases) {
                 out.push(ReadRequest::new(sc, unsafe { scales.add(g_at) }, tag, now));
