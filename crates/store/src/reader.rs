@@ -18,7 +18,12 @@
 //! **Coalesced reads.** Where all of one expert's ranges lie back to back in one file (a `moestream pack` sidecar),
 //! the store sends one request for the whole span with up to `MAX_SEGS` destination segments. Direct: the aligned
 //! superset goes into the bounce buffer and each segment is copied out. Buffered: one `preadv` with an iovec per
-//! segment.
+//! segment. Not when every range of the expert could land in place (direct, whole blocks, no conversion: a sidecar
+//! in layout `packed`): then each range is its own request straight into the slot, since the disk gives a miss's
+//! three requests its full rate and the bounce copy would cost the compute cores a pass over every byte.
+//!
+//! **Conversion.** A segment may convert on the way (`Segment::convert`): pack file rows into the slot's 16-row
+//! form, or unpack a packed sidecar's rows for row-major kernels. The one place bytes change form.
 //!
 //! **No allocation per batch.** Bounce buffers are allocated once per I/O thread (largest request + 2 blocks) when the
 //! reader is built; the batch is a caller-owned slice that `run` publishes to the workers through a raw pointer
