@@ -495,12 +495,19 @@ fn run() -> Result<()> {
             use moestream_format::pack::Layout;
             let index = moestream_format::TensorIndex::open_without_pack(&model)?;
             let out = out.unwrap_or_else(|| moestream_format::pack::default_path(&index));
+            let packs = moestream_cpu::Dispatch::best().packs();
             let layout = match layout.as_str() {
                 "packed" => Layout::Packed,
                 "file" => Layout::File,
-                _ if moestream_cpu::Dispatch::best().packs() => Layout::Packed,
+                _ if packs => Layout::Packed,
                 _ => Layout::File,
             };
+            if layout == Layout::Packed && !packs {
+                eprintln!(
+                    "warning: this machine's kernels read experts row-major, so every miss from a packed sidecar is \
+                     unpacked on the way in; `--layout file` (or auto) reads faster here"
+                );
+            }
             let t0 = std::time::Instant::now();
             let s = moestream_format::pack::write_with(&index, &out, !quiet, layout)?;
             let secs = t0.elapsed().as_secs_f64();
