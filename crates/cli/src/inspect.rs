@@ -95,10 +95,10 @@ pub fn run(model: &Path, json: bool, list: bool) -> Result<()> {
         bytes_per_expert,
         bytes_routed_per_token: routed,
         pack: index.pack.as_ref().map(|p| p.display().to_string()),
-        pack_layout: index
-            .pack
-            .as_ref()
-            .map(|_| if index.tensors.values().any(|t| t.data_packed) { "packed" } else { "file" }),
+        pack_layout: index.pack.as_ref().map(|_| {
+            let packed = index.tensors.values().any(|t| t.data_packed);
+            if packed { moestream_format::pack::Layout::Packed } else { moestream_format::pack::Layout::File }.name()
+        }),
         tensors: if list {
             index
                 .tensors

@@ -514,7 +514,7 @@ fn run() -> Result<()> {
             eprintln!(
                 "wrote {} (layout {}, {:.2} GB: {} slabs in {} MoE layers, {:.2} GB of experts, {:.1}s, {:.0} MB/s)",
                 s.path.display(),
-                if layout == Layout::Packed { "packed" } else { "file" },
+                layout.name(),
                 s.bytes as f64 / 1e9,
                 s.slabs,
                 s.layers,

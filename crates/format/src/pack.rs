@@ -111,6 +111,16 @@ pub enum Layout {
     Packed,
 }
 
+impl Layout {
+    /// The name `moestream pack --layout` and `inspect` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::File => "file",
+            Layout::Packed => "packed",
+        }
+    }
+}
+
 /// One MoE layer: `experts` slabs of `slab_len` bytes from `offset` (relative to the data region).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerDesc {
@@ -427,8 +437,12 @@ fn write_file(
                     for (p, t) in l.pieces.iter().zip(&projs) {
                         let r = ranges_of(t, p.kind)[e];
                         let dst = &mut buf[used..used + r.len as usize];
-                        staging.resize(if p.packed { dst.len() } else { 0 }, 0);
-                        let into = if p.packed { &mut staging[..] } else { &mut dst[..] };
+                        let into = if p.packed {
+                            staging.resize(dst.len(), 0);
+                            &mut staging[..]
+                        } else {
+                            &mut dst[..]
+                        };
                         sources[r.file as usize].read_exact_at(into, r.offset).map_err(|err| {
                             FormatError::invalid(
                                 index.file_path(r.file),

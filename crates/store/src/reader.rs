@@ -174,9 +174,7 @@ impl ReadRequest {
     /// Whether an O_DIRECT read can put this request's bytes straight into place: one destination, no conversion,
     /// and offset, length and destination all on `BLOCK` boundaries.
     pub fn lands_in_place(&self) -> bool {
-        let aligned = |x: u64| x.is_multiple_of(BLOCK);
-        let [seg] = self.segments() else { return false };
-        !seg.staged() && aligned(self.range.offset) && aligned(self.range.len) && aligned(seg.dst as u64)
+        in_place(self.range, self.segments())
     }
 }
 
@@ -303,12 +301,8 @@ impl ReaderFiles {
         if self.simulate_einval {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        let aligned = |x: u64| x.is_multiple_of(BLOCK);
         if let [seg] = segs
-            && !seg.staged()
-            && aligned(range.offset)
-            && aligned(range.len)
-            && aligned(seg.dst as u64)
+            && in_place(range, segs)
         {
             // SAFETY: see `ReadRequest`: the segment is valid for `len` bytes and nobody else touches them during
             // the batch.
@@ -329,6 +323,15 @@ impl ReaderFiles {
         scatter(segs, &buf[head..need])?;
         Ok(got as u64)
     }
+}
+
+/// Whether a direct read of `range` can go straight into `segs`: one destination, no conversion, and offset, length
+/// and destination all on `BLOCK` boundaries. The store plans by it (`ReadRequest::lands_in_place`) and the reader
+/// reads by it, so the two cannot disagree.
+fn in_place(range: FileRange, segs: &[Segment]) -> bool {
+    let aligned = |x: u64| x.is_multiple_of(BLOCK);
+    let [seg] = segs else { return false };
+    !seg.staged() && aligned(range.offset) && aligned(range.len) && aligned(seg.dst as u64)
 }
 
 /// Moves a request's bytes from a staging buffer into its segments, in order.

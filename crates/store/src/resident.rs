@@ -205,7 +205,7 @@ impl SlotBuffer {
             data_stride += e0.data.len as usize;
             group_stride += e0.scales.map(|r| r.len as usize).unwrap_or(0);
         }
-        let packed = pack && parts.iter().all(|t| packable(first.encoding, t.matrix_dims().0, cols));
+        let all_packable = parts.iter().all(|t| packable(first.encoding, t.matrix_dims().0, cols));
         let packed_form = moestream_quant::packed::packed_form(first.encoding);
         // A packed sidecar holds some parts already in their packed form: the read then lands as is, or is
         // unpacked on the way when the kernels want the file's encoding.
@@ -221,7 +221,7 @@ impl SlotBuffer {
         }
         let stored = match (stored_packed, packed_form) {
             (false, _) => first.encoding,
-            (true, Some(form)) if parts.iter().all(|t| packable(first.encoding, t.matrix_dims().0, cols)) => form,
+            (true, Some(form)) if all_packable => form,
             (true, _) => {
                 return Err(StoreError::Layout {
                     tensor: first.name.clone(),
@@ -230,7 +230,7 @@ impl SlotBuffer {
             }
         };
         Ok(SlotBuffer {
-            encoding: packed_form.filter(|_| packed).unwrap_or(first.encoding),
+            encoding: packed_form.filter(|_| pack && all_packable).unwrap_or(first.encoding),
             file_encoding: stored,
             rows,
             cols,
