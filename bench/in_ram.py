@@ -23,10 +23,12 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
 
-def membw(threads):
+def membw(threads, gib=4, runs=3):
+    """Best GB/s of `runs` × 5 passes of bench/membw.c over `gib` GiB (1 GiB is already far past the L3's reach
+    here: a 256 MiB array reads as fast as 1 GiB, 64 MiB twice as fast)."""
     exe = os.path.join(tempfile.gettempdir(), "moestream-membw")
     sh(["cc", "-O3", "-march=native", "-fopenmp", os.path.join(ROOT, "bench", "membw.c"), "-o", exe])
-    return max(float(sh([exe, "4", str(threads)]).stdout) for _ in range(3))
+    return max(float(sh([exe, str(gib), str(threads)]).stdout) for _ in range(runs))
 
 
 def bytes_per_token(ms, model):

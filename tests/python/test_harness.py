@@ -138,3 +138,68 @@ def test_replace_section(harness, before, after):
 def test_replace_section_refuses_a_lone_marker(harness):
     with pytest.raises(ValueError):
         harness.replace_section("a\n<!-- harness:begin -->\nb\n", "NEW")
+
+
+def with_repeat(rec, i, **extra):
+    return dict(rec, repeat_index=i, **extra)
+
+
+def test_in_ram_bound_verdict_uses_the_bandwidth_measured_beside_each_run(harness):
+    # Start-of-run reading 20 GB/s; beside the two q8 runs the machine gave 13 and 11 GB/s (means of before/after).
+    # 2 GB per token: run 1 at 6.0 tok/s is 12 GB/s of 13 (92%), run 2 at 5.0 is 10 of 11 (91%): median 91.6%.
+    runs = [r for r in CANNED["runs"] if not (r["scenario"] == "in_ram" and r["case"] == "Q4_0 moestream q8")]
+    runs += [with_repeat(ms("in_ram", "Q4_0", "q8", 6.0), 0, membw_beside_gbps=[12.0, 14.0]),
+             with_repeat(ms("in_ram", "Q4_0", "q8", 5.0), 1, membw_beside_gbps=[11.5, 10.5])]
+    canned = dict(CANNED, runs=runs)
+    rows = {name: (measured, ratio, met) for name, measured, ratio, met in harness.target_rows(canned)}
+    measured, ratio, met = rows["In-RAM decode ≥ 90% of the bandwidth bound, Q4_0"]
+    assert ratio == pytest.approx((12 / 13 + 10 / 11) / 2)
+    assert met == "**met**"
+    # The start-of-run figure is still shown: 5.5 tok/s of a 10 tok/s bound.
+    assert "55% of the start-of-run 20.0 GB/s" in measured and "median 12.0 GB/s" in measured
+    # Q4_K_M's runs carry no such reading: the verdict falls back to the start-of-run bound.
+    assert rows["In-RAM decode ≥ 90% of the bandwidth bound, Q4_K_M"][1:] == (pytest.approx(0.4), "not met")
+    table = harness.scenario_table(canned, "in_ram")
+    assert f"| {100 * (12 / 13 + 10 / 11) / 2:.0f}% (12.0) |" in table
+
+
+def test_half_target_uses_pairs_when_the_unlimited_run_is_beside_it(harness):
+    # Pairs (limited, unlimited): 5.0/6.0 and 4.5/4.6 → median of 0.833 and 0.978; the scenario-level ratio against
+    # in RAM (5.5) would be the median of limited runs 4.75 / 5.5.
+    half = [r for r in CANNED["runs"] if r["scenario"] != "limit_half"]
+    half += [
+        with_repeat(ms("limit_half", "Q4_0", "q8 no limit", 6.0, prompt=8, gen=32), 0),
+        with_repeat(ms("limit_half", "Q4_0", "q8", 5.0, hit=0.98, limit=8 << 30, prompt=8, gen=32), 0),
+        with_repeat(ms("limit_half", "Q4_0", "q8 no limit", 4.6, prompt=8, gen=32), 1),
+        with_repeat(ms("limit_half", "Q4_0", "q8", 4.5, hit=0.98, limit=8 << 30, prompt=8, gen=32), 1),
+    ]
+    canned = dict(CANNED, runs=half)
+    rows = {name: (measured, ratio, met) for name, measured, ratio, met in harness.target_rows(canned)}
+    measured, ratio, met = rows["½-memory decode ≥ 90% of our own in-RAM decode"]
+    assert ratio == pytest.approx((5.0 / 6.0 + 4.5 / 4.6) / 2)
+    assert met == "**met**"
+    assert "median of 2 pairs" in measured and "86% against the in-RAM scenario" in measured
+    table = harness.scenario_table(canned, "limit_half")
+    pair = next(line for line in table.splitlines() if line.startswith("| Q4_0 moestream q8 no limit |"))
+    cells = [c.strip() for c in pair.strip("|").split("|")]
+    assert cells[4:7] == ["–", "–", "–"]  # no llama.cpp ratio, no disk bound, no % of it
+    assert "Bound: disk bandwidth" in table and "\"no limit\" rows" in table
+
+
+def test_a_pair_without_its_partner_is_not_used(harness):
+    runs = [r for r in CANNED["runs"] if r["scenario"] != "limit_half"]
+    runs += [with_repeat(ms("limit_half", "Q4_0", "q8 no limit", 6.0), 0),
+             with_repeat(ms("limit_half", "Q4_0", "q8", 5.0, limit=8 << 30), 1)]
+    assert harness.paired_ratio(dict(CANNED, runs=runs), "limit_half", "Q4_0 moestream q8") == (None, 0)
+
+
+def test_every_moestream_row_reports_routing_reuse(harness):
+    runs = [dict(r) for r in CANNED["runs"]]
+    for r in runs:
+        if r["engine"] == "moestream":
+            r["result"] = dict(r["result"], warm_routing_reuse=0.531)
+    body = harness.render(dict(CANNED, runs=runs))
+    for title in ("#### In RAM", "#### Bigger than memory: ½", "#### Bigger than memory: ¼"):
+        section = body[body.index(title):].split("\n\n####")[0]
+        assert "routing reuse (warm)" in section
+        assert "| 53.1% |" in section, title
