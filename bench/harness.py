@@ -674,8 +674,9 @@ def bound(results, scenario, case):
     if hit is None or not f.get("bytes_routed_per_token"):
         return None, "–"
     miss = (1 - hit) * f["bytes_routed_per_token"]
-    return (m["disk_gbps"] * 1e9 / miss if miss > 0 else float("inf"),
-            "disk bandwidth / ((1 − hit rate) · routed bytes per token)")
+    if miss <= 0:
+        return None, "–"  # no misses: the disk does not bound the run (compute does)
+    return m["disk_gbps"] * 1e9 / miss, "disk bandwidth / ((1 − hit rate) · routed bytes per token)"
 
 
 def beside_bound(results, scenario, case):

@@ -203,3 +203,12 @@ def test_every_moestream_row_reports_routing_reuse(harness):
         section = body[body.index(title):].split("\n\n####")[0]
         assert "routing reuse (warm)" in section
         assert "| 53.1% |" in section, title
+
+
+def test_no_misses_means_no_disk_bound_not_infinity(harness):
+    runs = [r for r in CANNED["runs"] if r["scenario"] != "limit_half"]
+    runs.append(ms("limit_half", "Q4_0", "q8", 5.0, hit=1.0, limit=8 << 30, prompt=8, gen=32))
+    canned = dict(CANNED, runs=runs)
+    assert harness.bound(canned, "limit_half", "Q4_0 moestream q8") == (None, "–")
+    table = harness.scenario_table(canned, "limit_half")
+    assert "inf" not in table and "| 0% |" not in table
