@@ -209,6 +209,10 @@ struct EngineArgs {
     /// Concurrent expert reads (queue depth).
     #[arg(long, default_value_t = 8)]
     io_threads: usize,
+    /// Split an `--expert-cache` byte budget evenly over the MoE layers instead of one slot pool that all layers
+    /// share (the default: a miss evicts the least useful expert of any layer).
+    #[arg(long)]
+    per_layer_slots: bool,
     /// Expert cache eviction: `lfu:HALF_LIFE` (LFU with aging, the default `lfu:64`) or `lru`.
     #[arg(long, default_value = "lfu:64")]
     eviction: String,
@@ -251,6 +255,7 @@ impl EngineArgs {
             io_threads: self.io_threads.max(1),
             ..moestream_store::ReadOptions::default()
         };
+        opts.shared_expert_pool = !self.per_layer_slots;
         opts.eviction = moestream_store::EvictionPolicy::parse(&self.eviction)
             .with_context(|| format!("--eviction `{}`: expected `lru` or `lfu:N`", self.eviction))?;
         opts.prefetch = moestream_models::Prefetch::parse(&self.prefetch)
@@ -443,10 +448,11 @@ fn run() -> Result<()> {
             );
             let direct = st.direct_io.iter().filter(|&&d| d).count();
             eprintln!(
-                "expert cache: {} slots/layer ({:.2} GB, {} eviction); hit rate {:.1}% ({} hits, {} misses); {}; \
+                "expert cache: {} slots/layer{} ({:.2} GB, {} eviction); hit rate {:.1}% ({} hits, {} misses); {}; \
                  read {:.1} MB ({:.1} MB from disk) in {} reads, {} batches, O_DIRECT on {}/{} files; expert read \
                  latency p50 {} us, p99 {} us",
                 m.slots_per_layer(),
+                if m.expert_pool_shared() { " on average, one pool shared by all layers" } else { "" },
                 m.expert_bytes() as f64 / 1e9,
                 engine.eviction,
                 100.0 * st.hit_rate(),

@@ -47,6 +47,9 @@ pub struct ModelOptions {
     pub read: ReadOptions,
     /// Which slot a miss evicts.
     pub eviction: EvictionPolicy,
+    /// A byte budget is one slot pool for all MoE layers (a miss may evict another layer's expert) rather than an
+    /// even split per layer; see `ExpertStore::open_with_sharing`.
+    pub shared_expert_pool: bool,
     /// What decode reads ahead for the next MoE layer while this one computes.
     pub prefetch: Prefetch,
     /// Regroup `Q4_0`, `Q4_K` and `Q6_K` matrices as `Q4_0x16` / `Q4_Kx16` / `Q6_Kx16` where the kernel table is faster on them
@@ -113,6 +116,7 @@ impl Default for ModelOptions {
             moe_kernels: MoeKernels::default(),
             read: ReadOptions::default(),
             eviction: EvictionPolicy::default_for_cache(),
+            shared_expert_pool: true,
             prefetch: Prefetch::None,
             pack: true,
         }
@@ -476,7 +480,13 @@ impl Qwen3Moe {
             resident.pack(&[resident.id("token_embd.weight")?])?;
         }
         let read = ReadOptions { pack, ..opts.read.clone() };
-        let experts = Mutex::new(ExpertStore::open_with_policy(index, opts.expert_cache, &read, opts.eviction)?);
+        let experts = Mutex::new(ExpertStore::open_with_sharing(
+            index,
+            opts.expert_cache,
+            &read,
+            opts.eviction,
+            opts.shared_expert_pool,
+        )?);
         // HF hybrid checkpoints keep RMSNorm weights zero-centred (`1 + w`); MLX and GGUF conversions have added the
         // 1 already. The conv kernel's stored layout tells them apart: HF keeps PyTorch's `[C, 1, K]`.
         let plus_one = c.architecture.is_hybrid()
@@ -615,6 +625,11 @@ impl Qwen3Moe {
     }
 
     /// Expert cache statistics since load or the last reset.
+    /// Whether all MoE layers draw from one expert slot pool.
+    pub fn expert_pool_shared(&self) -> bool {
+        self.store().shared()
+    }
+
     pub fn store_stats(&self) -> StoreStats {
         self.store().stats().clone()
     }

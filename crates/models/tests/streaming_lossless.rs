@@ -117,6 +117,27 @@ fn every_cache_size_gives_identical_logits() {
         let per_slot = load(CacheSize::Slots(k)).expert_bytes() / k as u64;
         let m = load(CacheSize::Bytes(per_slot * (k as u64 + 1)));
         assert_eq!(m.slots_per_layer(), k + 1);
+        // A byte budget is one slot pool for all MoE layers (a miss may evict another layer's expert): still
+        // bit-identical, from the minimum up, with prefetch too (a guess only takes its own layer's slots).
+        for (slots, prefetch) in
+            [(k, Prefetch::None), (k + 1, Prefetch::None), (5, Prefetch::Lookahead), (k + 1, Prefetch::Prev)]
+        {
+            let opts = ModelOptions {
+                threads: 2,
+                expert_cache: CacheSize::Bytes(per_slot * slots as u64),
+                prefetch,
+                ..ModelOptions::default()
+            };
+            let m = Qwen3Moe::load(&index, &opts).expect("load");
+            assert!(m.expert_pool_shared(), "{}: a byte budget was not shared", format.name());
+            let got = trace(&m);
+            assert!(
+                got.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{}: a shared pool of {slots} slots/layer ({prefetch:?}) changed the logits",
+                format.name()
+            );
+            assert!(m.store_stats().misses > 0, "{}: a shared pool of {slots} slots/layer never missed", format.name());
+        }
     }
 }
 

@@ -159,33 +159,57 @@ impl CachePlan {
     }
 }
 
+/// What one MoE layer knows about its experts: where they are in the files, and which slot (of its pool) holds
+/// each resident one.
 struct LayerCache {
-    gate_up: SlotBuffer,
-    down: SlotBuffer,
     /// Per expert: gate, up and down ranges (with MLX scales/biases).
     ranges: Vec<[ExpertRanges; 3]>,
     /// Per expert: the one range covering all of its ranges, where they are adjacent in one file (read as one).
     spans: Vec<Option<FileRange>>,
-    slot_expert: Vec<u32>,
     expert_slot: Vec<u32>,
-    /// Recency and (for LFU) decayed use counts; decides victims.
+    /// Index into `ExpertStore::pools`.
+    pool: usize,
+}
+
+/// Slot memory and the bookkeeping that decides what it holds: one per MoE layer, or one shared by all of them
+/// (see [`ExpertStore::open_with_sharing`]).
+struct Pool {
+    gate_up: SlotBuffer,
+    down: SlotBuffer,
+    /// Per slot: the (layer, expert) it holds, `(EMPTY, EMPTY)` if none (also while a read into it is in flight).
+    owner: Vec<(u32, u32)>,
+    /// Recency and (for LFU) decayed use counts; decides victims. Its expert keys are `layer · experts + expert`
+    /// in a shared pool, the expert alone in a layer's own.
     policy: PolicyState,
     /// Per slot: filled by a prefetch and not used since (for the prefetch hit/waste counts).
     prefetched: Vec<bool>,
+    shared: bool,
 }
 
-impl LayerCache {
-    /// Empty `slot` before it takes another expert: its old expert is no longer resident, and a prefetched one
-    /// that was never used counts as a wasted guess.
-    fn unmap(&mut self, slot: usize, stats: &mut StoreStats) {
-        let old = self.slot_expert[slot];
-        if old != EMPTY {
-            self.expert_slot[old as usize] = EMPTY;
-            self.slot_expert[slot] = EMPTY;
+impl Pool {
+    fn key(&self, layer: usize, expert: u32, num_experts: usize) -> u32 {
+        if self.shared { (layer * num_experts) as u32 + expert } else { expert }
+    }
+
+    /// The layer whose expert (by policy key) `slot` holds or is being filled with, if any.
+    fn key_layer(&self, slot: usize, layer_of_own: usize, num_experts: usize) -> Option<usize> {
+        let k = self.policy.slot_expert(slot)?;
+        Some(if self.shared { k as usize / num_experts } else { layer_of_own })
+    }
+}
+
+/// Empty `slot` of `pool` before it takes another expert: its old expert (of whichever layer) is no longer
+/// resident, and a prefetched one that was never used counts as a wasted guess.
+fn unmap(pool: &mut Pool, layers: &mut [Option<LayerCache>], slot: usize, stats: &mut StoreStats) {
+    let (l, x) = pool.owner[slot];
+    if l != EMPTY {
+        if let Some(c) = layers.get_mut(l as usize).and_then(Option::as_mut) {
+            c.expert_slot[x as usize] = EMPTY;
         }
-        if std::mem::take(&mut self.prefetched[slot]) {
-            stats.prefetch_wasted += 1;
-        }
+        pool.owner[slot] = (EMPTY, EMPTY);
+    }
+    if std::mem::take(&mut pool.prefetched[slot]) {
+        stats.prefetch_wasted += 1;
     }
 }
 
@@ -208,6 +232,7 @@ struct Miss {
 
 pub struct ExpertStore {
     layers: Vec<Option<LayerCache>>,
+    pools: Vec<Pool>,
     reader: ExpertReader,
     /// Reused per batch, reserved at open for the largest batch: no allocation on the token path.
     batch: Vec<ReadRequest>,
@@ -246,12 +271,33 @@ impl ExpertStore {
         Self::open_with_policy(index, size, read, EvictionPolicy::default_for_cache())
     }
 
-    /// As `open_with`, choosing victims by `eviction`.
+    /// As `open_with`, choosing victims by `eviction`; a byte budget is one pool shared by all MoE layers where
+    /// their slots have one layout.
     pub fn open_with_policy(
         index: &TensorIndex,
         size: CacheSize,
         read: &ReadOptions,
         eviction: EvictionPolicy,
+    ) -> Result<Self, StoreError> {
+        Self::open_with_sharing(index, size, read, eviction, true)
+    }
+
+    /// As `open_with_policy`. With `share` and a [`CacheSize::Bytes`] budget, and when every MoE layer's experts
+    /// have the same slot layout (encodings, shapes, stored form), the budget's slots form one pool that all MoE
+    /// layers draw from, and a miss evicts the policy's victim among *all* layers' experts: layers differ widely in
+    /// how many distinct experts they use (random weights: 30 to 107 of 128 over a 39-token trace), and an even
+    /// split leaves the busy ones thrashing while quiet ones hold experts nobody asks for. `slots_per_layer` is
+    /// then the even split (the most one call may ask for, and the prefill wave length), not a per-layer limit.
+    /// Otherwise each MoE layer has its own `slots_per_layer` slots.
+    ///
+    /// Slot memory is one stacked buffer per projection either way (per layer, or for the pool), so the kernels'
+    /// gathered view of a layer's experts is unchanged: slot indices just range over the pool.
+    pub fn open_with_sharing(
+        index: &TensorIndex,
+        size: CacheSize,
+        read: &ReadOptions,
+        eviction: EvictionPolicy,
+        share: bool,
     ) -> Result<Self, StoreError> {
         let c = &index.config;
         let top_k = c.num_experts_per_tok;
@@ -300,34 +346,63 @@ impl ExpertStore {
                 moe_layers.len()
             )));
         }
-        let mut layers = Vec::with_capacity(c.num_layers);
-        let mut bytes = 0u64;
         let (i, h) = (c.moe_intermediate_size, c.hidden_size);
+        // Shared only where one slot layout fits every layer (a Q4_K_M file mixes Q4_K and Q6_K down projections).
+        let layout = |g, u, d| -> Result<_, StoreError> {
+            let (gu, dn) = (SlotBuffer::new(&[g, u], h, 0, read.pack)?, SlotBuffer::new(&[d], i, 0, read.pack)?);
+            Ok((gu.layout(), dn.layout()))
+        };
+        let mut layouts = Vec::with_capacity(moe_layers.len());
+        for (g, u, d, _, _) in per_layer_ranges.iter().flatten() {
+            layouts.push(layout(g, u, d)?);
+        }
+        let shared = share
+            && matches!(size, CacheSize::Bytes(_))
+            && slots < e
+            && moe_layers.len() > 1
+            && layouts.windows(2).all(|w| w[0] == w[1]);
+        let pool_slots = if shared { slots * moe_layers.len() } else { slots };
+        let new_pool = |g, u, d, n_keys: usize, policy: EvictionPolicy| -> Result<Pool, StoreError> {
+            Ok(Pool {
+                gate_up: SlotBuffer::new(&[g, u], h, pool_slots, read.pack)?,
+                down: SlotBuffer::new(&[d], i, pool_slots, read.pack)?,
+                owner: vec![(EMPTY, EMPTY); pool_slots],
+                policy: PolicyState::new(policy, pool_slots, n_keys),
+                prefetched: vec![false; pool_slots],
+                shared,
+            })
+        };
+        let mut layers = Vec::with_capacity(c.num_layers);
+        let mut pools = Vec::with_capacity(if shared { 1 } else { moe_layers.len() });
         for lr in per_layer_ranges {
             let Some((g, u, d, ranges, spans)) = lr else {
                 layers.push(None);
                 continue;
             };
-            let gate_up = SlotBuffer::new(&[g, u], h, slots, read.pack)?;
-            let down = SlotBuffer::new(&[d], i, slots, read.pack)?;
-            for b in [&gate_up, &down] {
-                bytes += (b.data.len() + b.scales.len() + b.biases.len()) as u64;
+            if pools.is_empty() || !shared {
+                // One layer's LFU half-life is in its own calls (one per decode token); a shared pool's policy
+                // sees every MoE layer's calls, so the same half-life in tokens is that many times longer.
+                let policy = match eviction {
+                    EvictionPolicy::LfuAging { half_life } if shared => {
+                        EvictionPolicy::LfuAging { half_life: half_life.max(1).saturating_mul(moe_layers.len() as u32) }
+                    }
+                    p => p,
+                };
+                pools.push(new_pool(g, u, d, if shared { c.num_layers * e } else { e }, policy)?);
             }
-            layers.push(Some(LayerCache {
-                gate_up,
-                down,
-                ranges,
-                spans,
-                slot_expert: vec![EMPTY; slots],
-                expert_slot: vec![EMPTY; e],
-                policy: PolicyState::new(eviction, slots, e),
-                prefetched: vec![false; slots],
-            }));
+            layers.push(Some(LayerCache { ranges, spans, expert_slot: vec![EMPTY; e], pool: pools.len() - 1 }));
         }
-        let converts = layers.iter().flatten().any(|c| c.gate_up.converts() || c.down.converts());
+        let bytes = pools
+            .iter()
+            .flat_map(|p| [&p.gate_up, &p.down])
+            .map(|b| (b.data.len() + b.scales.len() + b.biases.len()) as u64)
+            .sum();
+        let converts = pools.iter().any(|p| p.gate_up.converts() || p.down.converts());
         let reader = ExpertReader::open(&index.files, read, max_range, converts)?;
+        // One call asks for at most `slots` experts (checked in `ensure_begin`); a prefetch takes as many.
         let mut store = ExpertStore {
             layers,
+            pools,
             reader,
             batch: Vec::with_capacity(slots * ranges_per_expert),
             batch_misses: Vec::with_capacity(slots),
@@ -349,10 +424,9 @@ impl ExpertStore {
                 if store.layers[l].is_some() {
                     store.batch_misses.clear();
                     let now = Instant::now();
-                    if let Some(c) = store.layers[l].as_mut() {
-                        for x in 0..e {
-                            c.policy.on_fill(x, x as u32, 0);
-                        }
+                    let pi = store.layers[l].as_ref().map_or(0, |c| c.pool);
+                    for x in 0..e {
+                        store.pools[pi].policy.on_fill(x, x as u32, 0);
                     }
                     store.batch_misses.extend((0..e as u32).map(|x| Miss {
                         expert: x,
@@ -361,8 +435,15 @@ impl ExpertStore {
                         done: now,
                         failed: false,
                     }));
-                    let cache = store.layers[l].as_mut().expect("checked above");
-                    plan_batch(cache, &store.batch_misses, &mut store.batch, now, store.direct_io);
+                    let cache = store.layers[l].as_ref().expect("checked above");
+                    plan_batch(
+                        &mut store.pools[pi],
+                        cache,
+                        &store.batch_misses,
+                        &mut store.batch,
+                        now,
+                        store.direct_io,
+                    );
                     // SAFETY: `batch` and the slots stay untouched until `finish_demand` just below.
                     unsafe { store.reader.submit(&mut store.batch) };
                     store.demand_in_flight = Some((l, now));
@@ -374,8 +455,15 @@ impl ExpertStore {
         Ok(store)
     }
 
+    /// The even split of the budget over MoE layers: with a shared pool, the most one call may ask for (and the
+    /// prefill wave length); otherwise each layer's own slot count.
     pub fn slots_per_layer(&self) -> usize {
         self.slots_per_layer
+    }
+
+    /// Whether all MoE layers draw from one slot pool (see [`ExpertStore::open_with_sharing`]).
+    pub fn shared(&self) -> bool {
+        self.pools.first().is_some_and(|p| p.shared)
     }
 
     pub fn num_experts(&self) -> usize {
@@ -400,7 +488,10 @@ impl ExpertStore {
     }
 
     pub fn layer(&self, l: usize) -> Option<ExpertLayer<'_>> {
-        self.layers.get(l).and_then(Option::as_ref).map(|c| ExpertLayer { gate_up: &c.gate_up, down: &c.down })
+        self.layers.get(l).and_then(Option::as_ref).map(|c| {
+            let p = &self.pools[c.pool];
+            ExpertLayer { gate_up: &p.gate_up, down: &p.down }
+        })
     }
 
     /// Make `experts` (distinct ids) of `layer` resident and write their slots to `slots`. At most
@@ -441,6 +532,8 @@ impl ExpertStore {
         let Some(cache) = self.layers.get_mut(layer).and_then(Option::as_mut) else {
             return Err(StoreError::Layout { tensor: format!("blk.{layer}"), msg: "not a MoE layer".into() });
         };
+        let pi = cache.pool;
+        let pool = &mut self.pools[pi];
         // Pass 1: hits, pinned for this call by stamping them with the current clock.
         let mut misses = 0;
         for (j, &x) in experts.iter().enumerate() {
@@ -449,8 +542,8 @@ impl ExpertStore {
             }
             let s = cache.expert_slot[x as usize];
             if s != EMPTY {
-                cache.policy.on_hit(s as usize, clock);
-                if std::mem::take(&mut cache.prefetched[s as usize]) {
+                pool.policy.on_hit(s as usize, clock);
+                if std::mem::take(&mut pool.prefetched[s as usize]) {
                     self.stats.prefetch_hits += 1;
                 }
                 slots[j] = s;
@@ -467,20 +560,22 @@ impl ExpertStore {
         }
         self.stats.misses += misses;
         self.stats.per_layer[layer].1 += misses;
-        // Pass 2: each miss takes the policy's victim among slots this call has not pinned (empty slots first).
-        let cache = self.layers[layer].as_mut().expect("checked above");
+        // Pass 2: each miss takes the policy's victim among slots this call has not pinned (empty slots first); in
+        // a shared pool that may be another layer's expert (nothing computes from another layer's slots now).
         let now = Instant::now();
         for j in 0..experts.len() {
             if slots[j] != EMPTY {
                 continue;
             }
-            let victim = cache
+            let pool = &mut self.pools[pi];
+            let victim = pool
                 .policy
-                .victim(clock, |s| cache.policy.is_pinned(s, clock))
+                .victim(clock, |s| pool.policy.is_pinned(s, clock))
                 .ok_or_else(|| StoreError::Budget(format!("layer {layer}: no free slot")))?;
-            cache.unmap(victim, &mut self.stats);
+            unmap(pool, &mut self.layers, victim, &mut self.stats);
             // Pins the slot for the rest of this call, so the next miss cannot pick it.
-            cache.policy.on_fill(victim, experts[j], clock);
+            let key = pool.key(layer, experts[j], e);
+            pool.policy.on_fill(victim, key, clock);
             self.batch_misses.push(Miss {
                 expert: experts[j],
                 slot: victim as u32,
@@ -490,7 +585,8 @@ impl ExpertStore {
             });
         }
         // Pass 3: start reading every miss as one batch.
-        plan_batch(cache, &self.batch_misses, &mut self.batch, now, self.direct_io);
+        let cache = self.layers[layer].as_ref().expect("checked above");
+        plan_batch(&mut self.pools[pi], cache, &self.batch_misses, &mut self.batch, now, self.direct_io);
         // SAFETY: `batch` and the victim slots (unmapped above, so no `layer` view of a resident expert covers them)
         // are left alone until `finish_demand`, which `ensure_end`, `ensure_begin`, `prefetch` and drop call first.
         unsafe { self.reader.submit(&mut self.batch) };
@@ -522,7 +618,8 @@ impl ExpertStore {
         // The stall a caller sees: time blocked here, not the reads' whole duration.
         self.stats.read_wait_us += w.elapsed().as_micros() as u64;
         let cache = self.layers[layer].as_mut().expect("demand reads target a MoE layer");
-        let r = complete_batch(cache, &mut self.batch_misses, &mut self.batch, &mut self.stats, t0, true);
+        let pool = &mut self.pools[cache.pool];
+        let r = complete_batch(pool, cache, layer, &mut self.batch_misses, &mut self.batch, &mut self.stats, t0, true);
         for (d, a) in self.stats.direct_io.iter_mut().zip(self.reader.direct_active()) {
             *d = a;
         }
@@ -543,31 +640,44 @@ impl ExpertStore {
         self.batch_misses.clear();
         self.finish_prefetch();
         let e = self.num_experts;
-        let Some(cache) = self.layers.get_mut(layer).and_then(Option::as_mut) else { return };
+        let Some(cache) = self.layers.get(layer).and_then(Option::as_ref) else { return };
+        let pi = cache.pool;
         self.clock += 1;
         let clock = self.clock;
         self.pf_misses.clear();
         let now = Instant::now();
         for (j, &x) in experts.iter().take(self.slots_per_layer).enumerate() {
+            let Some(cache) = self.layers[layer].as_ref() else { return };
             if x as usize >= e || cache.expert_slot[x as usize] != EMPTY {
                 continue;
             }
             if self.pf_misses.iter().any(|m| m.expert == x) {
                 continue;
             }
-            let held =
-                |s: usize| cache.policy.slot_expert(s).is_some_and(|y| experts.contains(&y) || keep.contains(&y));
-            let Some(victim) = cache.policy.victim(clock, |s| cache.policy.is_pinned(s, clock) || held(s)) else {
+            let pool = &mut self.pools[pi];
+            let mine = |y: u32| pool.key(layer, y, e);
+            let held = |s: usize| {
+                pool.policy.slot_expert(s).is_some_and(|k| {
+                    experts.iter().chain(keep).any(|&y| (y as usize) < e && mine(y) == k)
+                        // A guess only takes empty slots or its own layer's: the layer just ensured may still
+                        // be computed from (the caller prefetches before its matmuls), and a guess should not
+                        // push out what other layers use.
+                        || pool.key_layer(s, layer, e) != Some(layer)
+                })
+            };
+            let Some(victim) = pool.policy.victim(clock, |s| pool.policy.is_pinned(s, clock) || held(s)) else {
                 break;
             };
-            cache.unmap(victim, &mut self.stats);
-            cache.policy.on_prefetch(victim, x, clock);
+            unmap(pool, &mut self.layers, victim, &mut self.stats);
+            let key = pool.key(layer, x, e);
+            pool.policy.on_prefetch(victim, key, clock);
             self.pf_misses.push(Miss { expert: x, slot: victim as u32, at: j as u32, done: now, failed: false });
         }
         if self.pf_misses.is_empty() {
             return;
         }
-        plan_batch(cache, &self.pf_misses, &mut self.pf_batch, now, self.direct_io);
+        let cache = self.layers[layer].as_ref().expect("checked above");
+        plan_batch(&mut self.pools[pi], cache, &self.pf_misses, &mut self.pf_batch, now, self.direct_io);
         // SAFETY: `pf_batch` and the destination slots (unmapped above, so no `ensure` or `layer` view hands them
         // out) are left alone until `finish_prefetch`, which every `ensure`, `prefetch` and drop calls first.
         unsafe { self.reader.submit(&mut self.pf_batch) };
@@ -581,11 +691,12 @@ impl ExpertStore {
         self.reader.wait();
         self.stats.prefetch_wait_us += w.elapsed().as_micros() as u64;
         let cache = self.layers[layer].as_mut().expect("prefetch targets a MoE layer");
+        let pool = &mut self.pools[cache.pool];
         // A failed guess is not an error: its slot stays empty, and a demand read will report a real failure.
-        let _ = complete_batch(cache, &mut self.pf_misses, &mut self.pf_batch, &mut self.stats, t0, false);
+        let _ = complete_batch(pool, cache, layer, &mut self.pf_misses, &mut self.pf_batch, &mut self.stats, t0, false);
         for m in &self.pf_misses {
             if !m.failed {
-                cache.prefetched[m.slot as usize] = true;
+                pool.prefetched[m.slot as usize] = true;
                 self.stats.prefetch_reads += 1;
             }
         }
@@ -604,14 +715,21 @@ impl Drop for ExpertStore {
 
 /// The read requests for `misses` (each into its slot's buffers), coalesced per expert where its ranges are
 /// adjacent in one file.
-fn plan_batch(cache: &mut LayerCache, misses: &[Miss], batch: &mut Vec<ReadRequest>, t0: Instant, direct: bool) {
+fn plan_batch(
+    pool: &mut Pool,
+    cache: &LayerCache,
+    misses: &[Miss],
+    batch: &mut Vec<ReadRequest>,
+    t0: Instant,
+    direct: bool,
+) {
     batch.clear();
     for (tag, m) in misses.iter().enumerate() {
         let [g, u, d] = cache.ranges[m.expert as usize];
         let s = m.slot as usize;
         let first = batch.len();
-        cache.gate_up.plan_fill(&[g, u], s, tag as u32, t0, batch);
-        cache.down.plan_fill(&[d], s, tag as u32, t0, batch);
+        pool.gate_up.plan_fill(&[g, u], s, tag as u32, t0, batch);
+        pool.down.plan_fill(&[d], s, tag as u32, t0, batch);
         // A sidecar stored packed with block-sized pieces: each piece can go straight into its slot by O_DIRECT,
         // which beats one read through the bounce buffer (a copy of every byte on the compute cores).
         let in_place = direct && batch[first..].iter().all(ReadRequest::lands_in_place);
@@ -623,8 +741,11 @@ fn plan_batch(cache: &mut LayerCache, misses: &[Miss], batch: &mut Vec<ReadReque
 
 /// After the reader ran `batch`: count it, map the experts whose reads all succeeded, clear the slots of the
 /// others (marked `failed`), and return the first error. `demand` batches also record read latencies.
+#[allow(clippy::too_many_arguments)]
 fn complete_batch(
+    pool: &mut Pool,
     cache: &mut LayerCache,
+    layer: usize,
     misses: &mut [Miss],
     batch: &mut [ReadRequest],
     stats: &mut StoreStats,
@@ -652,11 +773,11 @@ fn complete_batch(
         let s = m.slot as usize;
         if m.failed {
             // Not cached: a later call reads it again, and the slot is the first to be reused.
-            cache.slot_expert[s] = EMPTY;
-            cache.policy.on_clear(s);
+            pool.owner[s] = (EMPTY, EMPTY);
+            pool.policy.on_clear(s);
             continue;
         }
-        cache.slot_expert[s] = m.expert;
+        pool.owner[s] = (layer as u32, m.expert);
         cache.expert_slot[m.expert as usize] = s as u32;
         if demand {
             let us = m.done.saturating_duration_since(t0).as_micros() as u64;

@@ -242,6 +242,12 @@ impl SlotBuffer {
         })
     }
 
+    /// Everything that decides where a slot's bytes go and how the kernels read them: buffers with equal layouts
+    /// can hold each other's experts.
+    pub(crate) fn layout(&self) -> (Encoding, Encoding, usize, usize, usize, usize) {
+        (self.encoding, self.file_encoding, self.rows, self.cols, self.data_stride, self.group_stride)
+    }
+
     /// Whether a read changes the bytes on the way into a slot (packs them, or unpacks a packed sidecar's).
     pub(crate) fn converts(&self) -> bool {
         self.encoding != self.file_encoding
