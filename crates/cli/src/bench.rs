@@ -88,6 +88,9 @@ pub struct BenchArgs<'a> {
     pub ctx: usize,
     /// The model file's `--routing-skew` label, if any (reported as is).
     pub routing_skew: Option<f32>,
+    /// Warm runs use a different prompt than the cold run before them: the expert cache is then warmed by other
+    /// work, not primed with exactly the experts the warm run will ask for (whose working set may simply fit).
+    pub warm_other_prompt: bool,
     pub load: &'a dyn Fn() -> Result<Qwen3Moe>,
 }
 
@@ -143,12 +146,17 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         dropped &= drop_page_cache();
         let m = (a.load)()?;
         vocab = m.config.vocab_size;
-        // SplitMix-style ids, fixed, spread over the vocabulary (no tokenizer needed).
-        let prompt: Vec<u32> = (0..a.prompt_tokens as u64)
-            .map(|i| ((i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 17) % vocab as u64) as u32)
-            .collect();
+        // SplitMix-style ids, fixed, spread over the vocabulary (no tokenizer needed); the other prompt starts
+        // further along the same sequence.
+        let ids = |from: u64| -> Vec<u32> {
+            (from..from + a.prompt_tokens as u64)
+                .map(|i| ((i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 17) % vocab as u64) as u32)
+                .collect()
+        };
+        let prompt = ids(0);
         cold.push(one_run(&m, &prompt, a.gen_tokens, ctx)?);
-        warm.push(one_run(&m, &prompt, a.gen_tokens, ctx)?);
+        let warm_prompt = if a.warm_other_prompt { ids(1 << 20) } else { prompt };
+        warm.push(one_run(&m, &warm_prompt, a.gen_tokens, ctx)?);
     }
     let cold_label = if dropped { "cold" } else { "cold (page cache kept)" };
     if json {
@@ -158,6 +166,7 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
             "vocab_size": vocab,
             "page_cache_dropped": dropped,
             "synthetic_routing_skew": a.routing_skew,
+            "warm_prompt": if a.warm_other_prompt { "other" } else { "same" },
             "cold": summarize(&cold),
             "warm": summarize(&warm),
         });
@@ -165,8 +174,9 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         return Ok(());
     }
     let skew = a.routing_skew.map(|s| format!("; synthetic routing skew {s}")).unwrap_or_default();
+    let warm_prompt = if a.warm_other_prompt { "warm runs on another prompt" } else { "warm runs repeat the prompt" };
     println!(
-        "{} prompt tokens, {} generated, {} repeats; median [min–max]{skew}",
+        "{} prompt tokens, {} generated, {} repeats; {warm_prompt}; median [min–max]{skew}",
         a.prompt_tokens, a.gen_tokens, a.repeat
     );
     println!(

@@ -92,6 +92,11 @@ enum Command {
         gen_tokens: usize,
         #[arg(long, default_value_t = 3)]
         repeat: usize,
+        /// What each warm run decodes: `same` repeats the cold run's prompt (the expert cache then holds exactly
+        /// what it will ask for, if its working set fits), `other` starts from a different prompt (a cache warmed
+        /// by other work).
+        #[arg(long, default_value = "same", value_parser = ["same", "other"])]
+        warm_prompt: String,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -359,11 +364,18 @@ fn run() -> Result<()> {
             );
         }
         Command::Inspect { model, json, tensors } => inspect::run(&model, json, tensors)?,
-        Command::Bench { model, prompt_tokens, gen_tokens, repeat, json, engine } => {
+        Command::Bench { model, prompt_tokens, gen_tokens, repeat, warm_prompt, json, engine } => {
             let load = || engine.load(&model);
             let routing_skew = moestream_format::TensorIndex::open(&model)?.synthetic_routing_skew();
-            let args =
-                bench::BenchArgs { prompt_tokens, gen_tokens, repeat, ctx: engine.ctx, routing_skew, load: &load };
+            let args = bench::BenchArgs {
+                prompt_tokens,
+                gen_tokens,
+                repeat,
+                ctx: engine.ctx,
+                routing_skew,
+                warm_other_prompt: warm_prompt == "other",
+                load: &load,
+            };
             bench::run(&args, json)?
         }
         Command::Info { model, expert_cache, cache_slots, ctx, json } => {

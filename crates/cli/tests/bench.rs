@@ -61,3 +61,38 @@ fn bench_reports_cold_and_warm_runs() {
         assert!(small[run]["decode_stall_ms_per_token"]["min"].as_f64().unwrap() >= 0.0, "{small}");
     }
 }
+
+#[test]
+fn warm_runs_can_start_from_another_prompt() {
+    let bin = env!("CARGO_BIN_EXE_moestream");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("m.gguf");
+    let st = Command::new(bin)
+        .args(["synth", "--preset", "tiny-qwen3-moe", "--format", "gguf-q4_0", "--quiet", "--out"])
+        .arg(&model)
+        .status()
+        .expect("synth");
+    assert!(st.success());
+    let run = |warm: &str| -> serde_json::Value {
+        let out = Command::new(bin)
+            .args(["bench", "--prompt-tokens", "8", "--gen-tokens", "32", "--repeat", "1", "--threads", "2"])
+            .args(["--cache-slots", "3", "--json", "--warm-prompt", warm, "--model"])
+            .arg(&model)
+            .output()
+            .expect("bench");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    // Routing reuse is a function of the tokens decoded: a warm run on the same prompt repeats the cold run's
+    // exactly, one on another prompt does not.
+    let reuse = |j: &serde_json::Value, r: &str| j[r]["routing_reuse"]["median"].as_f64().unwrap();
+    let same = run("same");
+    assert_eq!(same["warm_prompt"], "same");
+    assert_eq!(reuse(&same, "cold"), reuse(&same, "warm"), "{same}");
+    let other = run("other");
+    assert_eq!(other["warm_prompt"], "other");
+    assert_eq!(reuse(&other, "cold"), reuse(&same, "cold"), "the cold run does not change");
+    assert_ne!(reuse(&other, "cold"), reuse(&other, "warm"), "{other}");
+    let bad = Command::new(bin).args(["bench", "--warm-prompt", "later", "--model"]).arg(&model).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--warm-prompt"));
+}
