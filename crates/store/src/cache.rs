@@ -1,9 +1,11 @@
-//! The expert slot cache: per MoE layer, `slots ≤ experts` stacked slots, an expert→slot table, LRU recency, and
-//! reads of missing experts straight into their slot's bytes.
+//! The expert slot cache: stacked slots in pools (one per MoE layer, or one that all MoE layers share for a byte
+//! budget), an expert→slot table per layer, an eviction policy per pool, and reads of missing experts straight
+//! into their slot's bytes. This module owns which expert sits in which slot; it must not decide how slots are
+//! computed from (the kernels only see a layer's buffers and slot indices).
 //!
 //! `ensure(layer, experts)` is the only call on the token path that may touch the disk. It first pins the hits,
-//! then gives each miss the least recently used slot that the same call has not pinned, so one token's misses
-//! never evict an expert that the token needs. A failed read leaves the slot marked empty and returns an error
+//! then gives each miss the policy's victim among the pool's slots that the same call has not pinned (in a shared
+//! pool possibly another layer's expert), so one token's misses never evict an expert that the token needs. A failed read leaves the slot marked empty and returns an error
 //! naming the file and offset; the cache stays consistent.
 //!
 //! All ranges of all of one call's misses go to the `reader` as one batch, so k misses × 3+ ranges are in flight
