@@ -97,3 +97,47 @@ fn slot_counts_and_all_resident_are_never_shared() {
         assert!(!s.shared(), "{size:?} was shared");
     }
 }
+
+#[test]
+fn a_prefill_wave_takes_only_the_surplus_of_other_layers() {
+    // Four MoE layers, 8 experts, top-2, four slots per layer's share (16 in the pool).
+    let dir = target_tmp();
+    let out = dir.path().join("four.gguf");
+    let mut o = moestream_synth::SynthOptions::new(moestream_synth::Preset::TinyQwen3Moe, SynthFormat::GgufQ4_0, &out);
+    o.layers = Some(4);
+    let index = moestream_format::TensorIndex::open(&moestream_synth::synth(&o).unwrap().path).unwrap();
+    let c = &index.config;
+    let k = c.num_experts_per_tok;
+    assert_eq!((c.num_experts, k), (8, 2));
+    let layers: Vec<usize> = (0..c.num_layers).filter(|&l| c.layer_is_moe(l)).collect();
+    assert_eq!(layers.len(), 4);
+    let read = ReadOptions { direct_io: true, io_threads: 4, ..ReadOptions::default() };
+    let slot_bytes = ExpertStore::open_with(&index, CacheSize::Slots(k), &read).unwrap().bytes() / (k * 4) as u64;
+    let budget = CacheSize::Bytes(slot_bytes * 16);
+    let mut store = ExpertStore::open_with_sharing(&index, budget, &read, EvictionPolicy::Lru, true).unwrap();
+    assert!(store.shared() && store.slots_per_layer() == 4);
+    let mut slots = vec![0u32; 4];
+    let prefill = |store: &mut ExpertStore, slots: &mut [u32]| {
+        for &l in &layers {
+            store.ensure(l, &[0, 1, 2, 3], slots).unwrap();
+            check_slots(store, &index, l, &[0, 1, 2, 3], slots);
+        }
+    };
+    prefill(&mut store, &mut slots);
+    // One decode token on new experts: its misses take the least recently used slots of any layer, which strips
+    // the first two layers the prefill passed of their prefill experts and gives the last two more than their
+    // share.
+    for &l in &layers {
+        store.ensure(l, &[4, 5], &mut slots[..2]).unwrap();
+        check_slots(&store, &index, l, &[4, 5], &slots[..2]);
+    }
+    store.reset_stats();
+    prefill(&mut store, &mut slots);
+    // The second prefill refills the first layers from the others' surplus only: the last two layers still find
+    // the two prefill experts the decode token left them. (Waves free to take any layer's least recently used
+    // slots would strip each next layer in turn.)
+    let st = store.stats();
+    for &l in &layers[2..] {
+        assert!(st.per_layer[l].0 >= 2, "layer {l} lost its share to an earlier layer's wave: {:?}", st.per_layer);
+    }
+}
