@@ -5,8 +5,9 @@
 //!
 //! `ensure(layer, experts)` is the only call on the token path that may touch the disk. It first pins the hits,
 //! then gives each miss the policy's victim among the pool's slots that the same call has not pinned (in a shared
-//! pool possibly another layer's expert), so one token's misses never evict an expert that the token needs. A failed read leaves the slot marked empty and returns an error
-//! naming the file and offset; the cache stays consistent.
+//! pool possibly another layer's expert), so one token's misses never evict an expert that the token needs. A
+//! failed read leaves the slot marked empty and returns an error naming the file and offset; the cache stays
+//! consistent.
 //!
 //! All ranges of all of one call's misses go to the `reader` as one batch, so k misses × 3+ ranges are in flight
 //! together. An expert whose ranges lie back to back in one file (a `moestream pack` sidecar's slab) is read with
@@ -186,31 +187,40 @@ struct Pool {
     /// Per slot: filled by a prefetch and not used since (for the prefetch hit/waste counts).
     prefetched: Vec<bool>,
     shared: bool,
+    /// Experts per layer: the stride of a shared pool's policy keys.
+    experts: usize,
     /// Shared pools: per layer, the slots whose policy key is that layer's (resident or being read).
     held: Vec<u32>,
 }
 
 impl Pool {
-    fn key(&self, layer: usize, expert: u32, num_experts: usize) -> u32 {
-        if self.shared { (layer * num_experts) as u32 + expert } else { expert }
+    fn key(&self, layer: usize, expert: u32) -> u32 {
+        if self.shared { (layer * self.experts) as u32 + expert } else { expert }
     }
 
-    /// `slot` is about to take `layer`'s expert (its policy key is replaced next): keeps `held`.
-    fn retarget(&mut self, slot: usize, layer: usize, num_experts: usize) {
+    /// Give `slot` (a victim, already unmapped) to `layer`'s `expert` for the call at `clock`, pinning it for that
+    /// call; a prefetch counts no use (see `PolicyState::on_prefetch`).
+    fn take(&mut self, slot: usize, layer: usize, expert: u32, clock: u64, prefetch: bool) {
         if self.shared {
             if let Some(k) = self.policy.slot_expert(slot) {
-                self.held[k as usize / num_experts] -= 1;
+                self.held[k as usize / self.experts] -= 1;
             }
             self.held[layer] += 1;
+        }
+        let key = self.key(layer, expert);
+        if prefetch {
+            self.policy.on_prefetch(slot, key, clock);
+        } else {
+            self.policy.on_fill(slot, key, clock);
         }
     }
 
     /// `slot` lost its expert without a replacement (a failed read).
-    fn clear(&mut self, slot: usize, num_experts: usize) {
+    fn clear(&mut self, slot: usize) {
         if self.shared
             && let Some(k) = self.policy.slot_expert(slot)
         {
-            self.held[k as usize / num_experts] -= 1;
+            self.held[k as usize / self.experts] -= 1;
         }
         self.owner[slot] = (EMPTY, EMPTY);
         self.policy.on_clear(slot);
@@ -222,17 +232,17 @@ impl Pool {
     /// least recently used slots, all of the first layers the prefill passed; if the next prefill's waves could
     /// do the same, each layer would strip the next one down the stack (measured: 40% → 18% hits on a repeated
     /// 512-token prompt at ½ memory). Waves take only the surplus of layers above their share.
-    fn may_take(&self, slot: usize, layer: usize, num_experts: usize, share: u32) -> bool {
-        match self.key_layer(slot, layer, num_experts) {
+    fn may_take(&self, slot: usize, layer: usize, share: u32) -> bool {
+        match self.key_layer(slot, layer) {
             None => true,
             Some(l) => l == layer || self.held[l] > share,
         }
     }
 
     /// The layer whose expert (by policy key) `slot` holds or is being filled with, if any.
-    fn key_layer(&self, slot: usize, layer_of_own: usize, num_experts: usize) -> Option<usize> {
+    fn key_layer(&self, slot: usize, layer_of_own: usize) -> Option<usize> {
         let k = self.policy.slot_expert(slot)?;
-        Some(if self.shared { k as usize / num_experts } else { layer_of_own })
+        Some(if self.shared { k as usize / self.experts } else { layer_of_own })
     }
 }
 
@@ -410,6 +420,7 @@ impl ExpertStore {
                 policy: PolicyState::new(policy, pool_slots, n_keys),
                 prefetched: vec![false; pool_slots],
                 shared,
+                experts: e,
                 held: vec![0; if shared { c.num_layers } else { 0 }],
             })
         };
@@ -468,7 +479,7 @@ impl ExpertStore {
                     let now = Instant::now();
                     let pi = store.layers[l].as_ref().map_or(0, |c| c.pool);
                     for x in 0..e {
-                        store.pools[pi].policy.on_fill(x, x as u32, 0);
+                        store.pools[pi].take(x, l, x as u32, 0, false);
                     }
                     store.batch_misses.extend((0..e as u32).map(|x| Miss {
                         expert: x,
@@ -605,21 +616,19 @@ impl ExpertStore {
         // Pass 2: each miss takes the policy's victim among slots this call has not pinned (empty slots first); in
         // a shared pool that may be another layer's expert (nothing computes from another layer's slots now).
         let now = Instant::now();
+        let (wave, share) = (experts.len() > self.top_k, self.slots_per_layer as u32);
         for j in 0..experts.len() {
             if slots[j] != EMPTY {
                 continue;
             }
             let pool = &mut self.pools[pi];
-            let (wave, share) = (experts.len() > self.top_k, self.slots_per_layer as u32);
             let victim = pool
                 .policy
-                .victim(clock, |s| pool.policy.is_pinned(s, clock) || (wave && !pool.may_take(s, layer, e, share)))
+                .victim(clock, |s| pool.policy.is_pinned(s, clock) || (wave && !pool.may_take(s, layer, share)))
                 .ok_or_else(|| StoreError::Budget(format!("layer {layer}: no free slot")))?;
             unmap(pool, &mut self.layers, victim, &mut self.stats);
             // Pins the slot for the rest of this call, so the next miss cannot pick it.
-            let key = pool.key(layer, experts[j], e);
-            pool.retarget(victim, layer, e);
-            pool.policy.on_fill(victim, key, clock);
+            pool.take(victim, layer, experts[j], clock, false);
             self.batch_misses.push(Miss {
                 expert: experts[j],
                 slot: victim as u32,
@@ -664,7 +673,7 @@ impl ExpertStore {
         let cache = self.layers[layer].as_mut().expect("demand reads target a MoE layer");
         let pool = &mut self.pools[cache.pool];
         let (misses, batch) = (&mut self.batch_misses, &mut self.batch);
-        let r = complete_batch(pool, cache, (layer, self.num_experts), misses, batch, &mut self.stats, t0, true);
+        let r = complete_batch(pool, cache, layer, misses, batch, &mut self.stats, t0, true);
         for (d, a) in self.stats.direct_io.iter_mut().zip(self.reader.direct_active()) {
             *d = a;
         }
@@ -700,23 +709,21 @@ impl ExpertStore {
                 continue;
             }
             let pool = &mut self.pools[pi];
-            let mine = |y: u32| pool.key(layer, y, e);
+            let mine = |y: u32| pool.key(layer, y);
             let held = |s: usize| {
                 pool.policy.slot_expert(s).is_some_and(|k| {
                     experts.iter().chain(keep).any(|&y| (y as usize) < e && mine(y) == k)
                         // A guess only takes empty slots or its own layer's: the layer just ensured may still
                         // be computed from (the caller prefetches before its matmuls), and a guess should not
                         // push out what other layers use.
-                        || pool.key_layer(s, layer, e) != Some(layer)
+                        || pool.key_layer(s, layer) != Some(layer)
                 })
             };
             let Some(victim) = pool.policy.victim(clock, |s| pool.policy.is_pinned(s, clock) || held(s)) else {
                 break;
             };
             unmap(pool, &mut self.layers, victim, &mut self.stats);
-            let key = pool.key(layer, x, e);
-            pool.retarget(victim, layer, e);
-            pool.policy.on_prefetch(victim, key, clock);
+            pool.take(victim, layer, x, clock, true);
             self.pf_misses.push(Miss { expert: x, slot: victim as u32, at: j as u32, done: now, failed: false });
         }
         if self.pf_misses.is_empty() {
@@ -740,7 +747,7 @@ impl ExpertStore {
         let pool = &mut self.pools[cache.pool];
         // A failed guess is not an error: its slot stays empty, and a demand read will report a real failure.
         let (misses, batch) = (&mut self.pf_misses, &mut self.pf_batch);
-        let _ = complete_batch(pool, cache, (layer, self.num_experts), misses, batch, &mut self.stats, t0, false);
+        let _ = complete_batch(pool, cache, layer, misses, batch, &mut self.stats, t0, false);
         for m in &self.pf_misses {
             if !m.failed {
                 pool.prefetched[m.slot as usize] = true;
@@ -792,7 +799,7 @@ fn plan_batch(
 fn complete_batch(
     pool: &mut Pool,
     cache: &mut LayerCache,
-    (layer, num_experts): (usize, usize),
+    layer: usize,
     misses: &mut [Miss],
     batch: &mut [ReadRequest],
     stats: &mut StoreStats,
@@ -820,7 +827,7 @@ fn complete_batch(
         let s = m.slot as usize;
         if m.failed {
             // Not cached: a later call reads it again, and the slot is the first to be reused.
-            pool.clear(s, num_experts);
+            pool.clear(s);
             continue;
         }
         pool.owner[s] = (layer as u32, m.expert);
