@@ -4,30 +4,38 @@
 
 use std::process::Command;
 
-fn bench(bin: &str, model: &std::path::Path, cache: &str) -> serde_json::Value {
-    let out = Command::new(bin)
-        .args(["bench", "--prompt-tokens", "24", "--gen-tokens", "6", "--repeat", "2", "--threads", "2"])
-        .args(["--cache-slots", cache, "--json", "--model"])
-        .arg(model)
-        .output()
-        .expect("bench");
+const BIN: &str = env!("CARGO_BIN_EXE_moestream");
+
+/// A tiny Q4_0 model in `dir`.
+fn tiny(dir: &std::path::Path) -> std::path::PathBuf {
+    let model = dir.join("m.gguf");
+    let st = Command::new(BIN)
+        .args(["synth", "--preset", "tiny-qwen3-moe", "--format", "gguf-q4_0", "--quiet", "--out"])
+        .arg(&model)
+        .status()
+        .expect("synth");
+    assert!(st.success());
+    model
+}
+
+/// `moestream bench ARGS --json --model MODEL`, which must succeed.
+fn bench(model: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(BIN).arg("bench").args(args).args(["--json", "--model"]).arg(model).output().expect("bench");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("json")
 }
 
 #[test]
 fn bench_reports_cold_and_warm_runs() {
-    let bin = env!("CARGO_BIN_EXE_moestream");
     let dir = tempfile::tempdir().expect("tempdir");
-    let model = dir.path().join("m.gguf");
-    let st = Command::new(bin)
-        .args(["synth", "--preset", "tiny-qwen3-moe", "--format", "gguf-q4_0", "--quiet", "--out"])
-        .arg(&model)
-        .status()
-        .expect("synth");
-    assert!(st.success());
-    let all = bench(bin, &model, "8");
-    let small = bench(bin, &model, "2");
+    let model = tiny(dir.path());
+    let run = |cache: &str| {
+        bench(
+            &model,
+            &["--prompt-tokens", "24", "--gen-tokens", "6", "--repeat", "2", "--threads", "2", "--cache-slots", cache],
+        )
+    };
+    let (all, small) = (run("8"), run("2"));
     for j in [&all, &small] {
         for run in ["cold", "warm"] {
             let r = &j[run];
@@ -64,24 +72,11 @@ fn bench_reports_cold_and_warm_runs() {
 
 #[test]
 fn warm_runs_can_start_from_another_prompt() {
-    let bin = env!("CARGO_BIN_EXE_moestream");
     let dir = tempfile::tempdir().expect("tempdir");
-    let model = dir.path().join("m.gguf");
-    let st = Command::new(bin)
-        .args(["synth", "--preset", "tiny-qwen3-moe", "--format", "gguf-q4_0", "--quiet", "--out"])
-        .arg(&model)
-        .status()
-        .expect("synth");
-    assert!(st.success());
-    let run = |warm: &str| -> serde_json::Value {
-        let out = Command::new(bin)
-            .args(["bench", "--prompt-tokens", "8", "--gen-tokens", "32", "--repeat", "1", "--threads", "2"])
-            .args(["--cache-slots", "3", "--json", "--warm-prompt", warm, "--model"])
-            .arg(&model)
-            .output()
-            .expect("bench");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).expect("json")
+    let model = tiny(dir.path());
+    let run = |warm: &str| {
+        let args = ["--prompt-tokens", "8", "--gen-tokens", "32", "--repeat", "1", "--threads", "2", "--cache-slots"];
+        bench(&model, &[&args[..], &["3", "--warm-prompt", warm]].concat())
     };
     // Routing reuse is a function of the tokens decoded: a warm run on the same prompt repeats the cold run's
     // exactly, one on another prompt does not.
@@ -93,6 +88,6 @@ fn warm_runs_can_start_from_another_prompt() {
     assert_eq!(other["warm_prompt"], "other");
     assert_eq!(reuse(&other, "cold"), reuse(&same, "cold"), "the cold run does not change");
     assert_ne!(reuse(&other, "cold"), reuse(&other, "warm"), "{other}");
-    let bad = Command::new(bin).args(["bench", "--warm-prompt", "later", "--model"]).arg(&model).output().unwrap();
+    let bad = Command::new(BIN).args(["bench", "--warm-prompt", "later", "--model"]).arg(&model).output().unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--warm-prompt"));
 }
