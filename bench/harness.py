@@ -786,12 +786,11 @@ def scenario_table(results, scenario):
         peer = peer_case(case)
         pm = median_of(results, scenario, peer, headline_key("llama.cpp", what)) if peer else None
         ratio = f"{med / pm:.2f}×" if med is not None and pm else "–"
-        # In RAM the bound is the file's, whichever engine; under a limit it needs moestream's hit rate. A pair
-        # row (the limited command run without its limit) has neither a peer nor a disk bound.
-        unlimited = limited and runs[0].get("limit_bytes") is None
-        if unlimited:
+        # A pair row (the limited command run without its limit) has no peer; `bound` gives it no disk bound, as
+        # it gives none to llama.cpp under a limit (that needs moestream's hit rate).
+        if limited and runs[0].get("limit_bytes") is None:
             ratio = "–"
-        b, _ = bound(results, scenario, case) if (eng == "moestream" or not limited) and not unlimited else (None, "")
+        b, _ = bound(results, scenario, case)
         pct = f"{100 * med / b:.0f}%" if med is not None and b else "–"
         cold = fmt_spread(runs, f"cold_{what}_tok_s") if eng == "moestream" else "–"
         row = [case, f"{runs[0]['prompt']} / {runs[0]['gen']}", fmt_spread(runs, key, 3 if limited else 2), cold,

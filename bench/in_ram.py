@@ -8,6 +8,7 @@ Prints a markdown table for BENCHMARKS.md. Needs a release build (`cargo build -
 llama.cpp from scripts/build-llamacpp.sh, and a C compiler for bench/membw.c.
 """
 import argparse
+import functools
 import json
 import os
 import re
@@ -23,12 +24,18 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
 
+@functools.cache
+def membw_exe():
+    """bench/membw.c, compiled once per process (the harness reads bandwidth beside every in-RAM run)."""
+    exe = os.path.join(tempfile.gettempdir(), "moestream-membw")
+    sh(["cc", "-O3", "-march=native", "-fopenmp", os.path.join(ROOT, "bench", "membw.c"), "-o", exe])
+    return exe
+
+
 def membw(threads, gib=4, runs=3):
     """Best GB/s of `runs` × 5 passes of bench/membw.c over `gib` GiB (1 GiB is already far past the L3's reach
     here: a 256 MiB array reads as fast as 1 GiB, 64 MiB twice as fast)."""
-    exe = os.path.join(tempfile.gettempdir(), "moestream-membw")
-    sh(["cc", "-O3", "-march=native", "-fopenmp", os.path.join(ROOT, "bench", "membw.c"), "-o", exe])
-    return max(float(sh([exe, str(gib), str(threads)]).stdout) for _ in range(runs))
+    return max(float(sh([membw_exe(), str(gib), str(threads)]).stdout) for _ in range(runs))
 
 
 def bytes_per_token(ms, model):
