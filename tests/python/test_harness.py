@@ -180,11 +180,20 @@ def test_half_target_uses_pairs_when_the_unlimited_run_is_beside_it(harness):
     assert met == "**met**"
     assert "median of 2 pairs" in measured and "86% against the in-RAM scenario" in measured
     assert "another prompt" not in measured  # no such run here
-    other = with_repeat(ms("limit_half", "Q4_0", "q8 other prompt", 3.0, hit=0.9, limit=8 << 30), 0)
-    rows = {name: m for name, m, _, _ in harness.target_rows(dict(canned, runs=half + [other]))}
-    # 3.0 against the unlimited runs' median (5.3): shown beside the verdict, which it does not change.
-    assert "warm run on another prompt than the cold one: 57% (3 tok/s)" in rows[
-        "½-memory decode ≥ 90% of our own in-RAM decode"]
+    # With "other prompt" rows the verdict moves to them, paired by repeat with the same unlimited runs:
+    # 3.0/6.0 and 4.4/4.6 → median of 0.5 and 0.957; the repeated-prompt pairs are shown beside it.
+    others = [with_repeat(ms("limit_half", "Q4_0", "q8 other prompt", 3.0, hit=0.9, limit=8 << 30), 0),
+              with_repeat(ms("limit_half", "Q4_0", "q8 other prompt", 4.4, hit=0.9, limit=8 << 30), 1)]
+    rows = {name: (m, r, met) for name, m, r, met in harness.target_rows(dict(canned, runs=half + others))}
+    measured, ratio, met = rows["½-memory decode ≥ 90% of our own in-RAM decode"]
+    assert ratio == pytest.approx((3.0 / 6.0 + 4.4 / 4.6) / 2)
+    assert met == "not met"
+    assert measured.startswith("73% with the warm run on another prompt than the cold one (3.7 tok/s, median of 2 pairs")
+    assert "91% when it repeats the cold run's tokens (median of 2 pairs)" in measured
+    # An other-prompt run without its unlimited partner pairs with nothing: the verdict stays on the plain pairs.
+    lone = [with_repeat(ms("limit_half", "Q4_0", "q8 other prompt", 3.0, hit=0.9, limit=8 << 30), 2)]
+    rows = {name: (m, r) for name, m, r, _ in harness.target_rows(dict(canned, runs=half + lone))}
+    assert rows["½-memory decode ≥ 90% of our own in-RAM decode"][1] == pytest.approx((5.0 / 6.0 + 4.5 / 4.6) / 2)
     table = harness.scenario_table(canned, "limit_half")
     pair = next(line for line in table.splitlines() if line.startswith("| Q4_0 moestream q8 no limit |"))
     cells = [c.strip() for c in pair.strip("|").split("|")]

@@ -7,8 +7,10 @@
 //!
 //! A cold run starts from a freshly loaded model (empty expert cache) after dropping the page cache (needs root:
 //! without it the run is labelled `cold (page cache kept)`); a warm run repeats the same work on the model the
-//! previous run left behind. The prompt is deterministic pseudo-random token ids, the output greedy for a fixed
-//! number of tokens (end-of-sequence ignored), so every run does the same work.
+//! previous run left behind. The prompt is deterministic pseudo-random token ids; each decode step feeds back the
+//! argmax (greedy) or, with `--decode-input random`, the next ids of the prompt's sequence, for a fixed number of
+//! tokens (end-of-sequence ignored), so every run does the same work. Random input is what llama-bench's `tg`
+//! feeds; greedy output of random weights can lock onto one repeated token, and with it the routing.
 
 use std::time::Instant;
 
@@ -91,11 +93,14 @@ pub struct BenchArgs<'a> {
     /// Warm runs use a different prompt than the cold run before them: the expert cache is then warmed by other
     /// work, not primed with exactly the experts the warm run will ask for (whose working set may simply fit).
     pub warm_other_prompt: bool,
+    /// Decode steps feed the ids that follow the prompt in its pseudo-random sequence instead of the argmax.
+    pub random_decode_input: bool,
     pub load: &'a dyn Fn() -> Result<Qwen3Moe>,
 }
 
-/// One run: prefill `prompt`, then `n_gen` greedy tokens; statistics from the store counters over the run.
-fn one_run(m: &Qwen3Moe, prompt: &[u32], n_gen: usize, ctx: usize) -> Result<Sample> {
+/// One run: prefill `prompt`, then `n_gen` tokens, each step fed the argmax or, when `input` is given, its next id
+/// (`input` holds at least `n_gen − 1`); statistics from the store counters over the run.
+fn one_run(m: &Qwen3Moe, prompt: &[u32], input: Option<&[u32]>, n_gen: usize, ctx: usize) -> Result<Sample> {
     m.reset_store_stats();
     let mut s = m.new_session(ctx);
     let mut logits = Vec::with_capacity(m.config.vocab_size);
@@ -107,7 +112,10 @@ fn one_run(m: &Qwen3Moe, prompt: &[u32], n_gen: usize, ctx: usize) -> Result<Sam
     let p = m.store_stats();
     let (misses0, stall0) = (p.misses, p.stall_us());
     let t1 = Instant::now();
-    for _ in 1..n_gen {
+    for i in 1..n_gen {
+        if let Some(ids) = input {
+            next = ids[i - 1];
+        }
         m.forward(&mut s, &[next], false, &mut logits)?;
         next = moestream_cpu::ops::argmax(&logits);
     }
@@ -147,16 +155,19 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         let m = (a.load)()?;
         vocab = m.config.vocab_size;
         // SplitMix-style ids, fixed, spread over the vocabulary (no tokenizer needed); the other prompt starts
-        // further along the same sequence.
-        let ids = |from: u64| -> Vec<u32> {
-            (from..from + a.prompt_tokens as u64)
+        // further along the same sequence, and random decode input continues each prompt's.
+        let ids = |from: u64, n: usize| -> Vec<u32> {
+            (from..from + n as u64)
                 .map(|i| ((i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 17) % vocab as u64) as u32)
                 .collect()
         };
-        let prompt = ids(0);
-        cold.push(one_run(&m, &prompt, a.gen_tokens, ctx)?);
-        let warm_prompt = if a.warm_other_prompt { ids(1 << 20) } else { prompt };
-        warm.push(one_run(&m, &warm_prompt, a.gen_tokens, ctx)?);
+        let (p, g) = (a.prompt_tokens, a.gen_tokens);
+        let run = |from: u64| {
+            let input = a.random_decode_input.then(|| ids(from + p as u64, g));
+            one_run(&m, &ids(from, p), input.as_deref(), g, ctx)
+        };
+        cold.push(run(0)?);
+        warm.push(run(if a.warm_other_prompt { 1 << 20 } else { 0 })?);
     }
     let cold_label = if dropped { "cold" } else { "cold (page cache kept)" };
     if json {
@@ -167,6 +178,7 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
             "page_cache_dropped": dropped,
             "synthetic_routing_skew": a.routing_skew,
             "warm_prompt": if a.warm_other_prompt { "other" } else { "same" },
+            "decode_input": if a.random_decode_input { "random" } else { "greedy" },
             "cold": summarize(&cold),
             "warm": summarize(&warm),
         });
@@ -175,8 +187,9 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
     }
     let skew = a.routing_skew.map(|s| format!("; synthetic routing skew {s}")).unwrap_or_default();
     let warm_prompt = if a.warm_other_prompt { "warm runs on another prompt" } else { "warm runs repeat the prompt" };
+    let input = if a.random_decode_input { "random decode input" } else { "greedy decode" };
     println!(
-        "{} prompt tokens, {} generated, {} repeats; {warm_prompt}; median [min–max]{skew}",
+        "{} prompt tokens, {} generated ({input}), {} repeats; {warm_prompt}; median [min–max]{skew}",
         a.prompt_tokens, a.gen_tokens, a.repeat
     );
     println!(

@@ -46,10 +46,10 @@ enum Command {
         /// grows to 151,936).
         #[arg(long, default_value = "synthetic")]
         tokenizer: String,
-        /// Expert popularity: 0 (default) routes near-uniformly, as random weights do; S > 0 gives each MoE
-        /// layer Zipf-like popular experts through the weights alone. 1 is the realistic setting (about 45% of
-        /// a token's top-8 repeat at the next token on the qwen3-30b-a3b shape, uniform would be 6%). Recorded in
-        /// the file (`moestream.routing_skew`).
+        /// Expert popularity: 0 (default) leaves routing to the random weights; S > 0 gives each MoE layer
+        /// Zipf-like popular experts through the weights alone. On the qwen3-30b-a3b shape with random decode
+        /// input, 1 repeats 63% of a token's top-8 at the next token, 0 repeats 47% (deep random layers converge;
+        /// uniform would be 6%). Recorded in the file (`moestream.routing_skew`).
         #[arg(long, default_value_t = 0.0)]
         routing_skew: f32,
         /// No progress bar.
@@ -97,6 +97,12 @@ enum Command {
         /// by other work).
         #[arg(long, default_value = "same", value_parser = ["same", "other"])]
         warm_prompt: String,
+        /// The token fed at each decode step: `greedy` feeds back the argmax, `random` feeds the next ids of the
+        /// prompt's pseudo-random sequence whatever the logits say (llama-bench's `tg` feeds random ids too).
+        /// Greedy decoding of random weights can settle into repeating one token, which makes routing repeat
+        /// itself; `random` keeps a fixed, varied input for comparisons across engines and files.
+        #[arg(long, default_value = "greedy", value_parser = ["greedy", "random"])]
+        decode_input: String,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -364,7 +370,7 @@ fn run() -> Result<()> {
             );
         }
         Command::Inspect { model, json, tensors } => inspect::run(&model, json, tensors)?,
-        Command::Bench { model, prompt_tokens, gen_tokens, repeat, warm_prompt, json, engine } => {
+        Command::Bench { model, prompt_tokens, gen_tokens, repeat, warm_prompt, decode_input, json, engine } => {
             let load = || engine.load(&model);
             let routing_skew = moestream_format::TensorIndex::open(&model)?.synthetic_routing_skew();
             let args = bench::BenchArgs {
@@ -374,6 +380,7 @@ fn run() -> Result<()> {
                 ctx: engine.ctx,
                 routing_skew,
                 warm_other_prompt: warm_prompt == "other",
+                random_decode_input: decode_input == "random",
                 load: &load,
             };
             bench::run(&args, json)?

@@ -93,8 +93,9 @@ pub struct SynthOptions {
     /// Qwen3's real tokenizer raises the vocabulary (and so the embedding) to 151,936 rows.
     pub tokenizer: SynthTokenizer,
     /// `--routing-skew`: 0 writes today's near-uniform routers (byte-identical files); S > 0 gives experts a
-    /// Zipf-like popularity per layer ([`RoutingSkew`]). 1 is the calibrated "realistic" value (about 45% of a
-    /// decode token's top-8 repeat at the next token on the Qwen3-30B-A3B shape).
+    /// Zipf-like popularity per layer ([`RoutingSkew`]). On the Qwen3-30B-A3B shape 1 repeats 63% of a decode
+    /// token's top-8 at the next token (random decode input; unskewed 47%, papers report ~45% for the trained
+    /// model), so a skewed file is a more cache-friendly case than a trained model, not a model of one.
     pub routing_skew: f32,
     pub progress: bool,
 }

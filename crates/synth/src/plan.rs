@@ -111,48 +111,40 @@ impl PlannedTensor {
 /// this value over tokens when the normalised hidden state has unit RMS.
 const ROUTER_SCALE: f32 = 4.0;
 
-/// Skewed routing (`--routing-skew S`, issue 7): random weights route almost uniformly, the worst case for an
-/// expert cache; real routers prefer some experts. With S > 0 every token embedding carries one shared component
-/// `c` (as large as the token's own part), and router row e of MoE layer l becomes
-/// `noise_e − (noise_e·u)u + γ_l·z_e·u` with `u = c/|c|`: the normalised hidden state's projection on `u` is
-/// nearly the same for every token, so `γ_l·z_e·(u·x̂)` acts as a per-expert logit bias, while the noise part
-/// still varies by token. `z_e = −(ln r_e − mean)` for expert e's rank `r_e` in a per-layer random permutation
-/// (Zipf-like: under Gumbel noise, top-1 popularity would be exactly ∝ 1/r), scaled so that the bias is `S` in
-/// units of the token-varying logit noise. `γ_l` grows with depth because the residual stream's token-specific
-/// part grows while `c` does not (see [`RoutingSkew::for_layer`]).
+/// Skewed routing (`--routing-skew S`, issue 7): gives every MoE layer Zipf-like popular experts. With S > 0
+/// every token embedding carries one shared component `c` (as large as the token's own part), and router row e
+/// of MoE layer l becomes `noise_e − (noise_e·u)u + γ·z_e·u` with `u = c/|c|`: the normalised hidden state's
+/// projection on `u` is nearly the same for every token, so `γ·z_e·(u·x̂)` acts as a per-expert logit bias, while
+/// the noise part still varies by token. `z_e = −(ln r_e − mean)` for expert e's rank `r_e` in a per-layer random
+/// permutation (Zipf-like: under Gumbel noise, top-1 popularity would be exactly ∝ 1/r), scaled so that the bias
+/// is `S` in units of the token-varying logit noise at the embedding.
+///
+/// γ is the same at every depth. An earlier version grew it with depth, assuming each sub-layer adds
+/// token-specific variance that dilutes `c`; on the 48-layer Qwen3-30B-A3B shape that over-skewed every layer
+/// (88% reuse) and greedy decoding locked onto one repeated token. Deep random layers do the opposite: their
+/// residual streams converge, so the unskewed file already repeats 47% of a token's top-8 at the next token
+/// with random decode input (BENCHMARKS, "routing skew").
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct RoutingSkew {
     /// Bias size per unit of `z`, in units of the token-varying router-logit noise (0 = no skew).
     pub strength: f32,
-    /// tan of the angle between the router's input and the shared direction `u`, as the plan expects it at
-    /// this layer: the bias needs `tan` times more weight along `u` to stand out by `strength`.
-    pub tan: f32,
 }
 
 /// The embeddings' shared component relative to their token-specific part (both uniform on [−1, 1)).
 pub const SHARED_SCALE: f32 = 1.0;
 
-/// Token-specific variance each sub-layer (attention or MoE) adds to the residual stream, in units of the
-/// embedding's per-element variance (see [`RoutingSkew::for_layer`]). The residual's mean square grows by about
-/// 1.65 units per sub-layer on synthetic models, but much of that (attention averages over the context) is
-/// shared by neighbouring tokens; 0.3 keeps reuse roughly level over the 4 layers measured at real width
-/// (0.42, 0.41, 0.49, 0.59 at skew 1).
-const RESIDUAL_GROWTH: f32 = 0.3;
-
-/// Bias per unit of `--routing-skew`, in units of the estimated token-varying noise: calibrated so that skew 1
-/// repeats about 45% of a token's top-8 (of 128) at the next token on the Qwen3-30B-A3B shape (measured: 48% over
-/// 96 pseudo-random tokens, 4 layers at real width, gguf-q4_0; uniform routing would give 6%).
+/// Bias per unit of `--routing-skew`, in units of the token-varying noise. Measured on the Qwen3-30B-A3B shape
+/// (gguf-q4_0, `bench --decode-input random`, 8 + 64 tokens): skew 1 repeats 63% of a token's top-8 (of 128) at
+/// the next token over 48 layers, against 47% unskewed; uniform routing would give 6%.
 const SKEW_UNIT: f32 = 0.8;
 
 impl RoutingSkew {
-    /// The skew of MoE layer `layer` for `--routing-skew s`. Before layer l's router the residual stream has
-    /// passed 2l + 1 sub-layers, each adding about [`RESIDUAL_GROWTH`] of token-specific variance.
-    pub fn for_layer(s: f32, layer: usize) -> RoutingSkew {
+    /// The skew of every MoE layer for `--routing-skew s`.
+    pub fn new(s: f32) -> RoutingSkew {
         if s <= 0.0 {
             return RoutingSkew::default();
         }
-        let token_var = 1.0 + RESIDUAL_GROWTH * (2 * layer + 1) as f32;
-        RoutingSkew { strength: s * SKEW_UNIT, tan: token_var.sqrt() / SHARED_SCALE }
+        RoutingSkew { strength: s * SKEW_UNIT }
     }
 
     /// Rewrite router rows `out` (`[experts, fan_in]`) of tensor `name`.
@@ -168,8 +160,9 @@ impl RoutingSkew {
         }
         let mean_ln = (1..=experts).map(|r| (r as f32).ln()).sum::<f32>() / experts as f32;
         // u·x̂ ≈ √fan_in·cos θ and the token-varying noise is ROUTER_SCALE·sin θ, so a bias of `strength·z` in
-        // noise units needs γ = strength·ROUTER_SCALE·tan θ / √fan_in along u.
-        let gamma = self.strength * ROUTER_SCALE * self.tan / (fan_in as f32).sqrt();
+        // noise units needs γ = strength·ROUTER_SCALE·tan θ / √fan_in along u; at the embedding tan θ is
+        // 1/SHARED_SCALE (the shared and the token's own part are equally large).
+        let gamma = self.strength * ROUTER_SCALE / SHARED_SCALE / (fan_in as f32).sqrt();
         for (e, row) in out.chunks_mut(fan_in).enumerate() {
             project_out(row, &u);
             let z = -((rank[e] + 1) as f32).ln() + mean_ln;
@@ -431,11 +424,7 @@ pub fn plan_skewed(c: &ModelConfig, skew: f32) -> Vec<PlannedTensor> {
         out.push(t(b("ffn_norm"), vec![h], Fill::Norm));
         if c.layer_is_moe(i) {
             let (e, im) = (c.num_experts, c.moe_intermediate_size);
-            out.push(t(
-                b("ffn_gate_inp"),
-                vec![e, h],
-                Fill::Router { fan_in: h, skew: RoutingSkew::for_layer(skew, i) },
-            ));
+            out.push(t(b("ffn_gate_inp"), vec![e, h], Fill::Router { fan_in: h, skew: RoutingSkew::new(skew) }));
             out.push(t(b("ffn_gate_exps"), vec![e, im, h], Fill::Linear { fan_in: h }));
             out.push(t(b("ffn_up_exps"), vec![e, im, h], Fill::Linear { fan_in: h }));
             out.push(t(b("ffn_down_exps"), vec![e, h, im], Fill::Linear { fan_in: im }));
