@@ -25,6 +25,12 @@ fn bench(model: &std::path::Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("json")
 }
 
+/// One cold and one warm run of 8 + 32 tokens through 3 slots per layer, plus `extra` flags.
+fn short_bench(model: &std::path::Path, extra: &[&str]) -> serde_json::Value {
+    let args = ["--prompt-tokens", "8", "--gen-tokens", "32", "--repeat", "1", "--threads", "2", "--cache-slots", "3"];
+    bench(model, &[&args[..], extra].concat())
+}
+
 #[test]
 fn bench_reports_cold_and_warm_runs() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -74,10 +80,7 @@ fn bench_reports_cold_and_warm_runs() {
 fn warm_runs_can_start_from_another_prompt() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = tiny(dir.path());
-    let run = |warm: &str| {
-        let args = ["--prompt-tokens", "8", "--gen-tokens", "32", "--repeat", "1", "--threads", "2", "--cache-slots"];
-        bench(&model, &[&args[..], &["3", "--warm-prompt", warm]].concat())
-    };
+    let run = |warm: &str| short_bench(&model, &["--warm-prompt", warm]);
     // Routing reuse is a function of the tokens decoded: a warm run on the same prompt repeats the cold run's
     // exactly, one on another prompt does not.
     let reuse = |j: &serde_json::Value, r: &str| j[r]["routing_reuse"]["median"].as_f64().unwrap();
@@ -96,10 +99,7 @@ fn warm_runs_can_start_from_another_prompt() {
 fn decode_input_can_be_random_ids_instead_of_the_argmax() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = tiny(dir.path());
-    let run = |input: &str| {
-        let args = ["--prompt-tokens", "8", "--gen-tokens", "32", "--repeat", "1", "--threads", "2", "--cache-slots"];
-        bench(&model, &[&args[..], &["3", "--decode-input", input]].concat())
-    };
+    let run = |input: &str| short_bench(&model, &["--decode-input", input]);
     let reuse = |j: &serde_json::Value| j["cold"]["routing_reuse"]["median"].as_f64().unwrap();
     let (greedy, random) = (run("greedy"), run("random"));
     assert_eq!(greedy["decode_input"], "greedy");
