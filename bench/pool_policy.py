@@ -60,6 +60,27 @@ class Lfu:
         return hit
 
 
+class LfuDa(Lfu):
+    """LFU with dynamic aging (Arlitt et al.): a miss enters at least at the count of the last victim, so a new
+    context's experts compete with the old context's stale but high counts instead of being the next victims."""
+
+    def __init__(self, cap, half_life, layers):
+        super().__init__(cap, half_life, layers)
+        self.age = 0.0
+
+    def access(self, k, i, pinned):
+        hit = k in self.slots
+        if not hit:
+            if len(self.slots) >= self.cap:
+                v = min((c for c in self.slots if c not in pinned), key=lambda c: (self.freq[c], self.slots[c]))
+                self.age = self.freq[v]
+                del self.slots[v]
+            self.freq[k] = max(self.freq.get(k, 0.0), self.age)
+        self.slots[k] = i
+        self.freq[k] = self.freq.get(k, 0.0) + self.growth ** i
+        return hit
+
+
 class Lru:
     def __init__(self, cap):
         self.cap, self.slots = cap, OrderedDict()
@@ -150,6 +171,8 @@ def misses_per_token(policy, cap, requests, layers, count_from_request):
     kind, _, arg = policy.partition(":")
     if kind == "lfu":
         pool = Lfu(cap, float(arg or 64), layers)
+    elif kind == "lfuda":
+        pool = LfuDa(cap, float(arg or 64), layers)
     elif kind == "lru":
         pool = Lru(cap)
     elif kind == "arc":

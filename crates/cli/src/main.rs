@@ -224,8 +224,9 @@ struct EngineArgs {
     /// share (the default: a miss evicts the least useful expert of any layer).
     #[arg(long)]
     per_layer_slots: bool,
-    /// Expert cache eviction: `lfu:HALF_LIFE` (LFU with aging, the default `lfu:64`) or `lru`.
-    #[arg(long, default_value = "lfu:64")]
+    /// Expert cache eviction: `lfu:HALF_LIFE` (LFU with aging, half-life in tokens; the default `lfu:16`) or
+    /// `lru`.
+    #[arg(long, default_value = "lfu:16")]
     eviction: String,
     /// Context capacity of the session (KV cache positions).
     #[arg(long, default_value_t = 4096)]

@@ -30,10 +30,14 @@ pub enum EvictionPolicy {
 }
 
 impl EvictionPolicy {
-    /// The cache's default: LFU with aging, half-life 64 calls. It beat LRU on every routing trace measured, by
-    /// 4.5–6.3 points of hit rate on our engine's trace at 16–64 of 128 slots (BENCHMARKS.md, "Eviction policy").
+    /// The cache's default: LFU with aging, half-life 16 calls (tokens in decode). LFU beat LRU on every
+    /// single-context routing trace measured (BENCHMARKS.md, "Eviction policy"), where half-lives 16 to 256 were
+    /// within 2 points of each other. A new context (another prompt on a warm cache) is where they part: there
+    /// the former default 64 kept the old context's experts long enough to cost 20–44% more misses than 16 (tok/s
+    /// +6% at ½ memory, +15% at ¼), for 3–5% more misses when a run replays exactly what the cache saw
+    /// (BENCHMARKS.md, tenth pass).
     pub fn default_for_cache() -> Self {
-        EvictionPolicy::LfuAging { half_life: 64 }
+        EvictionPolicy::LfuAging { half_life: 16 }
     }
 
     /// Parse `lru` or `lfu:HALF_LIFE` (e.g. `lfu:64`).

@@ -283,6 +283,31 @@ fn lru_beats_lfu_aging_when_the_working_set_moves() {
     assert!(short.hits >= long.hits, "lfu:4 {short:?} lfu:256 {long:?}");
 }
 
+/// A new conversation on a warm cache: 300 tokens over experts 0..16, then 40 over 16..32. The default half-life
+/// must let the new set in within those 40 tokens clearly sooner than the former default (64) did: on random-id
+/// prompts of the 30B file a new context cost 20–44% more misses with 64 than with 16 (BENCHMARKS, tenth pass).
+#[test]
+fn the_default_lets_a_new_conversation_in_sooner_than_a_long_half_life() {
+    let (e, k, layers, slots) = (64usize, 8usize, 1usize, 24usize);
+    let mut rng = Rng(7);
+    let mut t = Vec::new();
+    for (phase, tokens) in [(0u32, 300), (1, 40)] {
+        for _ in 0..tokens {
+            let start = t.len();
+            while t.len() - start < k {
+                let x = phase * 16 + rng.below(16) as u32;
+                if !t[start..].contains(&x) {
+                    t.push(x);
+                }
+            }
+        }
+    }
+    let old = simulate(&t, e, k, layers, slots, EvictionPolicy::LfuAging { half_life: 64 });
+    let default = simulate(&t, e, k, layers, slots, EvictionPolicy::default_for_cache());
+    eprintln!("lfu:64 {old:?}, default {default:?}");
+    assert!(default.misses * 10 < old.misses * 9, "default {default:?} vs lfu:64 {old:?}");
+}
+
 #[test]
 fn frequencies_decay_by_half_per_half_life() {
     let mut layer = SimLayer::new(EvictionPolicy::LfuAging { half_life: 10 }, 4, 8);
