@@ -429,9 +429,10 @@ def plan(a, files, ms, llama_bin):
             steps.append(("note", f"{scenario} on {f.label}: moestream not run, {why}"))
         else:
             if scenario in ("limit_half", "skew_half"):
-                # The verdict's row: the warm run starts on another prompt than the cold run, so the cache was warmed
-                # by other work (llama-bench's repeats, too, meet tokens its warmup never saw). The plain row's warm
-                # run repeats the cold run's tokens exactly, and finds their experts cached if they fit.
+                # The warm run starts on another prompt than the cold run, so the cache was warmed by other work
+                # (llama-bench's repeats, too, meet tokens its warmup never saw); under ½ it is the verdict's row.
+                # The plain row's warm run repeats the cold run's tokens exactly, and finds their experts cached if
+                # they fit.
                 out.append((f"{f.label} moestream q8{OTHER}", "moestream", "q8", f, limit, P, G,
                             [LIMITED, str(limit), *moestream_bench_cmd(ms, f.path, P, G, T, True, budget),
                              "--warm-prompt", "other"],

@@ -188,7 +188,8 @@ def test_half_target_uses_pairs_when_the_unlimited_run_is_beside_it(harness):
     measured, ratio, met = rows["½-memory decode ≥ 90% of our own in-RAM decode"]
     assert ratio == pytest.approx((3.0 / 6.0 + 4.4 / 4.6) / 2)
     assert met == "not met"
-    assert measured.startswith("73% with the warm run on another prompt than the cold one (3.7 tok/s, median of 2 pairs")
+    assert measured.startswith(
+        "73% with the warm run on another prompt than the cold one (3.7 tok/s, median of 2 pairs")
     assert "91% when it repeats the cold run's tokens (median of 2 pairs)" in measured
     # An other-prompt run without its unlimited partner pairs with nothing: the verdict stays on the plain pairs.
     lone = [with_repeat(ms("limit_half", "Q4_0", "q8 other prompt", 3.0, hit=0.9, limit=8 << 30), 2)]
