@@ -50,11 +50,16 @@ class Lfu:
         # Counts grow by decay^-i instead of all decaying by decay each step: the same order, no sweep.
         self.growth = 2.0 ** (1.0 / (half_life * layers))
 
+    def evict(self, pinned):
+        """Drop the unpinned expert with the lowest count (ties: least recently used); return its count."""
+        v = min((c for c in self.slots if c not in pinned), key=lambda c: (self.freq[c], self.slots[c]))
+        del self.slots[v]
+        return self.freq[v]
+
     def access(self, k, i, pinned):
         hit = k in self.slots
         if not hit and len(self.slots) >= self.cap:
-            v = min((c for c in self.slots if c not in pinned), key=lambda c: (self.freq[c], self.slots[c]))
-            del self.slots[v]
+            self.evict(pinned)
         self.slots[k] = i
         self.freq[k] = self.freq.get(k, 0.0) + self.growth ** i
         return hit
@@ -72,9 +77,7 @@ class LfuDa(Lfu):
         hit = k in self.slots
         if not hit:
             if len(self.slots) >= self.cap:
-                v = min((c for c in self.slots if c not in pinned), key=lambda c: (self.freq[c], self.slots[c]))
-                self.age = self.freq[v]
-                del self.slots[v]
+                self.age = self.evict(pinned)
             self.freq[k] = max(self.freq.get(k, 0.0), self.age)
         self.slots[k] = i
         self.freq[k] = self.freq.get(k, 0.0) + self.growth ** i

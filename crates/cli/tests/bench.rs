@@ -2,20 +2,15 @@
 //! spread; with every expert resident nothing is read after load; a cache of top-k slots misses on cold runs, and
 //! while decoding.
 
+mod common;
+
 use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_moestream");
 
 /// A tiny Q4_0 model in `dir`.
 fn tiny(dir: &std::path::Path) -> std::path::PathBuf {
-    let model = dir.join("m.gguf");
-    let st = Command::new(BIN)
-        .args(["synth", "--preset", "tiny-qwen3-moe", "--format", "gguf-q4_0", "--quiet", "--out"])
-        .arg(&model)
-        .status()
-        .expect("synth");
-    assert!(st.success());
-    model
+    common::synth(&dir.join("m.gguf"), &["--preset", "tiny-qwen3-moe", "--format", "gguf-q4_0"])
 }
 
 /// `moestream bench ARGS --json --model MODEL`, which must succeed.

@@ -6,19 +6,13 @@ mod common;
 
 use std::process::Command;
 
-use common::{mb_after, memory_line};
+use common::{mb_after, memory_line, synth};
 
 #[test]
 fn info_plans_what_run_allocates() {
     let bin = env!("CARGO_BIN_EXE_moestream");
     let dir = tempfile::tempdir().expect("tempdir");
-    let model = dir.path().join("m");
-    let st = Command::new(bin)
-        .args(["synth", "--preset", "tiny-qwen3.5-moe", "--format", "mlx-q4", "--quiet", "--out"])
-        .arg(&model)
-        .status()
-        .expect("synth");
-    assert!(st.success());
+    let model = synth(&dir.path().join("m"), &["--preset", "tiny-qwen3.5-moe", "--format", "mlx-q4"]);
     let out = Command::new(bin)
         .args(["info", "--cache-slots", "6", "--ctx", "4096", "--json"])
         .arg(&model)

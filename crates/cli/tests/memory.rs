@@ -6,19 +6,14 @@ mod common;
 
 use std::process::Command;
 
-use common::{mb_after, memory_line};
+use common::{mb_after, memory_line, synth};
 
 #[test]
 fn peak_rss_stays_within_trunk_plus_budget_plus_kv() {
     let bin = env!("CARGO_BIN_EXE_moestream");
     let dir = tempfile::tempdir().expect("tempdir");
-    let model = dir.path().join("m.gguf");
-    let st = Command::new(bin)
-        .args(["synth", "--preset", "qwen3-30b-a3b", "--layers", "1", "--format", "gguf-q4_0", "--quiet", "--out"])
-        .arg(&model)
-        .status()
-        .expect("synth");
-    assert!(st.success());
+    let model =
+        synth(&dir.path().join("m.gguf"), &["--preset", "qwen3-30b-a3b", "--layers", "1", "--format", "gguf-q4_0"]);
     let out = Command::new(bin)
         .args(["run", "--tokens", "1,2,3,4,5,6,7,8", "-n", "8", "--threads", "2", "--expert-cache", "64MiB", "--model"])
         .arg(&model)

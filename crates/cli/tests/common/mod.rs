@@ -1,6 +1,23 @@
-//! Shared by the CLI's integration tests: reading the figures `moestream run` prints.
+//! Shared by the CLI's integration tests: making a synthetic model, and reading the figures `moestream run`
+//! prints.
 
 #![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// `moestream synth ARGS --quiet --out OUT`, which must succeed; returns `out`.
+pub fn synth(out: &Path, args: &[&str]) -> PathBuf {
+    let st = Command::new(env!("CARGO_BIN_EXE_moestream"))
+        .arg("synth")
+        .args(args)
+        .args(["--quiet", "--out"])
+        .arg(out)
+        .status()
+        .expect("synth");
+    assert!(st.success(), "synth {args:?} failed");
+    out.to_path_buf()
+}
 
 /// The `memory: peak RSS …` line of `run`'s stderr.
 pub fn memory_line(stderr: &str) -> &str {
