@@ -943,9 +943,11 @@ def render(results):
         else:
             made = f", made by this run in {sc['made_s']} s" if sc.get("made_s") is not None else ""
             out += ["", f"moestream read the Q4_0 file's experts from its pack sidecar `{os.path.basename(sc['path'])}` "
-                    f"(`moestream pack --layout {sc.get('layout')}`{made}): each expert one 4 KiB-aligned slab, stored "
-                    "in the 16-row form the int8 kernels read, so a miss is read by O_DIRECT straight into its slot. "
-                    "llama.cpp reads the GGUF."]
+                    f"(`moestream pack --layout {sc.get('layout')}`{made}): each expert one 4 KiB-aligned slab, "
+                    + ("stored in the 16-row form the int8 kernels read, so a miss is read by O_DIRECT straight into "
+                       "its slot. " if sc.get("layout") == "packed" else
+                       "in the file's own encoding (this machine's kernels read row-major), one read per expert. ")
+                    + "llama.cpp reads the GGUF."]
     out += ["", "Q4_K_M is requantized from the Q4_0 file (`--allow-requantize`): there is no disk room for an f16 "
             "source (57 GB), and with random weights only the encoding matters for speed.", ""]
     out += ["### Commands", "", "One command per row, each run alternating llama.cpp and moestream within a repeat "
@@ -1053,12 +1055,15 @@ def make_file(a, f, files):
 
 
 def ensure_sidecar(a, base, results):
-    """moestream reads the base file's experts from a `moestream pack --layout packed` sidecar, as a user with a
+    """moestream reads the base file's experts from a `moestream pack --layout auto` sidecar, as a user with a
     model bigger than memory would (one write of ~the file's size; llama.cpp has no counterpart and reads the GGUF).
-    Made here when missing, stale or in the file layout; recorded in the results either way."""
+    Made here when missing, stale or in another layout than `auto` picks on this machine (`packed` where the
+    kernels read the 16-row form, AVX-512 VNNI; `file` elsewhere, where a packed sidecar is unpacked on every read);
+    recorded in the results either way."""
     facts = inspect(a.moestream, base.path) or {}
     note = {"path": base.path + ".moestream-pack", "made_s": None}
-    if facts.get("pack_layout") != "packed":
+    want = facts.get("pack_layout_auto", "packed")
+    if facts.get("pack_layout") != want:
         free = shutil.disk_usage(os.path.dirname(base.path) or ".").free
         need = facts.get("bytes_experts", base.est_bytes) + GIB
         if free < need:
@@ -1066,7 +1071,7 @@ def ensure_sidecar(a, base, results):
             print("harness: no pack sidecar: " + note["skipped"], flush=True)
             results["sidecar"] = note
             return
-        cmd = [a.moestream, "pack", base.path, "--layout", "packed", "--quiet"]
+        cmd = [a.moestream, "pack", base.path, "--layout", want, "--quiet"]
         print(f"[{time.strftime('%H:%M:%S')}] packing experts: " + q(cmd), flush=True)
         t0 = time.time()
         p = subprocess.run(cmd, capture_output=True, text=True)

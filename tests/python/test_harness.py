@@ -2,7 +2,9 @@
 rendered section. No binaries, no llama.cpp, no models: it runs in well under a second."""
 
 import importlib.util
+import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -228,3 +230,26 @@ def test_no_misses_means_no_disk_bound_not_infinity(harness):
     assert harness.bound(canned, "limit_half", "Q4_0 moestream q8") == (None, "–")
     table = harness.scenario_table(canned, "limit_half")
     assert "inf" not in table and "| 0% |" not in table
+
+
+def test_sidecar_is_made_in_the_layout_this_machine_reads(harness, monkeypatch, tmp_path):
+    # A packed sidecar on a machine whose kernels read row-major (AVX2 only) is unpacked on every read: the harness
+    # remakes it in the layout `pack --layout auto` picks here, and leaves a sidecar already in that layout alone.
+    facts = {"pack_layout": "packed", "pack_layout_auto": "file", "bytes_experts": 1}
+    calls = []
+
+    def run(cmd, **kw):
+        calls.append(cmd)
+        facts["pack_layout"] = cmd[cmd.index("--layout") + 1]
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(harness, "inspect", lambda ms, path: dict(facts))
+    monkeypatch.setattr(harness.subprocess, "run", run)
+    base = harness.ModelFile("Q4_0", str(tmp_path / "m.gguf"), est_bytes=1)
+    a, results = types.SimpleNamespace(moestream="moestream"), {}
+    harness.ensure_sidecar(a, base, results)
+    assert [c[c.index("--layout") + 1] for c in calls] == ["file"]
+    assert results["sidecar"]["layout"] == "file" and results["sidecar"]["made_s"] is not None
+    calls.clear()
+    harness.ensure_sidecar(a, base, results)
+    assert calls == [] and results["sidecar"]["made_s"] is None

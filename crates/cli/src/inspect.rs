@@ -38,6 +38,9 @@ struct Summary<'a> {
     pack: Option<String>,
     /// The sidecar's layout: `packed` when it stores experts in their 16-row form, else `file`.
     pack_layout: Option<&'static str>,
+    /// The layout `moestream pack --layout auto` writes on this machine: `packed` where its kernels read the 16-row
+    /// form (AVX-512 VNNI), else `file` (a packed sidecar would be unpacked on every read).
+    pack_layout_auto: &'static str,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     tensors: Vec<TensorRow>,
 }
@@ -99,6 +102,12 @@ pub fn run(model: &Path, json: bool, list: bool) -> Result<()> {
             let packed = index.tensors.values().any(|t| t.data_packed);
             if packed { moestream_format::pack::Layout::Packed } else { moestream_format::pack::Layout::File }.name()
         }),
+        pack_layout_auto: if moestream_cpu::Dispatch::best().packs() {
+            moestream_format::pack::Layout::Packed
+        } else {
+            moestream_format::pack::Layout::File
+        }
+        .name(),
         tensors: if list {
             index
                 .tensors
