@@ -54,6 +54,21 @@ struct TensorRow {
     bytes: u64,
 }
 
+/// The sidecar layout `moestream pack --layout auto` writes for `index` on this machine: `packed` when this
+/// machine's kernels read the packed form of every expert encoding that has one (AVX-512 VNNI: `Q4_0`, `Q4_K`,
+/// `Q6_K`; AVX2: `Q4_0`), else `file`: a part stored packed but read row-major is unpacked on every read.
+pub fn auto_layout(index: &TensorIndex) -> moestream_format::pack::Layout {
+    use moestream_format::pack::Layout;
+    let set = moestream_cpu::Dispatch::best().pack_set();
+    let mut packable = index
+        .tensors
+        .values()
+        .filter(|t| t.is_expert_stack() && moestream_quant::packed::packed_form(t.encoding).is_some())
+        .peekable();
+    let any = packable.peek().is_some();
+    if any && packable.all(|t| set.packs(t.encoding)) { Layout::Packed } else { Layout::File }
+}
+
 pub fn run(model: &Path, json: bool, list: bool) -> Result<()> {
     let index = TensorIndex::open(model)?;
     index.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
@@ -102,12 +117,7 @@ pub fn run(model: &Path, json: bool, list: bool) -> Result<()> {
             let packed = index.tensors.values().any(|t| t.data_packed);
             if packed { moestream_format::pack::Layout::Packed } else { moestream_format::pack::Layout::File }.name()
         }),
-        pack_layout_auto: if moestream_cpu::Dispatch::best().packs() {
-            moestream_format::pack::Layout::Packed
-        } else {
-            moestream_format::pack::Layout::File
-        }
-        .name(),
+        pack_layout_auto: auto_layout(&index).name(),
         tensors: if list {
             index
                 .tensors

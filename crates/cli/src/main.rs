@@ -188,8 +188,9 @@ struct EngineArgs {
     /// logits; llama.cpp always does this).
     #[arg(long)]
     q8_activations: bool,
-    /// With --q8-activations: keep Q4_0 and Q4_K matrices row-major instead of regrouping them 16 rows at a time
-    /// for the AVX-512 VNNI / AMX kernels (for comparison; same values, summed in another order).
+    /// With --q8-activations: keep Q4_0, Q4_K and Q6_K matrices row-major instead of regrouping them 16 rows at a
+    /// time for the packed kernels (AVX-512 VNNI / AMX: all three; AVX2: Q4_0) (for comparison; same values, summed
+    /// in another order).
     #[arg(long)]
     no_pack: bool,
     /// Prompt tokens per prefill pass: each pass reads every expert its tokens use once, so longer passes give
@@ -521,16 +522,15 @@ fn run() -> Result<()> {
             use moestream_format::pack::Layout;
             let index = moestream_format::TensorIndex::open_without_pack(&model)?;
             let out = out.unwrap_or_else(|| moestream_format::pack::default_path(&index));
-            let packs = moestream_cpu::Dispatch::best().packs();
+            let auto = inspect::auto_layout(&index);
             let layout = match layout.as_str() {
                 "packed" => Layout::Packed,
                 "file" => Layout::File,
-                _ if packs => Layout::Packed,
-                _ => Layout::File,
+                _ => auto,
             };
-            if layout == Layout::Packed && !packs {
+            if layout == Layout::Packed && auto != Layout::Packed {
                 eprintln!(
-                    "warning: this machine's kernels read experts row-major, so every miss from a packed sidecar is \
+                    "warning: this machine's kernels read some of this model's experts row-major, so their misses from a packed sidecar are \
                      unpacked on the way in; `--layout file` (or auto) reads faster here"
                 );
             }

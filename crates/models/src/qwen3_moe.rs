@@ -475,9 +475,9 @@ impl Qwen3Moe {
         let mut resident = ResidentWeights::load(index)?;
         // Q4_0 and Q4_K matrices are regrouped for the 16-row int8 kernels where the table has them; the embedding
         // is read by row, so it stays as stored (also when the head is tied to it).
-        let pack = opts.pack && dispatch.packs();
-        if pack {
-            resident.pack(&[resident.id("token_embd.weight")?])?;
+        let pack = if opts.pack { dispatch.pack_set() } else { moestream_quant::packed::PackSet::NONE };
+        if pack.any() {
+            resident.pack(&[resident.id("token_embd.weight")?], pack)?;
         }
         let read = ReadOptions { pack, ..opts.read.clone() };
         let experts = Mutex::new(ExpertStore::open_with_sharing(

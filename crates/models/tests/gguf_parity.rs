@@ -485,7 +485,10 @@ fn q8_case(name: &str) {
     }
     // Packed and row-major compute the same quantized products in a different order: f32 noise apart. A wrong
     // nibble, scale or group offset in a packed kernel moves logits by the weight error (~30% here). Where the CPU
-    // has the packed kernels the two must differ at all, or packing did not happen.
+    // has the packed kernels the two must differ at all, or packing did not happen. The noise can move a layer's
+    // input across a rounding boundary of the q8 activation quantizer, and one code off by one changes that
+    // position's logits by ~1e-3 (seen on AVX2: 4.5e-3 at one position of 16, the scalar packed reference
+    // included); so most positions must agree to f32 noise and every one within that envelope.
     let rowmajor = Qwen3Moe::load(
         &index,
         &ModelOptions { threads: 2, q8_activations: true, pack: false, ..ModelOptions::default() },
@@ -494,10 +497,14 @@ fn q8_case(name: &str) {
     let mut sess = rowmajor.new_session(64);
     let mut plain = Vec::new();
     rowmajor.forward(&mut sess, &prompt, true, &mut plain).expect("prefill");
-    let e = max_diff(&ours, &plain) / scale;
-    eprintln!("{name}: packed vs row-major q8 {e:.3e}");
-    assert!(e < 1e-4, "packed vs row-major (q8): {e:.3e}");
-    if moestream_cpu::Dispatch::best().packs() {
+    let per_pos: Vec<f64> =
+        (0..prompt.len()).map(|t| max_diff(&ours[t * v..(t + 1) * v], &plain[t * v..(t + 1) * v]) / scale).collect();
+    let e = per_pos.iter().copied().fold(0f64, f64::max);
+    let noisy = per_pos.iter().filter(|&&d| d >= 1e-5).count();
+    eprintln!("{name}: packed vs row-major q8 {e:.3e} (positions beyond f32 noise: {noisy} of {})", per_pos.len());
+    assert!(e < 1e-2 && noisy * 4 <= per_pos.len(), "packed vs row-major (q8), per position: {per_pos:?}");
+    let set = moestream_cpu::Dispatch::best().pack_set();
+    if index.tensors.values().any(|t| t.name != "token_embd.weight" && set.packs(t.encoding)) {
         assert!(e > 0.0, "{name}: packed and row-major gave identical logits; were the matrices packed?");
     }
     // The prompt again, one token per forward (decode kernels): the same logits as the prefill (tiles) gave.

@@ -275,15 +275,27 @@ fn q8_packed_streaming_is_lossless() {
         // Packing changes summation order, not values: the row-major q8 prefill is f32 noise away. Tiny width
         // only: at real width a 1e-7 difference now and then moves an activation across a q8 rounding boundary
         // (one code step, 1/254 of the block's max), which compounds to ~1e-2 in the logits without any kernel
-        // being wrong (measured: 2 of 24 positions at 2e-6, the rest 1e-2 to 7e-2 of max |logit|).
+        // being wrong (measured: 2 of 24 positions at 2e-6, the rest 1e-2 to 7e-2 of max |logit|). At tiny width
+        // it happens at a few positions (AVX2: 2.5e-3 of max |logit| at some of 24; AVX-512: none), so most
+        // positions must agree to f32 noise and every one within 1% of max |logit|; a wrong nibble, scale or
+        // offset moves every position by the weight error.
         if layers.is_none() {
             let opts = q8(ModelOptions { pack: false, ..ModelOptions::default() });
             let plain = trace(&Qwen3Moe::load(&index, &opts).expect("load"));
-            let prefill = 24 * index.config.vocab_size;
-            let (reference, plain) = (&reference[..prefill], &plain[..prefill]);
+            let v = index.config.vocab_size;
+            let (reference, plain) = (&reference[..24 * v], &plain[..24 * v]);
             let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let diff = reference.iter().zip(plain).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(diff <= 1e-4 * scale, "{preset:?}: packed vs row-major {diff:e} (max |logit| {scale})");
+            let per_pos: Vec<f32> = reference
+                .chunks(v)
+                .zip(plain.chunks(v))
+                .map(|(a, b)| a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale)
+                .collect();
+            let noisy = per_pos.iter().filter(|&&d| d > 1e-4).count();
+            let worst = per_pos.iter().copied().fold(0f32, f32::max);
+            assert!(
+                worst <= 1e-2 && noisy * 4 <= per_pos.len(),
+                "{preset:?}: packed vs row-major, per position / max |logit| {scale}: {per_pos:?}"
+            );
             assert_ne!(reference, plain, "{preset:?}: packing had no effect; is it applied?");
         }
     }

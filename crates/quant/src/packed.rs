@@ -147,6 +147,34 @@ pub fn dequantize_q4_0x16(data: &[u8], cols: usize, out: &mut [f32]) -> Result<(
     Ok(())
 }
 
+/// Which encodings to store in their packed forms: a kernel table's choice (`Dispatch::pack_set` in
+/// `moestream-cpu`), since a table may have fast packed kernels for some encodings only (AVX2: `Q4_0x16`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PackSet {
+    pub q4_0: bool,
+    pub q4_k: bool,
+    pub q6_k: bool,
+}
+
+impl PackSet {
+    pub const NONE: PackSet = PackSet { q4_0: false, q4_k: false, q6_k: false };
+    pub const ALL: PackSet = PackSet { q4_0: true, q4_k: true, q6_k: true };
+
+    /// Whether matrices encoded as `e` are to be stored packed (`e` has a [`packed_form`] in the set).
+    pub fn packs(self, e: Encoding) -> bool {
+        match e {
+            Encoding::Ggml(GgmlType::Q4_0) => self.q4_0,
+            Encoding::Ggml(GgmlType::Q4K) => self.q4_k,
+            Encoding::Ggml(GgmlType::Q6K) => self.q6_k,
+            _ => false,
+        }
+    }
+
+    pub fn any(self) -> bool {
+        self.q4_0 || self.q4_k || self.q6_k
+    }
+}
+
 /// The packed form of `e` when there is one (`Q4_0` → `Q4_0x16`, `Q4_K` → `Q4_Kx16`, `Q6_K` → `Q6_Kx16`).
 pub fn packed_form(e: Encoding) -> Option<Encoding> {
     match e {

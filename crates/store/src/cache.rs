@@ -14,6 +14,11 @@
 //! one request that scatters into its slot buffers, so with the sidecar a miss is one read. The batch vectors live in the store and are reserved at open for the largest possible batch, so a warm
 //! `ensure` allocates nothing (checked by `tests/no_alloc.rs`).
 //!
+//! Guesses (`prefetch`) are read on the reader's prefetch lane into slots marked `busy`, and never hold up an
+//! `ensure`: it withdraws the guessed reads not yet started (except for the experts it needs), takes no busy slot as
+//! a victim, and waits for a guess only when it needs one of its experts (in `ensure_end`, after the caller has
+//! computed the hits).
+//!
 //! With `slots == experts` and `preload`, every expert is read once at start and `ensure` never misses: that is
 //! the `--expert-cache all` mode.
 
@@ -73,8 +78,13 @@ pub struct StoreStats {
     pub prefetch_hits: u64,
     /// Prefetched experts evicted before any use: wrong guesses.
     pub prefetch_wasted: u64,
-    /// Time `ensure` spent waiting for a prefetch still in flight, in microseconds.
+    /// Time `ensure` spent waiting for a prefetch still in flight, in microseconds (only when it needed one of the
+    /// experts being read).
     pub prefetch_wait_us: u64,
+    /// Guessed experts withdrawn before their read started, because an `ensure` came first (nothing was read).
+    pub prefetch_cancelled: u64,
+    /// Guesses dropped because the previous guess's reads were still in flight.
+    pub prefetch_skipped: u64,
     /// Time `ensure` spent blocked on its own (demand) reads, in microseconds. With `prefetch_wait_us`, the I/O
     /// stall the caller saw: what prefetch exists to shrink.
     pub read_wait_us: u64,
@@ -186,6 +196,9 @@ struct Pool {
     policy: PolicyState,
     /// Per slot: filled by a prefetch and not used since (for the prefetch hit/waste counts).
     prefetched: Vec<bool>,
+    /// Per slot: a prefetch read into it may still be in flight; no call may take it as a victim until the
+    /// prefetch batch is completed.
+    busy: Vec<bool>,
     shared: bool,
     /// Experts per layer: the stride of a shared pool's policy keys.
     experts: usize,
@@ -291,6 +304,13 @@ pub struct ExpertStore {
     pf_misses: Vec<Miss>,
     /// The layer and start time of the prefetch in flight.
     pf_in_flight: Option<(usize, Instant)>,
+    /// The first read error of the last completed prefetch (reported only if a call was waiting for its expert).
+    pf_error: Option<StoreError>,
+    /// The current call's experts that a prefetch still in flight is reading: (index into the call's `experts`,
+    /// expert). `ensure_end` waits for the prefetch and hands out their slots.
+    pf_wanted: Vec<(u32, u32)>,
+    /// The layer of the call `pf_wanted` belongs to.
+    wanted_layer: usize,
     /// The layer and start time of the demand batch `ensure_begin` left in flight (`batch`, `batch_misses`).
     demand_in_flight: Option<(usize, Instant)>,
     slots_per_layer: usize,
@@ -419,6 +439,7 @@ impl ExpertStore {
                 owner: vec![(EMPTY, EMPTY); pool_slots],
                 policy: PolicyState::new(policy, pool_slots, n_keys),
                 prefetched: vec![false; pool_slots],
+                busy: vec![false; pool_slots],
                 shared,
                 experts: e,
                 held: vec![0; if shared { c.num_layers } else { 0 }],
@@ -461,6 +482,9 @@ impl ExpertStore {
             pf_batch: Vec::with_capacity(slots * ranges_per_expert),
             pf_misses: Vec::with_capacity(slots),
             pf_in_flight: None,
+            pf_error: None,
+            pf_wanted: Vec::with_capacity(slots),
+            wanted_layer: 0,
             demand_in_flight: None,
             slots_per_layer: slots,
             num_experts: e,
@@ -577,7 +601,7 @@ impl ExpertStore {
                 slots.len()
             )));
         }
-        self.finish_prefetch();
+        self.settle_prefetch(layer, experts);
         self.clock += 1;
         let clock = self.clock;
         let e = self.num_experts;
@@ -587,6 +611,13 @@ impl ExpertStore {
         };
         let pi = cache.pool;
         let pool = &mut self.pools[pi];
+        // A guess of this layer still in flight: the experts it is reading are neither hits nor misses yet.
+        let reading = match self.pf_in_flight {
+            Some((pl, _)) if pl == layer => &self.pf_misses[..],
+            _ => &[],
+        };
+        self.pf_wanted.clear();
+        self.wanted_layer = layer;
         // Pass 1: hits, pinned for this call by stamping them with the current clock.
         let mut misses = 0;
         for (j, &x) in experts.iter().enumerate() {
@@ -600,16 +631,21 @@ impl ExpertStore {
                     self.stats.prefetch_hits += 1;
                 }
                 slots[j] = s;
+            } else if reading.iter().any(|m| m.expert == x) {
+                // Counted as a hit (the guess was right); its slot is `busy`, so no miss below takes it.
+                slots[j] = EMPTY;
+                self.pf_wanted.push((j as u32, x));
             } else {
                 slots[j] = EMPTY;
                 misses += 1;
             }
         }
+        let wanted = self.pf_wanted.len();
         let hits = experts.len() as u64 - misses;
         self.stats.hits += hits;
         self.stats.per_layer[layer].0 += hits;
         if misses == 0 {
-            return Ok(0);
+            return Ok(wanted);
         }
         self.stats.misses += misses;
         self.stats.per_layer[layer].1 += misses;
@@ -618,14 +654,25 @@ impl ExpertStore {
         let now = Instant::now();
         let (wave, share) = (experts.len() > self.top_k, self.slots_per_layer as u32);
         for j in 0..experts.len() {
-            if slots[j] != EMPTY {
+            if slots[j] != EMPTY || self.pf_wanted.iter().any(|&(at, _)| at as usize == j) {
                 continue;
             }
+            let mut victim = self.victim(pi, layer, clock, wave, share);
+            if victim.is_none() && self.pf_in_flight.is_some() {
+                // Every other slot is being read into by a guess (a cache of few slots): let the guess land, and
+                // pin the experts this call wanted from it, which are now mapped and no longer busy.
+                self.wait_prefetch();
+                let (cache, pool) = (self.layers[layer].as_ref().expect("checked above"), &mut self.pools[pi]);
+                for &(_, x) in &self.pf_wanted {
+                    let s = cache.expert_slot[x as usize];
+                    if s != EMPTY {
+                        pool.policy.on_hit(s as usize, clock);
+                    }
+                }
+                victim = self.victim(pi, layer, clock, wave, share);
+            }
+            let victim = victim.ok_or_else(|| StoreError::Budget(format!("layer {layer}: no free slot")))?;
             let pool = &mut self.pools[pi];
-            let victim = pool
-                .policy
-                .victim(clock, |s| pool.policy.is_pinned(s, clock) || (wave && !pool.may_take(s, layer, share)))
-                .ok_or_else(|| StoreError::Budget(format!("layer {layer}: no free slot")))?;
             unmap(pool, &mut self.layers, victim, &mut self.stats);
             // Pins the slot for the rest of this call, so the next miss cannot pick it.
             pool.take(victim, layer, experts[j], clock, false);
@@ -644,14 +691,63 @@ impl ExpertStore {
         // are left alone until `finish_demand`, which `ensure_end`, `ensure_begin`, `prefetch` and drop call first.
         unsafe { self.reader.submit(&mut self.batch) };
         self.demand_in_flight = Some((layer, now));
-        Ok(misses as usize)
+        Ok(misses as usize + wanted)
+    }
+
+    /// The policy's victim in pool `pi` for a miss of `layer` in the call at `clock`: not pinned by this call, not
+    /// being read into by a guess, and (prefill waves) allowed by `Pool::may_take`.
+    fn victim(&self, pi: usize, layer: usize, clock: u64, wave: bool, share: u32) -> Option<usize> {
+        let pool = &self.pools[pi];
+        pool.policy.victim(clock, |s| {
+            pool.policy.is_pinned(s, clock) || pool.busy[s] || (wave && !pool.may_take(s, layer, share))
+        })
+    }
+
+    /// Before an `ensure` of `layer`'s `experts`: withdraw the guessed reads no I/O thread has started, except those
+    /// of experts this call needs (the others would only delay its own reads), and if the guess is then done, map
+    /// what arrived. A guess still in flight lands in the background: its slots stay `busy` (out of victim choice),
+    /// and the experts this call needs from it are waited for in `ensure_end` (`pf_wanted`).
+    fn settle_prefetch(&mut self, layer: usize, experts: &[u32]) {
+        let Some((pl, _)) = self.pf_in_flight else { return };
+        let misses = &self.pf_misses;
+        let keep = |tag: u32| pl == layer && misses.get(tag as usize).is_some_and(|m| experts.contains(&m.expert));
+        if self.reader.cancel_prefetch(&keep) {
+            self.wait_prefetch();
+        }
+    }
+
+    /// Wait for the prefetch in flight, if any, and map the experts that arrived.
+    fn wait_prefetch(&mut self) {
+        let Some((layer, t0)) = self.pf_in_flight.take() else { return };
+        let w = Instant::now();
+        self.reader.wait_prefetch();
+        self.stats.prefetch_wait_us += w.elapsed().as_micros() as u64;
+        let cache = self.layers[layer].as_mut().expect("prefetch targets a MoE layer");
+        let pool = &mut self.pools[cache.pool];
+        let (misses, batch) = (&self.pf_misses, &self.pf_batch);
+        let cancelled = (0..misses.len() as u32).filter(|&i| batch.iter().any(|r| r.tag == i && r.cancelled)).count();
+        self.stats.prefetch_cancelled += cancelled as u64;
+        // A failed or withdrawn guess is not an error: its slot stays empty, and a demand read will report a real
+        // failure (or `ensure_end` this one, if its call was waiting for the expert).
+        let (misses, batch) = (&mut self.pf_misses, &mut self.pf_batch);
+        self.pf_error = complete_batch(pool, cache, layer, misses, batch, &mut self.stats, t0, false).err();
+        for m in &self.pf_misses {
+            pool.busy[m.slot as usize] = false;
+            if !m.failed {
+                pool.prefetched[m.slot as usize] = true;
+                self.stats.prefetch_reads += 1;
+            }
+        }
+        let misses = &self.pf_misses;
+        self.stats.prefetch_bytes +=
+            self.pf_batch.iter().filter(|r| !misses[r.tag as usize].failed).map(|r| r.range.len).sum::<u64>();
     }
 
     /// The second half of [`ExpertStore::ensure`]: waits for the reads `ensure_begin` started and writes the
     /// missed experts' slots into `slots` (the same slice). Returns the first read error, if any (its expert stays
     /// not resident).
     pub fn ensure_end(&mut self, slots: &mut [u32]) -> Result<(), StoreError> {
-        let r = self.finish_demand();
+        let mut r = self.finish_demand();
         for m in &self.batch_misses {
             if !m.failed
                 && let Some(s) = slots.get_mut(m.at as usize)
@@ -660,6 +756,33 @@ impl ExpertStore {
             }
         }
         self.batch_misses.clear();
+        if !self.pf_wanted.is_empty() {
+            self.wait_prefetch();
+            let (layer, clock) = (self.wanted_layer, self.clock);
+            let cache = self.layers[layer].as_ref().expect("wanted experts belong to a MoE layer");
+            let pool = &mut self.pools[cache.pool];
+            for &(j, x) in &self.pf_wanted {
+                let s = cache.expert_slot[x as usize];
+                if s == EMPTY {
+                    // The guess's read failed: this call needed it, so its error is this call's.
+                    let e = self.pf_error.take().unwrap_or_else(|| {
+                        StoreError::Budget(format!("layer {layer}: the read of expert {x} did not complete"))
+                    });
+                    r = r.and(Err(e));
+                    continue;
+                }
+                if !pool.policy.is_pinned(s as usize, clock) {
+                    pool.policy.on_hit(s as usize, clock);
+                }
+                if std::mem::take(&mut pool.prefetched[s as usize]) {
+                    self.stats.prefetch_hits += 1;
+                }
+                if let Some(out) = slots.get_mut(j as usize) {
+                    *out = s;
+                }
+            }
+            self.pf_wanted.clear();
+        }
         r
     }
 
@@ -692,7 +815,15 @@ impl ExpertStore {
         // A demand batch in flight is completed first (its error, if any, resurfaces at the next `ensure`).
         let _ = self.finish_demand();
         self.batch_misses.clear();
-        self.finish_prefetch();
+        self.pf_wanted.clear();
+        if self.pf_in_flight.is_some() {
+            if !self.reader.prefetch_idle() {
+                // The last guess is still on the disk: adding another would only queue more bytes behind it.
+                self.stats.prefetch_skipped += 1;
+                return;
+            }
+            self.wait_prefetch();
+        }
         let e = self.num_experts;
         let Some(cache) = self.layers.get(layer).and_then(Option::as_ref) else { return };
         let pi = cache.pool;
@@ -719,7 +850,9 @@ impl ExpertStore {
                         || pool.key_layer(s, layer) != Some(layer)
                 })
             };
-            let Some(victim) = pool.policy.victim(clock, |s| pool.policy.is_pinned(s, clock) || held(s)) else {
+            let busy = |s: usize| pool.busy[s];
+            let Some(victim) = pool.policy.victim(clock, |s| pool.policy.is_pinned(s, clock) || busy(s) || held(s))
+            else {
                 break;
             };
             unmap(pool, &mut self.layers, victim, &mut self.stats);
@@ -731,39 +864,25 @@ impl ExpertStore {
         }
         let cache = self.layers[layer].as_ref().expect("checked above");
         plan_batch(&mut self.pools[pi], cache, &self.pf_misses, &mut self.pf_batch, now, self.direct_io);
-        // SAFETY: `pf_batch` and the destination slots (unmapped above, so no `ensure` or `layer` view hands them
-        // out) are left alone until `finish_prefetch`, which every `ensure`, `prefetch` and drop calls first.
-        unsafe { self.reader.submit(&mut self.pf_batch) };
-        self.pf_in_flight = Some((layer, now));
-    }
-
-    /// Wait for the prefetch in flight, if any, and map the experts that arrived.
-    fn finish_prefetch(&mut self) {
-        let Some((layer, t0)) = self.pf_in_flight.take() else { return };
-        let w = Instant::now();
-        self.reader.wait();
-        self.stats.prefetch_wait_us += w.elapsed().as_micros() as u64;
-        let cache = self.layers[layer].as_mut().expect("prefetch targets a MoE layer");
-        let pool = &mut self.pools[cache.pool];
-        // A failed guess is not an error: its slot stays empty, and a demand read will report a real failure.
-        let (misses, batch) = (&mut self.pf_misses, &mut self.pf_batch);
-        let _ = complete_batch(pool, cache, layer, misses, batch, &mut self.stats, t0, false);
         for m in &self.pf_misses {
-            if !m.failed {
-                pool.prefetched[m.slot as usize] = true;
-                self.stats.prefetch_reads += 1;
-            }
+            self.pools[pi].busy[m.slot as usize] = true;
         }
-        let misses = &self.pf_misses;
-        self.stats.prefetch_bytes +=
-            self.pf_batch.iter().filter(|r| !misses[r.tag as usize].failed).map(|r| r.range.len).sum::<u64>();
+        // SAFETY: `pf_batch` and the destination slots (unmapped above, so no `ensure` or `layer` view hands them
+        // out, and `busy`, so no call takes them as victims) are left alone until `wait_prefetch`, which every
+        // call that finds the guess still in flight either skips (leaving `pf_batch` and the slots alone) or makes;
+        // drop waits too.
+        let started = unsafe { self.reader.submit_prefetch(&mut self.pf_batch) };
+        debug_assert!(started, "the prefetch lane was idle");
+        self.pf_in_flight = Some((layer, now));
     }
 }
 
 impl Drop for ExpertStore {
     fn drop(&mut self) {
-        // The reader may still be writing a prefetch into slot memory that `layers` frees.
+        // The reader may still be writing into slot memory that `pools` frees (fields drop before the reader).
         self.reader.wait();
+        self.reader.cancel_prefetch(&|_| false);
+        self.reader.wait_prefetch();
     }
 }
 
@@ -810,6 +929,10 @@ fn complete_batch(
     for req in batch.iter_mut() {
         let m = &mut misses[req.tag as usize];
         m.done = m.done.max(req.done_at);
+        if req.cancelled {
+            m.failed = true;
+            continue;
+        }
         if let Some(e) = req.error.take() {
             m.failed = true;
             first_err.get_or_insert(e);

@@ -2,9 +2,17 @@
 //! O_DIRECT where the filesystem allows it and buffered `pread` where it does not.
 //!
 //! `ExpertStore::ensure` (see `cache`) turns all ranges of all of one call's missed experts (gate, up, down, and MLX
-//! scales and biases) into one batch of `ReadRequest`s and hands it to `ExpertReader::run`, which blocks until every
-//! request has finished. A persistent pool of `io_threads` I/O threads claims requests one at a time, so up to
-//! `io_threads` reads are in flight together (k misses × 3+ ranges per token and layer).
+//! scales and biases) into one batch of `ReadRequest`s and submits it as the *demand* batch; `wait` blocks until
+//! every request of it has finished. A persistent pool of `io_threads` I/O threads claims requests one at a time, so
+//! up to `io_threads` reads are in flight together (k misses × 3+ ranges per token and layer).
+//!
+//! **Two lanes.** Guesses (`ExpertStore::prefetch`) go into a separate *prefetch* lane. A thread always claims a
+//! waiting demand request first and a prefetch request only while fewer than half the threads are reading guesses,
+//! so a demand batch never queues behind a guess: it finds idle threads at once and shares the disk with at most
+//! that many guessed reads. `cancel_prefetch` withdraws the guessed requests no thread has claimed yet (but those a
+//! caller still wants), so a guess that turned out wrong costs at most the reads already on the disk. One demand
+//! batch and one prefetch batch are in flight at most; a new guess while the last one is still on the disk is
+//! refused (`submit_prefetch` returns false) rather than queued.
 //!
 //! **Direct I/O.** Each file is opened twice: buffered (the fallback) and with `O_DIRECT`, so the page cache does not
 //! keep a second copy of every expert and the memory budget stays honest. O_DIRECT needs the offset, the length and
@@ -60,15 +68,26 @@ pub struct ReadOptions {
     /// fallback on filesystems that accept O_DIRECT.
     #[doc(hidden)]
     pub simulate_direct_einval: bool,
-    /// Store `Q4_0`, `Q4_K` and `Q6_K` experts (whose parts have a multiple of 16 rows) in their packed forms, packed
-    /// by the I/O thread on the way from its staging buffer into the slot. The model sets this when its kernels
-    /// want packed weights (`Dispatch::packs`); the bytes a slot holds change, the values do not.
-    pub pack: bool,
+    /// Testing aid: an I/O thread sleeps this long before each prefetch read, so a test can find a guess still in
+    /// flight (or not yet started) whatever the machine's speed.
+    #[doc(hidden)]
+    pub simulate_prefetch_delay: std::time::Duration,
+    /// Store the experts of these encodings (`Q4_0`, `Q4_K`, `Q6_K`, whose parts have a multiple of 16 rows) in their
+    /// packed forms, packed by the I/O thread on the way from its staging buffer into the slot. The model sets the
+    /// encodings its kernels have packed forms for (`Dispatch::pack_set`); the bytes a slot holds change, the values
+    /// do not.
+    pub pack: moestream_quant::packed::PackSet,
 }
 
 impl Default for ReadOptions {
     fn default() -> Self {
-        ReadOptions { direct_io: true, io_threads: 8, simulate_direct_einval: false, pack: false }
+        ReadOptions {
+            direct_io: true,
+            io_threads: 8,
+            simulate_direct_einval: false,
+            simulate_prefetch_delay: std::time::Duration::ZERO,
+            pack: moestream_quant::packed::PackSet::NONE,
+        }
     }
 }
 
@@ -133,6 +152,9 @@ pub(crate) struct ReadRequest {
     pub direct: bool,
     pub done_at: Instant,
     pub error: Option<StoreError>,
+    /// A prefetch request withdrawn before any I/O thread claimed it (`ExpertReader::cancel_prefetch`): nothing was
+    /// read, and its destination holds no expert.
+    pub cancelled: bool,
 }
 
 // SAFETY: the segments point into slot memory that the submitting `ExpertStore` borrows exclusively (`&mut self`)
@@ -145,7 +167,17 @@ impl ReadRequest {
     pub fn new(range: FileRange, dst: *mut u8, tag: u32, now: Instant) -> Self {
         let mut segs = [NO_SEGMENT; MAX_SEGS];
         segs[0] = Segment { dst, len: range.len as usize, convert: None };
-        ReadRequest { range, segs, nsegs: 1, tag, disk_bytes: 0, direct: false, done_at: now, error: None }
+        ReadRequest {
+            range,
+            segs,
+            nsegs: 1,
+            tag,
+            disk_bytes: 0,
+            direct: false,
+            done_at: now,
+            error: None,
+            cancelled: false,
+        }
     }
 
     /// One read of `range`, scattered over `segs` in order. The caller guarantees that `segs` is not empty, has at
@@ -422,23 +454,59 @@ fn short_read(range: FileRange, got: usize) -> io::Error {
     )
 }
 
-/// The batch the workers are working on: a caller-owned slice, published by `run` for its duration.
-struct Batch {
+/// One caller-owned slice of requests, published to the workers for the time it is in flight.
+struct Lane {
     reqs: *mut ReadRequest,
     len: usize,
+    /// Requests `[0, next)` have been claimed by a worker; `[next, len)` wait.
     next: usize,
+    /// Requests neither finished nor cancelled.
     remaining: usize,
+}
+
+const IDLE: Lane = Lane { reqs: std::ptr::null_mut(), len: 0, next: 0, remaining: 0 };
+
+impl Lane {
+    fn unclaimed(&self) -> bool {
+        self.next < self.len
+    }
+
+    /// Claim the next request.
+    ///
+    /// # Safety
+    /// The lane holds a published slice (`unclaimed()` was true under the mutex).
+    unsafe fn claim(&mut self) -> *mut ReadRequest {
+        let i = self.next;
+        self.next += 1;
+        // SAFETY: i < len, and the submitter keeps the slice alive until `remaining` reaches 0, which needs this
+        // request to finish; index i is claimed by one worker alone.
+        unsafe { self.reqs.add(i) }
+    }
+}
+
+/// What the workers work on: a demand lane (the reads an `ensure` waits for) and a prefetch lane (guesses). A
+/// worker always takes a waiting demand request first, and takes prefetch requests only while fewer than
+/// `prefetch_cap` are in flight, so a demand read never queues behind guesses: at most `prefetch_cap` guesses
+/// are on the disk when it arrives, and the other threads are free for it.
+struct Batch {
+    demand: Lane,
+    prefetch: Lane,
+    /// Prefetch requests being read now.
+    prefetch_active: usize,
+    prefetch_cap: usize,
     /// Workers that have started (`open` waits for all, so thread start-up never lands on the token path).
     started: usize,
     shutdown: bool,
 }
 
-// SAFETY: `reqs` is only dereferenced by a worker for an index it claimed under the mutex, while `run` (which owns
-// the slice) waits for `remaining` to reach 0; see `ReadRequest`.
+// SAFETY: the lanes' `reqs` are only dereferenced by a worker for an index it claimed under the mutex, or by
+// `cancel_prefetch` for unclaimed ones under the mutex, while the submitter (which owns the slice) keeps it alive
+// until the lane's `remaining` reaches 0; see `ReadRequest`.
 unsafe impl Send for Batch {}
 
 struct Shared {
     batch: Mutex<Batch>,
+    prefetch_delay: std::time::Duration,
     work: Condvar,
     done: Condvar,
     files: ReaderFiles,
@@ -464,15 +532,17 @@ impl ExpertReader {
         let files = ReaderFiles::open(paths, opts)?;
         let shared = Arc::new(Shared {
             batch: Mutex::new(Batch {
-                reqs: std::ptr::null_mut(),
-                len: 0,
-                next: 0,
-                remaining: 0,
+                demand: IDLE,
+                prefetch: IDLE,
+                prefetch_active: 0,
+                // Half the threads at most for guesses: a demand read always finds idle threads at once.
+                prefetch_cap: (opts.io_threads.max(1) / 2).max(1),
                 started: 0,
                 shutdown: false,
             }),
             work: Condvar::new(),
             done: Condvar::new(),
+            prefetch_delay: opts.simulate_prefetch_delay,
             files,
         });
         let threads = opts.io_threads.max(1);
@@ -513,8 +583,8 @@ impl ExpertReader {
         self.wait();
     }
 
-    /// Start executing `reqs` on the I/O threads and return at once (the prefetch path). A batch still in flight is
-    /// waited for first: one batch runs at a time.
+    /// Start executing `reqs` as demand reads and return at once (`ensure_begin`): they go ahead of any waiting
+    /// prefetch request. A demand batch still in flight is waited for first: one runs at a time.
     ///
     /// # Safety
     /// Until `wait` (or the next `submit`/`run`) returns, the caller must keep `reqs` alive and not touch it, and must
@@ -525,10 +595,7 @@ impl ExpertReader {
             return;
         }
         let mut b = self.shared.lock();
-        b.reqs = reqs.as_mut_ptr();
-        b.len = reqs.len();
-        b.next = 0;
-        b.remaining = reqs.len();
+        b.demand = Lane { reqs: reqs.as_mut_ptr(), len: reqs.len(), next: 0, remaining: reqs.len() };
         drop(b);
         // One wake per request, not all threads: a miss is ~3 requests, and every thread woken for nothing takes a
         // context switch on the cores the matmuls run on.
@@ -537,15 +604,74 @@ impl ExpertReader {
         }
     }
 
-    /// Wait until the batch in flight (if any) has finished.
+    /// Wait until the demand batch in flight (if any) has finished.
     pub fn wait(&mut self) {
         let mut b = self.shared.lock();
-        while b.remaining > 0 {
+        while b.demand.remaining > 0 {
             b = self.shared.done.wait(b).unwrap_or_else(PoisonError::into_inner);
         }
-        b.reqs = std::ptr::null_mut();
-        b.len = 0;
-        b.next = 0;
+        b.demand = IDLE;
+    }
+
+    /// Start reading `reqs` as guesses and return true at once; return false, starting nothing, while the previous
+    /// prefetch batch still has requests in flight (a guess is dropped rather than queued behind another).
+    ///
+    /// # Safety
+    /// As `submit`, until `wait_prefetch` returns or `prefetch_idle` returns true.
+    pub unsafe fn submit_prefetch(&mut self, reqs: &mut [ReadRequest]) -> bool {
+        let mut b = self.shared.lock();
+        if b.prefetch.remaining > 0 {
+            return false;
+        }
+        if reqs.is_empty() {
+            b.prefetch = IDLE;
+            return true;
+        }
+        b.prefetch = Lane { reqs: reqs.as_mut_ptr(), len: reqs.len(), next: 0, remaining: reqs.len() };
+        let wake = reqs.len().min(b.prefetch_cap);
+        drop(b);
+        for _ in 0..wake {
+            self.shared.work.notify_one();
+        }
+        true
+    }
+
+    /// Withdraw the prefetch requests no thread has claimed yet, except those whose tag `keep` accepts (they stay
+    /// queued, in the order they were): each withdrawn one is marked `cancelled` and nothing is read for it.
+    /// Requests being read go on. Returns whether the prefetch lane is now idle. Allocates nothing.
+    pub fn cancel_prefetch(&mut self, keep: &dyn Fn(u32) -> bool) -> bool {
+        let mut b = self.shared.lock();
+        let lane = &mut b.prefetch;
+        let mut kept = lane.next;
+        for i in lane.next..lane.len {
+            // SAFETY: unclaimed, so no worker touches these, and the submitter keeps the slice alive (see `Batch`).
+            unsafe {
+                let r = lane.reqs.add(i);
+                if keep((*r).tag) {
+                    std::ptr::swap(r, lane.reqs.add(kept));
+                    kept += 1;
+                } else {
+                    (*r).cancelled = true;
+                }
+            }
+        }
+        lane.remaining -= lane.len - kept;
+        lane.len = kept;
+        lane.remaining == 0
+    }
+
+    /// Whether no prefetch request is in flight (the prefetch slice may be reused).
+    pub fn prefetch_idle(&self) -> bool {
+        self.shared.lock().prefetch.remaining == 0
+    }
+
+    /// Wait until every prefetch request has finished (or was cancelled).
+    pub fn wait_prefetch(&mut self) {
+        let mut b = self.shared.lock();
+        while b.prefetch.remaining > 0 {
+            b = self.shared.done.wait(b).unwrap_or_else(PoisonError::into_inner);
+        }
+        b.prefetch = IDLE;
     }
 }
 
@@ -553,6 +679,8 @@ impl Drop for ExpertReader {
     fn drop(&mut self) {
         // A batch in flight writes into memory its submitter owns: let it land before the threads go.
         self.wait();
+        self.cancel_prefetch(&|_| false);
+        self.wait_prefetch();
         self.shared.lock().shutdown = true;
         self.shared.work.notify_all();
         for h in self.workers.drain(..) {
@@ -565,27 +693,42 @@ fn worker(shared: &Shared, mut bounce: AlignedBuf) {
     shared.lock().started += 1;
     shared.done.notify_all();
     loop {
-        let req = {
+        let (req, guess) = {
             let mut b = shared.lock();
             loop {
                 if b.shutdown {
                     return;
                 }
-                if b.next < b.len {
-                    let i = b.next;
-                    b.next += 1;
-                    // SAFETY: i < len, and `run` keeps the slice alive until `remaining` reaches 0, which needs this
-                    // request to be finished; index i is claimed by this worker alone.
-                    break unsafe { &mut *b.reqs.add(i) };
+                if b.demand.unclaimed() {
+                    // SAFETY: unclaimed, under the mutex.
+                    break (unsafe { &mut *b.demand.claim() }, false);
+                }
+                if b.prefetch.unclaimed() && b.prefetch_active < b.prefetch_cap {
+                    b.prefetch_active += 1;
+                    // SAFETY: unclaimed, under the mutex.
+                    break (unsafe { &mut *b.prefetch.claim() }, true);
                 }
                 b = shared.work.wait(b).unwrap_or_else(PoisonError::into_inner);
             }
         };
+        if guess && !shared.prefetch_delay.is_zero() {
+            std::thread::sleep(shared.prefetch_delay);
+        }
         shared.files.execute(req, bounce.as_mut_slice());
         let mut b = shared.lock();
-        b.remaining -= 1;
-        if b.remaining == 0 {
-            shared.done.notify_one();
+        let lane = if guess { &mut b.prefetch } else { &mut b.demand };
+        lane.remaining -= 1;
+        // Both lanes' waiters share `done`, so every waiter is woken and checks its own lane.
+        let finished = lane.remaining == 0;
+        if guess {
+            b.prefetch_active -= 1;
+            if b.prefetch.unclaimed() {
+                // A prefetch place freed: another guess may start (demand requests never wait for this).
+                shared.work.notify_one();
+            }
+        }
+        if finished {
+            shared.done.notify_all();
         }
     }
 }

@@ -124,14 +124,15 @@ impl ResidentWeights {
         &self.weights[id.0 as usize]
     }
 
-    /// Repacks every `Q4_0`, `Q4_K` and `Q6_K` matrix with a multiple of 16 rows in its 16-row form, except `keep`
+    /// Repacks every matrix of an encoding in `set` (`Q4_0`, `Q4_K`, `Q6_K`) with a multiple of 16 rows in its 16-row
+    /// form, except `keep`
     /// (weights read by row, such as the token embedding). Returns how many were packed. Load time only: each
     /// matrix is packed into a new buffer, which then replaces the old one.
-    pub fn pack(&mut self, keep: &[WeightId]) -> Result<usize, StoreError> {
+    pub fn pack(&mut self, keep: &[WeightId], set: moestream_quant::packed::PackSet) -> Result<usize, StoreError> {
         let mut n = 0;
         for (i, w) in self.weights.iter_mut().enumerate() {
             let to = match moestream_quant::packed::packed_form(w.encoding) {
-                Some(to) if packable(w.encoding, w.rows, w.cols) => to,
+                Some(to) if set.packs(w.encoding) && packable(w.encoding, w.rows, w.cols) => to,
                 _ => continue,
             };
             if keep.contains(&WeightId(i as u32)) {
@@ -183,7 +184,12 @@ impl SlotBuffer {
     /// A buffer whose slots hold `parts` (one expert of each tensor, stacked by rows) back to back. With `pack`,
     /// parts with a packed form (`Q4_0`, `Q4_K`, `Q6_K`) whose row counts are multiples of 16 are stored packed
     /// (each part on its own, so gate and up stay separate groups).
-    pub(crate) fn new(parts: &[&TensorEntry], cols: usize, slots: usize, pack: bool) -> Result<Self, StoreError> {
+    pub(crate) fn new(
+        parts: &[&TensorEntry],
+        cols: usize,
+        slots: usize,
+        pack: moestream_quant::packed::PackSet,
+    ) -> Result<Self, StoreError> {
         let first = parts[0];
         let mut rows = 0;
         let (mut data_stride, mut group_stride) = (0usize, 0usize);
@@ -230,7 +236,7 @@ impl SlotBuffer {
             }
         };
         Ok(SlotBuffer {
-            encoding: packed_form.filter(|_| pack && all_packable).unwrap_or(first.encoding),
+            encoding: packed_form.filter(|_| pack.packs(first.encoding) && all_packable).unwrap_or(first.encoding),
             file_encoding: stored,
             rows,
             cols,

@@ -1,10 +1,13 @@
 //! Prefetch: a right guess turns the next `ensure`'s misses into hits with the right bytes; a wrong guess costs
 //! only reads; a failed prefetch read is not an error until an `ensure` needs that expert; and the store can be
-//! dropped with a prefetch in flight.
+//! dropped with a prefetch in flight. Guesses never hold up demand reads: an `ensure` withdraws the guessed reads
+//! that have not started (unless it needs their experts) and does not wait for those on the disk.
 
 mod common;
 
 use common::{check_slots, routing, tiny};
+use std::time::{Duration, Instant};
+
 use moestream_store::{CacheSize, ExpertStore, ReadOptions};
 use moestream_synth::SynthFormat;
 
@@ -65,9 +68,10 @@ fn wrong_guesses_are_counted_and_change_nothing() {
         check_slots(&store, &index, l, &want, &slots);
     }
     let st = store.stats();
-    assert!(st.prefetch_reads > 0, "{st:?}");
+    // Each guess was read (and later evicted unused) or withdrawn before its read started by the next `ensure`.
+    assert!(st.prefetch_reads + st.prefetch_cancelled > 0, "{st:?}");
     assert_eq!(st.prefetch_hits, 0, "{st:?}");
-    assert!(st.prefetch_wasted > 0, "{st:?}");
+    assert!(st.prefetch_wasted <= st.prefetch_reads, "{st:?}");
 }
 
 #[test]
@@ -135,4 +139,95 @@ fn prefetch_never_evicts_kept_experts() {
         assert_eq!(store.stats().misses, before, "round {round}: a kept expert was evicted");
         assert_eq!(again, slots);
     }
+}
+
+/// Options whose I/O threads sleep `delay` before each prefetch read, so a guess is still in flight when the next
+/// call comes, on any machine.
+fn slow_guesses(delay: Duration) -> ReadOptions {
+    ReadOptions { simulate_prefetch_delay: delay, ..opts(true) }
+}
+
+#[test]
+fn a_demand_read_does_not_wait_for_a_wrong_guess() {
+    let dir = target_tmp();
+    let index = tiny(dir.path(), SynthFormat::GgufQ4_0);
+    let c = &index.config;
+    let (k, e) = (c.num_experts_per_tok, c.num_experts as u32);
+    let l = (0..c.num_layers).find(|&l| c.layer_is_moe(l)).unwrap();
+    let delay = Duration::from_millis(300);
+    // Room for the guess and the call's misses side by side (one slot fewer than experts: no preload).
+    let mut store = ExpertStore::open_with(&index, CacheSize::Slots(e as usize - 1), &slow_guesses(delay)).unwrap();
+    let want: Vec<u32> = (0..k as u32).collect();
+    let guess: Vec<u32> = (k as u32..e - 1).collect();
+    let mut slots = vec![0u32; k];
+    let t0 = Instant::now();
+    store.prefetch(l, &guess, &[]);
+    store.ensure(l, &want, &mut slots).unwrap();
+    let took = t0.elapsed();
+    check_slots(&store, &index, l, &want, &slots);
+    // One batch at a time (the former reader) waited for the whole guess: ≥ 300 ms per two of its reads.
+    assert!(took < delay / 2, "the demand read waited {took:?} behind a wrong guess");
+    // The two guessed reads on the disk land later; the next call after that completes the guess. Every guessed
+    // expert had a read withdrawn (two threads took at most two of its 15 reads), so none of them was mapped.
+    std::thread::sleep(delay * 2);
+    store.ensure(l, &want, &mut slots).unwrap();
+    let st = store.stats();
+    assert_eq!(st.prefetch_cancelled, guess.len() as u64, "{st:?}");
+    assert_eq!(st.prefetch_reads, 0, "{st:?}");
+    check_slots(&store, &index, l, &want, &slots);
+}
+
+#[test]
+fn a_right_guess_still_in_flight_is_waited_for_not_read_again() {
+    let dir = target_tmp();
+    let index = tiny(dir.path(), SynthFormat::GgufQ8_0);
+    let c = &index.config;
+    let k = c.num_experts_per_tok;
+    let layers: Vec<usize> = (0..c.num_layers).filter(|&l| c.layer_is_moe(l)).collect();
+    let mut store =
+        ExpertStore::open_with(&index, CacheSize::Slots(k + 1), &slow_guesses(Duration::from_millis(5))).unwrap();
+    let seq = routing(6, c.num_experts as u32, k);
+    let mut slots = vec![0u32; k];
+    for experts in &seq {
+        for &l in &layers {
+            store.prefetch(l, experts, &[]);
+            let before = store.stats().clone();
+            // The guess is still sleeping on its I/O threads: ensure_begin hands out no slot for its experts and
+            // counts no miss; ensure_end waits for the guess and hands them out.
+            let pending = store.ensure_begin(l, experts, &mut slots).unwrap();
+            let st = store.stats();
+            assert_eq!(st.misses, before.misses, "a guessed expert was read again");
+            assert!(pending <= k);
+            store.ensure_end(&mut slots).unwrap();
+            check_slots(&store, &index, l, experts, &slots);
+        }
+    }
+    let st = store.stats();
+    assert!(st.prefetch_reads > 0 && st.prefetch_hits == st.prefetch_reads, "{st:?}");
+    assert_eq!((st.prefetch_wasted, st.prefetch_cancelled), (0, 0), "{st:?}");
+}
+
+#[test]
+fn a_failed_guess_that_a_call_waited_for_is_that_calls_error() {
+    let dir = target_tmp();
+    let index = tiny(dir.path(), SynthFormat::GgufQ8_0);
+    let c = &index.config;
+    let k = c.num_experts_per_tok;
+    let file = index.files[0].clone();
+    let original = std::fs::read(&file).unwrap();
+    let layer = (0..c.num_layers).rfind(|&l| c.layer_is_moe(l)).unwrap();
+    let end = |x: u32| {
+        common::ranges(&index, layer, x).iter().flat_map(|r| r.iter()).map(|r| r.offset + r.len).max().unwrap()
+    };
+    let bad = (0..c.num_experts as u32).max_by_key(|&x| end(x)).unwrap();
+    let opts = slow_guesses(Duration::from_millis(50));
+    let mut store = ExpertStore::open_with(&index, CacheSize::Slots(k + 2), &opts).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(end(bad) - 100).unwrap();
+    store.prefetch(layer, &[bad], &[]);
+    let mut slots = vec![0u32; 1];
+    let err = store.ensure(layer, &[bad], &mut slots).unwrap_err().to_string();
+    assert!(err.contains(&file.display().to_string()), "{err}");
+    std::fs::write(&file, &original).unwrap();
+    store.ensure(layer, &[bad], &mut slots).unwrap();
+    check_slots(&store, &index, layer, &[bad], &slots);
 }

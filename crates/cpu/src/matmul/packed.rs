@@ -264,6 +264,107 @@ pub(crate) mod x86 {
         unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
     }
 
+    /// AVX2 (no VNNI): `Q4_0x16`, 16 rows × one token. Same contract and result as [`super::dot16_scalar`]; `next`
+    /// as for [`dot16`].
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `g` holds `q8.len()` block columns.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn dot16_avx2(g: &[u8], q8: &[Q8Block], out: &mut [f32; GROUP], next: *const u8) {
+        let mut res = [[0f32; GROUP]; 1];
+        // SAFETY: guaranteed by the caller.
+        unsafe { dot16_avx2_t::<1>(g, [q8], &mut res, next) };
+        *out = res[0];
+    }
+
+    /// [`dot16_avx2`] for 4 tokens at once (prefill): each code vector is unpacked once for the 4; per (row,
+    /// token) the arithmetic is unchanged, so the results equal 4 [`dot16_avx2`] calls bit for bit.
+    ///
+    /// # Safety
+    /// As [`dot16_avx2`], for each of the 4 tokens' blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn dot16x4_avx2(g: &[u8], q8: [&[Q8Block]; 4], out: &mut [[f32; GROUP]; 4]) {
+        // SAFETY: guaranteed by the caller; the null `next` is never prefetched for T > 1.
+        unsafe { dot16_avx2_t::<4>(g, q8, out, std::ptr::null()) };
+    }
+
+    /// The AVX2 `Q4_0x16` kernel over T tokens, 16 rows as two 8-row halves of 256 bits. `vpdpbusd` (4 codes ×
+    /// one activation word per row lane) is done exactly with `maddubs` (nibble × activation byte, pairs summed:
+    /// |·| ≤ 2·15·128) summed in i16 over the block's 4 chunks and both nibbles (|·| ≤ 8·3840 = 30720 < 2¹⁵,
+    /// no saturation), then one `madd` by 1 into i32 per block and half; per (row, token) that is the exact block
+    /// sum of the scalar reference, then the same `fma(f32(isum), d_w·d_x, acc)`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot16_avx2_t<const T: usize>(
+        g: &[u8],
+        q8: [&[Q8Block]; T],
+        out: &mut [[f32; GROUP]; T],
+        next: *const u8,
+    ) {
+        let nb = q8[0].len();
+        debug_assert!(g.len() >= nb * GROUP_BLOCK);
+        let low = _mm256_set1_epi8(15);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); 2]; T];
+        let p = g.as_ptr();
+        for b in 0..nb {
+            // SAFETY: block column b of the group is in bounds (the caller's contract).
+            let blk = unsafe { p.add(b * GROUP_BLOCK) };
+            if T == 1 {
+                // As in `dot16`: the next columns in L1, further ones in L2, running on into `next`. Never faults.
+                let ahead = column_ahead(p, next, b, nb, PREFETCH, GROUP_BLOCK);
+                let far = column_ahead(p, next, b, nb, FAR_PREFETCH, GROUP_BLOCK);
+                for l in 0..5 {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l).cast());
+                    _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(64 * l).cast());
+                }
+            }
+            let mut s16 = [[_mm256_setzero_si256(); 2]; T];
+            for c in 0..4 {
+                let mut lo = [_mm256_setzero_si256(); 2];
+                let mut hi = [_mm256_setzero_si256(); 2];
+                for h in 0..2 {
+                    // SAFETY: chunk c of the block column, rows 8h..8h+8 (4 code bytes each).
+                    let w = unsafe { _mm256_loadu_si256(blk.add(32 + 64 * c + 32 * h).cast()) };
+                    lo[h] = _mm256_and_si256(w, low);
+                    hi[h] = _mm256_and_si256(_mm256_srli_epi16::<4>(w), low);
+                }
+                for t in 0..T {
+                    // SAFETY: block b of token t exists (q8[t].len() == nb); words c and 4 + c of its codes.
+                    let (xl, xh) = unsafe {
+                        let x = q8[t].get_unchecked(b).qs.as_ptr().cast::<i32>();
+                        (_mm256_set1_epi32(x.add(c).read_unaligned()), _mm256_set1_epi32(x.add(4 + c).read_unaligned()))
+                    };
+                    for h in 0..2 {
+                        let a = _mm256_maddubs_epi16(lo[h], xl);
+                        let z = _mm256_maddubs_epi16(hi[h], xh);
+                        s16[t][h] = _mm256_add_epi16(s16[t][h], _mm256_add_epi16(a, z));
+                    }
+                }
+            }
+            // SAFETY: the block column starts with 16 f16 scales.
+            let dw = unsafe {
+                [_mm256_cvtph_ps(_mm_loadu_si128(blk.cast())), _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16).cast()))]
+            };
+            for t in 0..T {
+                // SAFETY: as above.
+                let xb = unsafe { q8[t].get_unchecked(b) };
+                let (corr, dx) = (_mm256_set1_epi32(-8 * xb.qsum), _mm256_set1_ps(xb.d));
+                for h in 0..2 {
+                    let isum = _mm256_add_epi32(_mm256_madd_epi16(s16[t][h], ones), corr);
+                    acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw[h], dx), acc[t][h]);
+                }
+            }
+        }
+        for t in 0..T {
+            // SAFETY: `out[t]` is 16 f32.
+            unsafe {
+                _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t][0]);
+                _mm256_storeu_ps(out[t].as_mut_ptr().add(8), acc[t][1]);
+            }
+        }
+    }
+
     /// Where column `i + dist` of a group of `n` columns of `col_bytes` starting at `base` is, running on into
     /// `next` (where the caller reads after this group) past the group's end. Prefetch addresses only: never
     /// dereferenced, so `wrapping_add` and any address are fine.
@@ -777,6 +878,36 @@ mod tests {
                     mag += (f64::from(*w) * x).abs();
                 }
                 assert!((f64::from(got) - want).abs() <= 1e-5 * mag.max(1e-6), "nb {nb} row {r}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_equals_the_scalar_reference_bit_for_bit() {
+        if !crate::matmul::x86::has_avx2() {
+            eprintln!("skipped: no AVX2");
+            return;
+        }
+        for (nb, n) in [(1, 4), (2, 5), (3, 8), (7, 17), (64, 4), (65, 3), (130, 9)] {
+            let (g, q8, _) = case(nb, n, (nb * 31 + n) as u64);
+            for t in 0..n {
+                let (mut want, mut got) = ([0f32; GROUP], [0f32; GROUP]);
+                dot16_scalar(&g, &q8[t * nb..(t + 1) * nb], &mut want);
+                // SAFETY: AVX2 checked above; `g` has nb columns; `next` is only prefetched.
+                unsafe { x86::dot16_avx2(&g, &q8[t * nb..(t + 1) * nb], &mut got, g.as_ptr()) };
+                assert_eq!(got.map(f32::to_bits), want.map(f32::to_bits), "nb {nb} token {t}");
+            }
+            for t0 in (0..n.saturating_sub(3)).step_by(4) {
+                let acts = std::array::from_fn(|i| &q8[(t0 + i) * nb..(t0 + i + 1) * nb]);
+                let mut got = [[0f32; GROUP]; 4];
+                // SAFETY: as above, for each of the 4 tokens.
+                unsafe { x86::dot16x4_avx2(&g, acts, &mut got) };
+                for (i, row) in got.iter().enumerate() {
+                    let mut want = [0f32; GROUP];
+                    dot16_scalar(&g, acts[i], &mut want);
+                    assert_eq!(row.map(f32::to_bits), want.map(f32::to_bits), "nb {nb} token {}", t0 + i);
+                }
             }
         }
     }
