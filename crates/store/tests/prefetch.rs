@@ -74,6 +74,18 @@ fn wrong_guesses_are_counted_and_change_nothing() {
     assert!(st.prefetch_wasted <= st.prefetch_reads, "{st:?}");
 }
 
+/// The last MoE layer, its expert whose bytes end last in the model file, and where each of its experts ends: a
+/// file cut 100 bytes short fails that expert's reads only.
+fn last_expert(index: &moestream_format::TensorIndex) -> (usize, u32, Vec<u64>) {
+    let c = &index.config;
+    let layer = (0..c.num_layers).rfind(|&l| c.layer_is_moe(l)).unwrap();
+    let end: Vec<u64> = (0..c.num_experts as u32)
+        .map(|x| common::ranges(index, layer, x).iter().flat_map(|r| r.iter()).map(|r| r.offset + r.len).max().unwrap())
+        .collect();
+    let bad = (0..c.num_experts as u32).max_by_key(|&x| end[x as usize]).unwrap();
+    (layer, bad, end)
+}
+
 #[test]
 fn a_failed_prefetch_is_not_an_error_until_needed() {
     let dir = target_tmp();
@@ -82,16 +94,13 @@ fn a_failed_prefetch_is_not_an_error_until_needed() {
     let k = c.num_experts_per_tok;
     let file = index.files[0].clone();
     let original = std::fs::read(&file).unwrap();
-    let layer = (0..c.num_layers).rfind(|&l| c.layer_is_moe(l)).unwrap();
-    let end = |x: u32| {
-        common::ranges(&index, layer, x).iter().flat_map(|r| r.iter()).map(|r| r.offset + r.len).max().unwrap()
-    };
-    let bad = (0..c.num_experts as u32).max_by_key(|&x| end(x)).unwrap();
+    let (layer, bad, end) = last_expert(&index);
     let mut store = ExpertStore::open_with(&index, CacheSize::Slots(k + 2), &opts(true)).unwrap();
-    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(end(bad) - 100).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(end[bad as usize] - 100).unwrap();
     store.prefetch(layer, &[bad], &[]);
     // An unrelated call completes the failed prefetch quietly.
-    let others: Vec<u32> = (0..c.num_experts as u32).filter(|&x| x != bad && end(x) < end(bad) - 100).take(k).collect();
+    let others: Vec<u32> =
+        (0..c.num_experts as u32).filter(|&x| x != bad && end[x as usize] < end[bad as usize] - 100).take(k).collect();
     let mut slots = vec![0u32; k];
     store.ensure(layer, &others, &mut slots).unwrap();
     assert_eq!(store.stats().prefetch_reads, 0);
@@ -215,14 +224,10 @@ fn a_failed_guess_that_a_call_waited_for_is_that_calls_error() {
     let k = c.num_experts_per_tok;
     let file = index.files[0].clone();
     let original = std::fs::read(&file).unwrap();
-    let layer = (0..c.num_layers).rfind(|&l| c.layer_is_moe(l)).unwrap();
-    let end = |x: u32| {
-        common::ranges(&index, layer, x).iter().flat_map(|r| r.iter()).map(|r| r.offset + r.len).max().unwrap()
-    };
-    let bad = (0..c.num_experts as u32).max_by_key(|&x| end(x)).unwrap();
+    let (layer, bad, end) = last_expert(&index);
     let opts = slow_guesses(Duration::from_millis(50));
     let mut store = ExpertStore::open_with(&index, CacheSize::Slots(k + 2), &opts).unwrap();
-    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(end(bad) - 100).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(end[bad as usize] - 100).unwrap();
     store.prefetch(layer, &[bad], &[]);
     let mut slots = vec![0u32; 1];
     let err = store.ensure(layer, &[bad], &mut slots).unwrap_err().to_string();
