@@ -74,16 +74,45 @@ fn wrong_guesses_are_counted_and_change_nothing() {
     assert!(st.prefetch_wasted <= st.prefetch_reads, "{st:?}");
 }
 
-/// The last MoE layer, its expert whose bytes end last in the model file, and where each of its experts ends: a
-/// file cut 100 bytes short fails that expert's reads only.
-fn last_expert(index: &moestream_format::TensorIndex) -> (usize, u32, Vec<u64>) {
-    let c = &index.config;
-    let layer = (0..c.num_layers).rfind(|&l| c.layer_is_moe(l)).unwrap();
-    let end: Vec<u64> = (0..c.num_experts as u32)
-        .map(|x| common::ranges(index, layer, x).iter().flat_map(|r| r.iter()).map(|r| r.offset + r.len).max().unwrap())
-        .collect();
-    let bad = (0..c.num_experts as u32).max_by_key(|&x| end[x as usize]).unwrap();
-    (layer, bad, end)
+/// A store over `index` (top-k + 2 slots per layer, read as `opts`) whose model file was then cut 100 bytes short
+/// of the end of `bad`, the expert of the last MoE layer stored last: only that expert's reads fail.
+struct Cut {
+    store: ExpertStore,
+    layer: usize,
+    bad: u32,
+    /// Where each expert of `layer` ends in the file.
+    end: Vec<u64>,
+    file: std::path::PathBuf,
+    original: Vec<u8>,
+}
+
+impl Cut {
+    fn new(index: &moestream_format::TensorIndex, opts: &ReadOptions) -> Cut {
+        let c = &index.config;
+        let layer = (0..c.num_layers).rfind(|&l| c.layer_is_moe(l)).unwrap();
+        let end: Vec<u64> = (0..c.num_experts as u32)
+            .map(|x| {
+                common::ranges(index, layer, x).iter().flat_map(|r| r.iter()).map(|r| r.offset + r.len).max().unwrap()
+            })
+            .collect();
+        let bad = (0..c.num_experts as u32).max_by_key(|&x| end[x as usize]).unwrap();
+        let file = index.files[0].clone();
+        let original = std::fs::read(&file).unwrap();
+        let store = ExpertStore::open_with(index, CacheSize::Slots(c.num_experts_per_tok + 2), opts).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(end[bad as usize] - 100).unwrap();
+        Cut { store, layer, bad, end, file, original }
+    }
+
+    /// Needing `bad` is a read error naming the file; once the file is whole again, the same call reads it.
+    fn needing_it_fails_until_restored(&mut self, index: &moestream_format::TensorIndex) {
+        let (layer, bad) = (self.layer, self.bad);
+        let mut slots = [0u32; 1];
+        let err = self.store.ensure(layer, &[bad], &mut slots).unwrap_err().to_string();
+        assert!(err.contains(&self.file.display().to_string()), "{err}");
+        std::fs::write(&self.file, &self.original).unwrap();
+        self.store.ensure(layer, &[bad], &mut slots).unwrap();
+        check_slots(&self.store, index, layer, &[bad], &slots);
+    }
 }
 
 #[test]
@@ -92,24 +121,17 @@ fn a_failed_prefetch_is_not_an_error_until_needed() {
     let index = tiny(dir.path(), SynthFormat::GgufQ8_0);
     let c = &index.config;
     let k = c.num_experts_per_tok;
-    let file = index.files[0].clone();
-    let original = std::fs::read(&file).unwrap();
-    let (layer, bad, end) = last_expert(&index);
-    let mut store = ExpertStore::open_with(&index, CacheSize::Slots(k + 2), &opts(true)).unwrap();
-    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(end[bad as usize] - 100).unwrap();
-    store.prefetch(layer, &[bad], &[]);
+    let mut cut = Cut::new(&index, &opts(true));
+    let (layer, bad) = (cut.layer, cut.bad);
+    cut.store.prefetch(layer, &[bad], &[]);
     // An unrelated call completes the failed prefetch quietly.
+    let limit = cut.end[bad as usize] - 100;
     let others: Vec<u32> =
-        (0..c.num_experts as u32).filter(|&x| x != bad && end[x as usize] < end[bad as usize] - 100).take(k).collect();
+        (0..c.num_experts as u32).filter(|&x| x != bad && cut.end[x as usize] < limit).take(k).collect();
     let mut slots = vec![0u32; k];
-    store.ensure(layer, &others, &mut slots).unwrap();
-    assert_eq!(store.stats().prefetch_reads, 0);
-    // Needing it is a read error naming the file.
-    let err = store.ensure(layer, &[bad], &mut slots[..1]).unwrap_err().to_string();
-    assert!(err.contains(&file.display().to_string()), "{err}");
-    std::fs::write(&file, &original).unwrap();
-    store.ensure(layer, &[bad], &mut slots[..1]).unwrap();
-    check_slots(&store, &index, layer, &[bad], &slots[..1]);
+    cut.store.ensure(layer, &others, &mut slots).unwrap();
+    assert_eq!(cut.store.stats().prefetch_reads, 0);
+    cut.needing_it_fails_until_restored(&index);
 }
 
 #[test]
@@ -220,19 +242,8 @@ fn a_right_guess_still_in_flight_is_waited_for_not_read_again() {
 fn a_failed_guess_that_a_call_waited_for_is_that_calls_error() {
     let dir = target_tmp();
     let index = tiny(dir.path(), SynthFormat::GgufQ8_0);
-    let c = &index.config;
-    let k = c.num_experts_per_tok;
-    let file = index.files[0].clone();
-    let original = std::fs::read(&file).unwrap();
-    let (layer, bad, end) = last_expert(&index);
-    let opts = slow_guesses(Duration::from_millis(50));
-    let mut store = ExpertStore::open_with(&index, CacheSize::Slots(k + 2), &opts).unwrap();
-    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(end[bad as usize] - 100).unwrap();
-    store.prefetch(layer, &[bad], &[]);
-    let mut slots = vec![0u32; 1];
-    let err = store.ensure(layer, &[bad], &mut slots).unwrap_err().to_string();
-    assert!(err.contains(&file.display().to_string()), "{err}");
-    std::fs::write(&file, &original).unwrap();
-    store.ensure(layer, &[bad], &mut slots).unwrap();
-    check_slots(&store, &index, layer, &[bad], &slots);
+    let mut cut = Cut::new(&index, &slow_guesses(Duration::from_millis(50)));
+    cut.store.prefetch(cut.layer, &[cut.bad], &[]);
+    // The guess is still sleeping on its I/O thread: the call waits for it, and its read error is the call's.
+    cut.needing_it_fails_until_restored(&index);
 }
