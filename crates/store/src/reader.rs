@@ -606,11 +606,17 @@ impl ExpertReader {
 
     /// Wait until the demand batch in flight (if any) has finished.
     pub fn wait(&mut self) {
+        self.wait_lane(|b| &mut b.demand);
+    }
+
+    /// Wait until `lane`'s requests have all finished (or were cancelled), then mark it idle. Both lanes' waiters
+    /// share `done`.
+    fn wait_lane(&self, lane: fn(&mut Batch) -> &mut Lane) {
         let mut b = self.shared.lock();
-        while b.demand.remaining > 0 {
+        while lane(&mut b).remaining > 0 {
             b = self.shared.done.wait(b).unwrap_or_else(PoisonError::into_inner);
         }
-        b.demand = IDLE;
+        *lane(&mut b) = IDLE;
     }
 
     /// Start reading `reqs` as guesses and return true at once; return false, starting nothing, while the previous
@@ -667,11 +673,7 @@ impl ExpertReader {
 
     /// Wait until every prefetch request has finished (or was cancelled).
     pub fn wait_prefetch(&mut self) {
-        let mut b = self.shared.lock();
-        while b.prefetch.remaining > 0 {
-            b = self.shared.done.wait(b).unwrap_or_else(PoisonError::into_inner);
-        }
-        b.prefetch = IDLE;
+        self.wait_lane(|b| &mut b.prefetch);
     }
 }
 
