@@ -3,7 +3,8 @@
 //! tensor index alone, without loading weights.
 //!
 //! The I/O estimate assumes uniform routing with no reuse from token to token, the pessimistic case: trained models
-//! reuse experts, so measured hit rates (printed by `run`) are higher.
+//! reuse experts, so measured hit rates (printed by `run`) are higher. With a shared slot pool the estimate is the
+//! same (uniform routing spreads the pool evenly); what a shared pool buys is room for uneven layers.
 
 use std::path::Path;
 
@@ -23,7 +24,12 @@ struct Plan {
     experts_per_token: usize,
     /// Resident trunk: every tensor that is not a routed expert, as stored.
     bytes_trunk: u64,
+    /// The even split of the budget over the MoE layers; with `shared_pool`, an average, not a per-layer limit.
     slots_per_layer: usize,
+    /// One slot pool that every MoE layer draws from (the engine's default for a byte budget where the layers'
+    /// experts are stored alike; `--per-layer-slots` splits it), holding `pool_slots`.
+    shared_pool: bool,
+    pool_slots: usize,
     bytes_per_expert: u64,
     bytes_expert_cache: u64,
     /// Context positions the KV cache is sized for.
@@ -40,7 +46,7 @@ struct Plan {
     disk_bound_tok_s_at_3gbps: Option<f64>,
 }
 
-pub fn run(model: &Path, size: CacheSize, ctx: usize, json: bool) -> Result<()> {
+pub fn run(model: &Path, size: CacheSize, per_layer_slots: bool, ctx: usize, json: bool) -> Result<()> {
     let index = TensorIndex::open(model)?;
     index.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
     let c = &index.config;
@@ -59,6 +65,7 @@ pub fn run(model: &Path, size: CacheSize, ctx: usize, json: bool) -> Result<()> 
         }
         None => 0,
     };
+    let shared = plan.shares_pool(&index, size, !per_layer_slots);
     let misses = plan.uniform_misses_per_token();
     let read = misses * plan.slot_bytes as f64;
     let bound = |gbps: f64| (read > 0.0).then(|| gbps * 1e9 / read);
@@ -72,6 +79,8 @@ pub fn run(model: &Path, size: CacheSize, ctx: usize, json: bool) -> Result<()> 
         experts_per_token: plan.top_k,
         bytes_trunk: trunk,
         slots_per_layer: plan.slots_per_layer,
+        shared_pool: shared,
+        pool_slots: if shared { plan.slots_per_layer * plan.moe_layers } else { plan.slots_per_layer },
         bytes_per_expert: plan.slot_bytes,
         bytes_expert_cache: plan.bytes(),
         ctx,
@@ -91,13 +100,19 @@ pub fn run(model: &Path, size: CacheSize, ctx: usize, json: bool) -> Result<()> 
         "{}: {} layers ({} full attention, {} linear attention), {} MoE layers of {} experts, top-{}",
         p.architecture, p.layers, full, linear, p.moe_layers, p.experts, p.experts_per_token
     );
+    let slots = if p.shared_pool {
+        format!(
+            "{} slots shared by the {} MoE layers, {} per layer on average, of {} experts each",
+            p.pool_slots, p.moe_layers, p.slots_per_layer, p.experts
+        )
+    } else {
+        format!("{} of {} slots per layer", p.slots_per_layer, p.experts)
+    };
     println!(
-        "memory plan: trunk {:.2} GB + expert cache {:.2} GB ({} of {} slots per layer, {:.1} MB per expert) + KV and \
-         state {:.2} GB at {} positions = {:.2} GB",
+        "memory plan: trunk {:.2} GB + expert cache {:.2} GB ({slots}, {:.1} MB per expert) + KV and state {:.2} GB \
+         at {} positions = {:.2} GB",
         gb(p.bytes_trunk),
         gb(p.bytes_expert_cache),
-        p.slots_per_layer,
-        p.experts,
         p.bytes_per_expert as f64 / 1e6,
         gb(p.bytes_kv_and_state),
         ctx,

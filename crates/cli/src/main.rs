@@ -75,6 +75,9 @@ enum Command {
         /// Expert slots per MoE layer, instead of a byte budget.
         #[arg(long, env = "MLX_MOE_CACHE_SLOTS")]
         cache_slots: Option<usize>,
+        /// Plan a byte budget as each MoE layer's own slots (the engine flag of the same name), not one shared pool.
+        #[arg(long)]
+        per_layer_slots: bool,
         /// Context positions to size the KV cache for.
         #[arg(long, default_value_t = 4096)]
         ctx: usize,
@@ -387,12 +390,12 @@ fn run() -> Result<()> {
             };
             bench::run(&args, json)?
         }
-        Command::Info { model, expert_cache, cache_slots, ctx, json } => {
+        Command::Info { model, expert_cache, cache_slots, per_layer_slots, ctx, json } => {
             let size = match cache_slots {
                 Some(n) => moestream_store::CacheSize::Slots(n),
                 None => parse_cache_size(&expert_cache)?,
             };
-            info::run(&model, size, ctx, json)?
+            info::run(&model, size, per_layer_slots, ctx, json)?
         }
         Command::Logits { model, tokens, engine } => {
             let m = engine.load(&model)?;

@@ -43,6 +43,24 @@ fn info_plans_what_run_allocates() {
     assert!(close(&plan["bytes_expert_cache"], mb("expert slots")), "{plan} vs {line}");
     assert!(close(&plan["bytes_kv_and_state"], mb("KV")), "{plan} vs {line}");
 
+    // The hybrid's MoE layers store their experts alike, so a byte budget is one pool shared by all four; a slot
+    // count, or `--per-layer-slots`, gives each layer its own.
+    let budget = format!("{}", 4 * 5 * per as u64);
+    for (flags, shared) in [(vec![], true), (vec!["--per-layer-slots"], false)] {
+        let out = Command::new(bin)
+            .args(["info", "--expert-cache", &budget, "--json"])
+            .args(&flags)
+            .arg(&model)
+            .output()
+            .expect("info");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let p: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(p["slots_per_layer"], 5, "{p}");
+        assert_eq!(p["shared_pool"], shared, "{flags:?}: {p}");
+        assert_eq!(p["pool_slots"], if shared { 20 } else { 5 }, "{flags:?}: {p}");
+    }
+    assert_eq!(plan["shared_pool"], false, "a slot count is per layer: {plan}");
+
     let out = Command::new(bin).args(["info", "--cache-slots", "1"]).arg(&model).output().expect("info");
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("too small"));

@@ -25,6 +25,7 @@
 use std::time::Instant;
 
 use moestream_format::{ExpertRanges, FileRange, TensorIndex};
+use moestream_quant::Encoding;
 
 use crate::policy::{EvictionPolicy, PolicyState};
 use crate::reader::{ExpertReader, MAX_SEGS, NO_SEGMENT, ReadOptions, ReadRequest};
@@ -156,6 +157,30 @@ impl CachePlan {
         }
         .min(e);
         Ok(CachePlan { slots_per_layer: slots, num_experts: e, top_k: c.num_experts_per_tok, moe_layers, slot_bytes })
+    }
+
+    /// Whether the store would make this plan's slots one pool shared by all MoE layers (with `share`, the
+    /// engine's default; `--per-layer-slots` turns it off): a byte budget below every expert, more than one MoE
+    /// layer, and every MoE layer's experts stored alike (encodings, shapes and stored form of gate, up and down;
+    /// a Q4_K_M file mixes Q4_K and Q6_K down projections, so its layers keep their own slots). The store also
+    /// compares the slot layouts these imply; the `info` dry run has only this.
+    pub fn shares_pool(&self, index: &TensorIndex, size: CacheSize, share: bool) -> bool {
+        let c = &index.config;
+        let form = |l: usize| -> Option<Vec<(Encoding, Vec<usize>, bool)>> {
+            ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
+                .iter()
+                .map(|p| {
+                    index.get(&format!("blk.{l}.{p}.weight")).ok().map(|t| (t.encoding, t.shape.clone(), t.data_packed))
+                })
+                .collect()
+        };
+        let forms: Vec<_> = (0..c.num_layers).filter(|&l| c.layer_is_moe(l)).map(form).collect();
+        share
+            && matches!(size, CacheSize::Bytes(_))
+            && self.slots_per_layer < self.num_experts
+            && self.moe_layers > 1
+            && forms.iter().all(Option::is_some)
+            && forms.windows(2).all(|w| w[0] == w[1])
     }
 
     /// Slot memory over all MoE layers.
@@ -404,8 +429,9 @@ impl ExpertStore {
             per_layer_ranges.push(Some((g, u, d, ranges, spans)));
         }
         let e = c.num_experts;
-        // One rule for how a budget becomes slots, shared with the `info` dry run.
-        let slots = CachePlan::new(index, size)?.slots_per_layer;
+        // One rule for how a budget becomes slots, and for whether they are shared, with the `info` dry run.
+        let plan = CachePlan::new(index, size)?;
+        let slots = plan.slots_per_layer;
         if slots < top_k {
             let need = top_k as u64 * slot_bytes * moe_layers.len() as u64;
             return Err(StoreError::Budget(format!(
@@ -426,11 +452,7 @@ impl ExpertStore {
         for (g, u, d, _, _) in per_layer_ranges.iter().flatten() {
             layouts.push(layout(g, u, d)?);
         }
-        let shared = share
-            && matches!(size, CacheSize::Bytes(_))
-            && slots < e
-            && moe_layers.len() > 1
-            && layouts.windows(2).all(|w| w[0] == w[1]);
+        let shared = plan.shares_pool(index, size, share) && layouts.windows(2).all(|w| w[0] == w[1]);
         let pool_slots = if shared { slots * moe_layers.len() } else { slots };
         let new_pool = |g, u, d, n_keys: usize, policy: EvictionPolicy| -> Result<Pool, StoreError> {
             Ok(Pool {

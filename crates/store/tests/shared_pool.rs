@@ -5,7 +5,7 @@
 mod common;
 
 use common::{check_slots, tiny};
-use moestream_store::{CacheSize, EvictionPolicy, ExpertStore, ReadOptions};
+use moestream_store::{CachePlan, CacheSize, EvictionPolicy, ExpertStore, ReadOptions};
 use moestream_synth::SynthFormat;
 
 fn target_tmp() -> tempfile::TempDir {
@@ -59,6 +59,9 @@ fn a_busy_layer_borrows_slots_that_quiet_layers_do_not_use() {
         let room = moe * per_layer - (moe - 1) * k;
         let lfu = EvictionPolicy::default_for_cache();
 
+        // The dry run's rule (`moestream info`) says what the store then does, either way.
+        let plan = CachePlan::new(&index, budget).unwrap();
+        assert!(plan.shares_pool(&index, budget, true) && !plan.shares_pool(&index, budget, false));
         let mut even = ExpertStore::open_with_sharing(&index, budget, &read, lfu, false).unwrap();
         assert!(!even.shared());
         assert_eq!(even.slots_per_layer(), per_layer);
@@ -95,6 +98,7 @@ fn slot_counts_and_all_resident_are_never_shared() {
     for size in [CacheSize::Slots(k + 1), CacheSize::All] {
         let s = ExpertStore::open_with_sharing(&index, size, &read, EvictionPolicy::default_for_cache(), true).unwrap();
         assert!(!s.shared(), "{size:?} was shared");
+        assert!(!CachePlan::new(&index, size).unwrap().shares_pool(&index, size, true), "{size:?} planned as shared");
     }
 }
 
