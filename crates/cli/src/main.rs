@@ -503,12 +503,16 @@ fn run() -> Result<()> {
             );
             if engine.prefetch != "none" {
                 eprintln!(
-                    "prefetch {}: {} experts read ahead ({:.1} MB), {} used, {} wasted; waited {:.1} ms on prefetch",
+                    "prefetch {}: {} experts read ahead ({:.1} MB), {} used, {} wasted; {} withdrawn before their \
+                     read started, {} guesses dropped (the previous one still on the disk); waited {:.1} ms on \
+                     prefetch",
                     engine.prefetch,
                     st.prefetch_reads,
                     st.prefetch_bytes as f64 / 1e6,
                     st.prefetch_hits,
                     st.prefetch_wasted,
+                    st.prefetch_cancelled,
+                    st.prefetch_skipped,
                     st.prefetch_wait_us as f64 / 1e3,
                 );
             }
