@@ -80,7 +80,7 @@ pub fn run(model: &Path, size: CacheSize, per_layer_slots: bool, ctx: usize, jso
         bytes_trunk: trunk,
         slots_per_layer: plan.slots_per_layer,
         shared_pool: shared,
-        pool_slots: if shared { plan.slots_per_layer * plan.moe_layers } else { plan.slots_per_layer },
+        pool_slots: plan.pool_slots(shared),
         bytes_per_expert: plan.slot_bytes,
         bytes_expert_cache: plan.bytes(),
         ctx,

@@ -1037,7 +1037,7 @@ impl Dispatch {
     }
 
     /// One packed group × `n` tokens (`x`, `q8`: the call's activations), written to `out[t·ld + r0 + i]`, one
-    /// group dot per token, or (`Q4_Kx16` on a table with the kernel) four tokens per call; the AMX path in `gemm`
+    /// group dot per token, or four per call where the table has a 4-token kernel for `enc`; the AMX path in `gemm`
     /// gives the same values for `Q4_0x16`.
     #[allow(clippy::too_many_arguments)]
     fn group_gemm(
@@ -1060,33 +1060,21 @@ impl Dispatch {
         };
         if let Some(k4) = four.filter(|_| !q8.is_empty()) {
             let mut r4 = [[0f32; GROUP]; 4];
-            while first + 4 <= n {
-                let acts = std::array::from_fn(|i| q8_part(q8, cols, first + i));
-                // SAFETY: as for `group_dot`, for each of the 4 tokens.
+            // Four tokens per call; two or three left take one call with the last token repeated and its copies'
+            // results dropped. Per token the 4-token kernels do the one-token arithmetic, so that changes no value;
+            // on AVX2 one such call costs under two one-token calls (`gemm32` vs `hot` bench). A last single token goes below.
+            while n - first >= 2 {
+                let take = (n - first).min(4);
+                let acts = std::array::from_fn(|i| q8_part(q8, cols, first + i.min(take - 1)));
+                // SAFETY: as for `group_dot`, for each of the 4 tokens; every token index is below n.
                 unsafe { k4(g, acts, &mut r4) };
-                for (i, r) in r4.iter().enumerate() {
+                for (i, r) in r4.iter().take(take).enumerate() {
                     for (row, &v) in r.iter().enumerate() {
                         // SAFETY: (first + i)·ld + r0 + row < n·ld = out's length; the group's rows are this task's.
                         unsafe { out.write((first + i) * ld + r0 + row, v) };
                     }
                 }
-                first += 4;
-            }
-            // Two or three tokens left: one 4-token call with the last token repeated, its copies' results
-            // dropped. Per token the 4-token kernels do the one-token arithmetic, so this changes no value; on
-            // AVX2 one such call costs about what 1.5 one-token calls do.
-            let rest = n - first;
-            if rest >= 2 {
-                let acts = std::array::from_fn(|i| q8_part(q8, cols, first + i.min(rest - 1)));
-                // SAFETY: as above; every token index is below n.
-                unsafe { k4(g, acts, &mut r4) };
-                for (i, r) in r4.iter().take(rest).enumerate() {
-                    for (row, &v) in r.iter().enumerate() {
-                        // SAFETY: (first + i)·ld + r0 + row < n·ld, as above.
-                        unsafe { out.write((first + i) * ld + r0 + row, v) };
-                    }
-                }
-                first = n;
+                first += take;
             }
         }
         let mut r = [0f32; GROUP];

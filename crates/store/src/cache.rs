@@ -165,6 +165,13 @@ impl CachePlan {
     /// a Q4_K_M file mixes Q4_K and Q6_K down projections, so its layers keep their own slots). The store also
     /// compares the slot layouts these imply; the `info` dry run has only this.
     pub fn shares_pool(&self, index: &TensorIndex, size: CacheSize, share: bool) -> bool {
+        if !share
+            || !matches!(size, CacheSize::Bytes(_))
+            || self.slots_per_layer >= self.num_experts
+            || self.moe_layers < 2
+        {
+            return false;
+        }
         let c = &index.config;
         let form = |l: usize| -> Option<Vec<(Encoding, Vec<usize>, bool)>> {
             ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
@@ -175,12 +182,12 @@ impl CachePlan {
                 .collect()
         };
         let forms: Vec<_> = (0..c.num_layers).filter(|&l| c.layer_is_moe(l)).map(form).collect();
-        share
-            && matches!(size, CacheSize::Bytes(_))
-            && self.slots_per_layer < self.num_experts
-            && self.moe_layers > 1
-            && forms.iter().all(Option::is_some)
-            && forms.windows(2).all(|w| w[0] == w[1])
+        forms.iter().all(Option::is_some) && forms.windows(2).all(|w| w[0] == w[1])
+    }
+
+    /// Slots in one pool: every MoE layer's share when `shared`, else one layer's.
+    pub fn pool_slots(&self, shared: bool) -> usize {
+        if shared { self.slots_per_layer * self.moe_layers } else { self.slots_per_layer }
     }
 
     /// Slot memory over all MoE layers.
@@ -453,7 +460,7 @@ impl ExpertStore {
             layouts.push(layout(g, u, d)?);
         }
         let shared = plan.shares_pool(index, size, share) && layouts.windows(2).all(|w| w[0] == w[1]);
-        let pool_slots = if shared { slots * moe_layers.len() } else { slots };
+        let pool_slots = plan.pool_slots(shared);
         let new_pool = |g, u, d, n_keys: usize, policy: EvictionPolicy| -> Result<Pool, StoreError> {
             Ok(Pool {
                 gate_up: SlotBuffer::new(&[g, u], h, pool_slots, read.pack)?,

@@ -264,17 +264,61 @@ pub(crate) mod x86 {
         unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
     }
 
-    /// AVX2 (no VNNI): `Q4_0x16`, 16 rows × one token. Same contract and result as [`super::dot16_scalar`]; `next`
-    /// as for [`dot16`].
+    /// AVX2 (no VNNI): `Q4_0x16`, 16 rows × one token, as two 8-row halves of 256 bits. Same contract and result
+    /// as [`super::dot16_scalar`]; `next` as for [`dot16`]. `vpdpbusd` (4 codes × one activation word per row lane)
+    /// is done exactly with `maddubs` (nibble × activation byte, pairs summed: |·| ≤ 2·15·128) summed in i16 over
+    /// the block's 4 chunks and both nibbles (|·| ≤ 8·3840 = 30720 < 2¹⁵, no saturation), then one `madd` by 1
+    /// into i32 per block and half; per row that is the exact block sum of the scalar reference, then the same
+    /// `fma(f32(isum), d_w·d_x, acc)`.
     ///
     /// # Safety
     /// The CPU has AVX2, FMA and F16C; `g` holds `q8.len()` block columns.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(crate) unsafe fn dot16_avx2(g: &[u8], q8: &[Q8Block], out: &mut [f32; GROUP], next: *const u8) {
-        let mut res = [[0f32; GROUP]; 1];
-        // SAFETY: guaranteed by the caller.
-        unsafe { dot16_avx2_t::<1>(g, [q8], &mut res, next) };
-        *out = res[0];
+        let nb = q8.len();
+        debug_assert!(g.len() >= nb * GROUP_BLOCK);
+        let low = _mm256_set1_epi8(15);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let p = g.as_ptr();
+        for (b, xb) in q8.iter().enumerate() {
+            // SAFETY: block column b of the group is in bounds (the caller's contract).
+            let blk = unsafe { p.add(b * GROUP_BLOCK) };
+            // As in `dot16`: the next columns in L1, further ones in L2, running on into `next`. Never faults.
+            let ahead = column_ahead(p, next, b, nb, PREFETCH, GROUP_BLOCK);
+            let far = column_ahead(p, next, b, nb, FAR_PREFETCH, GROUP_BLOCK);
+            for l in 0..5 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l).cast());
+                _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(64 * l).cast());
+            }
+            let x = xb.qs.as_ptr().cast::<i32>();
+            let mut s16 = [_mm256_setzero_si256(); 2];
+            for c in 0..4 {
+                // SAFETY: words c and 4 + c of the block's 32 code bytes.
+                let (xl, xh) = unsafe {
+                    (_mm256_set1_epi32(x.add(c).read_unaligned()), _mm256_set1_epi32(x.add(4 + c).read_unaligned()))
+                };
+                for (h, s) in s16.iter_mut().enumerate() {
+                    // SAFETY: chunk c of the block column, rows 8h..8h+8 (4 code bytes each).
+                    let w = unsafe { _mm256_loadu_si256(blk.add(32 + 64 * c + 32 * h).cast()) };
+                    let a = _mm256_maddubs_epi16(_mm256_and_si256(w, low), xl);
+                    let z = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16::<4>(w), low), xh);
+                    *s = _mm256_add_epi16(*s, _mm256_add_epi16(a, z));
+                }
+            }
+            let (corr, dx) = (_mm256_set1_epi32(-8 * xb.qsum), _mm256_set1_ps(xb.d));
+            for (h, (a, s)) in acc.iter_mut().zip(s16).enumerate() {
+                // SAFETY: the block column starts with 16 f16 scales; rows 8h..8h+8.
+                let dw = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h).cast())) };
+                let isum = _mm256_add_epi32(_mm256_madd_epi16(s, ones), corr);
+                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, dx), *a);
+            }
+        }
+        // SAFETY: `out` is 16 f32.
+        unsafe {
+            _mm256_storeu_ps(out.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(out.as_mut_ptr().add(8), acc[1]);
+        }
     }
 
     /// [`dot16_avx2`] for 4 tokens at once (prefill): each code vector is unpacked once for the 4; per (row,
@@ -294,9 +338,8 @@ pub(crate) mod x86 {
     /// Rows `8h..8h+8` of [`dot16x4_avx2`]. One half at a time because both at once need 8 f32 and 8 i16
     /// accumulators besides the codes and activations: more than AVX2's 16 registers, and the compiler spilled to
     /// the stack in the inner loop (`gemm32` bench, AMD EPYC Zen 3: 48 → 53–63 GB/s median from this alone).
-    /// The second half re-reads the
-    /// group, now from L1/L2. Per (row, token) the arithmetic is [`dot16_avx2_t`]'s: exact i16 sums, one `madd`,
-    /// the same `fma`.
+    /// The second half re-reads the group, now from L1/L2. Per (row, token) the arithmetic is [`dot16_avx2`]'s:
+    /// exact i16 sums, one `madd`, the same `fma`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot8x4_avx2(g: &[u8], h: usize, q8: [&[Q8Block]; 4], out: &mut [[f32; GROUP]; 4]) {
@@ -339,84 +382,6 @@ pub(crate) mod x86 {
         for (o, a) in out.iter_mut().zip(acc) {
             // SAFETY: `o` is 16 f32; lanes 8h..8h+8.
             unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * h), a) };
-        }
-    }
-
-    /// The AVX2 `Q4_0x16` kernel over T tokens, 16 rows as two 8-row halves of 256 bits (decode calls it with
-    /// T = 1; the 4-token form is [`dot8x4_avx2`], twice, which keeps its accumulators in registers). `vpdpbusd` (4 codes ×
-    /// one activation word per row lane) is done exactly with `maddubs` (nibble × activation byte, pairs summed:
-    /// |·| ≤ 2·15·128) summed in i16 over the block's 4 chunks and both nibbles (|·| ≤ 8·3840 = 30720 < 2¹⁵,
-    /// no saturation), then one `madd` by 1 into i32 per block and half; per (row, token) that is the exact block
-    /// sum of the scalar reference, then the same `fma(f32(isum), d_w·d_x, acc)`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot16_avx2_t<const T: usize>(
-        g: &[u8],
-        q8: [&[Q8Block]; T],
-        out: &mut [[f32; GROUP]; T],
-        next: *const u8,
-    ) {
-        let nb = q8[0].len();
-        debug_assert!(g.len() >= nb * GROUP_BLOCK);
-        let low = _mm256_set1_epi8(15);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [[_mm256_setzero_ps(); 2]; T];
-        let p = g.as_ptr();
-        for b in 0..nb {
-            // SAFETY: block column b of the group is in bounds (the caller's contract).
-            let blk = unsafe { p.add(b * GROUP_BLOCK) };
-            if T == 1 {
-                // As in `dot16`: the next columns in L1, further ones in L2, running on into `next`. Never faults.
-                let ahead = column_ahead(p, next, b, nb, PREFETCH, GROUP_BLOCK);
-                let far = column_ahead(p, next, b, nb, FAR_PREFETCH, GROUP_BLOCK);
-                for l in 0..5 {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l).cast());
-                    _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(64 * l).cast());
-                }
-            }
-            let mut s16 = [[_mm256_setzero_si256(); 2]; T];
-            for c in 0..4 {
-                let mut lo = [_mm256_setzero_si256(); 2];
-                let mut hi = [_mm256_setzero_si256(); 2];
-                for h in 0..2 {
-                    // SAFETY: chunk c of the block column, rows 8h..8h+8 (4 code bytes each).
-                    let w = unsafe { _mm256_loadu_si256(blk.add(32 + 64 * c + 32 * h).cast()) };
-                    lo[h] = _mm256_and_si256(w, low);
-                    hi[h] = _mm256_and_si256(_mm256_srli_epi16::<4>(w), low);
-                }
-                for t in 0..T {
-                    // SAFETY: block b of token t exists (q8[t].len() == nb); words c and 4 + c of its codes.
-                    let (xl, xh) = unsafe {
-                        let x = q8[t].get_unchecked(b).qs.as_ptr().cast::<i32>();
-                        (_mm256_set1_epi32(x.add(c).read_unaligned()), _mm256_set1_epi32(x.add(4 + c).read_unaligned()))
-                    };
-                    for h in 0..2 {
-                        let a = _mm256_maddubs_epi16(lo[h], xl);
-                        let z = _mm256_maddubs_epi16(hi[h], xh);
-                        s16[t][h] = _mm256_add_epi16(s16[t][h], _mm256_add_epi16(a, z));
-                    }
-                }
-            }
-            // SAFETY: the block column starts with 16 f16 scales.
-            let dw = unsafe {
-                [_mm256_cvtph_ps(_mm_loadu_si128(blk.cast())), _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16).cast()))]
-            };
-            for t in 0..T {
-                // SAFETY: as above.
-                let xb = unsafe { q8[t].get_unchecked(b) };
-                let (corr, dx) = (_mm256_set1_epi32(-8 * xb.qsum), _mm256_set1_ps(xb.d));
-                for h in 0..2 {
-                    let isum = _mm256_add_epi32(_mm256_madd_epi16(s16[t][h], ones), corr);
-                    acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw[h], dx), acc[t][h]);
-                }
-            }
-        }
-        for t in 0..T {
-            // SAFETY: `out[t]` is 16 f32.
-            unsafe {
-                _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t][0]);
-                _mm256_storeu_ps(out[t].as_mut_ptr().add(8), acc[t][1]);
-            }
         }
     }
 
