@@ -660,7 +660,7 @@ impl ExpertStore {
                     self.stats.prefetch_hits += 1;
                 }
                 slots[j] = s;
-            } else if reading.iter().any(|m| m.expert == x) {
+            } else if reading.iter().any(|m| m.expert == x && !m.failed) {
                 // Counted as a hit (the guess was right); its slot is `busy`, so no miss below takes it.
                 slots[j] = EMPTY;
                 self.pf_wanted.push((j as u32, x));
@@ -738,9 +738,16 @@ impl ExpertStore {
     /// and the experts this call needs from it are waited for in `ensure_end` (`pf_wanted`).
     fn settle_prefetch(&mut self, layer: usize, experts: &[u32]) {
         let Some((pl, _)) = self.pf_in_flight else { return };
-        let misses = &self.pf_misses;
-        let keep = |tag: u32| pl == layer && misses.get(tag as usize).is_some_and(|m| experts.contains(&m.expert));
-        if self.reader.cancel_prefetch(&keep) {
+        let misses = &mut self.pf_misses;
+        // A withdrawn guess is marked failed now, not when the guess lands: while the rest of it is still on the
+        // disk, `ensure_begin` must see that this expert is not coming and read it itself.
+        let mut keep = |tag: u32| {
+            let Some(m) = misses.get_mut(tag as usize) else { return false };
+            let kept = pl == layer && experts.contains(&m.expert);
+            m.failed |= !kept;
+            kept
+        };
+        if self.reader.cancel_prefetch(&mut keep) {
             self.wait_prefetch();
         }
     }
@@ -910,7 +917,7 @@ impl Drop for ExpertStore {
     fn drop(&mut self) {
         // The reader may still be writing into slot memory that `pools` frees (fields drop before the reader).
         self.reader.wait();
-        self.reader.cancel_prefetch(&|_| false);
+        self.reader.cancel_prefetch(&mut |_| false);
         self.reader.wait_prefetch();
     }
 }

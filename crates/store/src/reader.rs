@@ -644,8 +644,9 @@ impl ExpertReader {
 
     /// Withdraw the prefetch requests no thread has claimed yet, except those whose tag `keep` accepts (they stay
     /// queued, in the order they were): each withdrawn one is marked `cancelled` and nothing is read for it.
-    /// Requests being read go on. Returns whether the prefetch lane is now idle. Allocates nothing.
-    pub fn cancel_prefetch(&mut self, keep: &dyn Fn(u32) -> bool) -> bool {
+    /// Requests being read go on. `keep` is asked once per unclaimed request, so it may also note the tags it
+    /// withdraws. Returns whether the prefetch lane is now idle. Allocates nothing.
+    pub fn cancel_prefetch(&mut self, keep: &mut dyn FnMut(u32) -> bool) -> bool {
         let mut b = self.shared.lock();
         let lane = &mut b.prefetch;
         let mut kept = lane.next;
@@ -681,7 +682,7 @@ impl Drop for ExpertReader {
     fn drop(&mut self) {
         // A batch in flight writes into memory its submitter owns: let it land before the threads go.
         self.wait();
-        self.cancel_prefetch(&|_| false);
+        self.cancel_prefetch(&mut |_| false);
         self.wait_prefetch();
         self.shared.lock().shutdown = true;
         self.shared.work.notify_all();

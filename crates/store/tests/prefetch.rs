@@ -179,6 +179,38 @@ fn slow_guesses(delay: Duration) -> ReadOptions {
 }
 
 #[test]
+fn an_expert_whose_guess_was_withdrawn_is_read_on_demand() {
+    // CI found this: an `ensure` withdrew the unstarted part of a guess while the rest stayed on the disk; a later
+    // `ensure` of a withdrawn expert waited for the guess instead of reading it, and failed.
+    let dir = target_tmp();
+    let index = tiny(dir.path(), SynthFormat::GgufQ4_0);
+    let c = &index.config;
+    let e = c.num_experts as u32;
+    let l = (0..c.num_layers).find(|&l| c.layer_is_moe(l)).unwrap();
+    // Two guessed reads at a time (io_threads / 2), each held 300 ms: most of a five-expert guess is unclaimed
+    // when the first `ensure` comes, and the claimed part is still in flight at the next ones.
+    let mut store =
+        ExpertStore::open_with(&index, CacheSize::Slots(e as usize - 1), &slow_guesses(Duration::from_millis(300)))
+            .unwrap();
+    let guess: Vec<u32> = (2..e - 1).collect();
+    store.prefetch(l, &guess, &[]);
+    // Let the I/O threads claim their first two requests (they then sleep 300 ms).
+    std::thread::sleep(Duration::from_millis(50));
+    let mut slot = [0u32; 1];
+    store.ensure(l, &[0], &mut slot).unwrap();
+    check_slots(&store, &index, l, &[0], &slot);
+    assert_eq!(store.stats().prefetch_cancelled, 0, "setup: the guess landed already (nothing was claimed?)");
+    for &x in &guess {
+        store.ensure(l, &[x], &mut slot).unwrap_or_else(|err| panic!("expert {x}: {err}"));
+        check_slots(&store, &index, l, &[x], &slot);
+    }
+    // Once the claimed part has landed, the next call maps the guess and counts what was withdrawn.
+    std::thread::sleep(Duration::from_millis(700));
+    store.ensure(l, &[0], &mut slot).unwrap();
+    assert!(store.stats().prefetch_cancelled > 0, "no part of the guess was withdrawn: {:?}", store.stats());
+}
+
+#[test]
 fn a_demand_read_does_not_wait_for_a_wrong_guess() {
     let dir = target_tmp();
     let index = tiny(dir.path(), SynthFormat::GgufQ4_0);
