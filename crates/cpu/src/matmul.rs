@@ -475,7 +475,7 @@ impl Dispatch {
                 x86::avx512::row_dot_q8,
                 Some(x86::avx512::tile_q8),
                 Some(x86::avx512::rows4_q8),
-                Some((packed::x86::dot16, None)),
+                Some((packed::x86::dot16, Some(packed::x86::dot16x4))),
                 Some((packed::x86::dot16k, packed::x86::dot16k4)),
                 Some((packed::x86::dot16q6, packed::x86::dot16q6x4)),
                 packed::x86::has_amx(),
