@@ -14,7 +14,9 @@ What it does, in order:
    - Q4_0: `moestream synth --preset qwen3-30b-a3b --format gguf-q4_0` (17.2 GB), or --model;
    - Q4_K_M: `llama-quantize --allow-requantize Q4_0 Q4_K_M` (18.6 GB). Requantized from Q4_0 because the disk
      has no room for an f16 source (57 GB); the weights are random anyway, so only the encoding matters here;
-   - skewed Q4_0: `moestream synth ... --routing-skew S`, only when this synth has the flag (labelled synthetic).
+   - skewed Q4_0: `moestream synth ... --routing-skew S`, only when this synth has the flag (labelled synthetic);
+   - each file moestream reads under a limit (Q4_0, skewed Q4_0) gets a `moestream pack --layout auto` sidecar
+     when the disk has room, as a user's would (without one, every miss is packed on the compute cores).
 4. Runs the scenarios, llama.cpp and moestream alternating within each repeat (A B A B …), same threads, same
    prompt and generation lengths unless a row says otherwise:
    - in_ram: decode (and a short prefill) on Q4_0 and Q4_K_M; moestream with and without --q8-activations
@@ -483,6 +485,8 @@ def plan(a, files, ms, llama_bin):
                 steps.append(("make", sk))
             else:
                 sk.make = None
+            if not a.no_sidecar:
+                steps.append(("sidecar", sk))
             for sc, frac in (("skew_half", 0.5), ("skew_quarter", 0.25)):
                 block(sc, limit_cases(sc, sk, frac))
             steps.append(("delete", sk))
@@ -526,6 +530,11 @@ def print_plan(a, steps, files, out=sys.stdout):
                   f"files made earlier in the run are deleted first, it will be refused and its runs skipped")
             for c in f.make(f.path + ".partial"):
                 p(f"      {q(c)}")
+        elif kind == "sidecar":
+            f = st[1]
+            total += 60.0
+            p(f"  pack sidecar of {f.label} when missing or stale (~1 min, ~{f.est_bytes / 1e9:.1f} GB; skipped if the "
+              f"disk has no room): {q([a.moestream, 'pack', f.path, '--layout', 'auto', '--quiet'])}")
         elif kind == "delete":
             f = st[1]
             p(f"  delete {f.label} after its last run, if this run made it (or --delete-found) and --keep is not given")
@@ -941,13 +950,17 @@ def render(results):
             out.append(f"| {label}: `{os.path.basename(f['path'])}` | {f['bytes_file'] / 1e9:.2f} GB | {f['note']}"
                        f"{' (made by this run)' if f.get('generated') else ''} | "
                        f"{fmt((f.get('bytes_per_token') or 0) / 1e6, 0)} MB |")
-    sc = results.get("sidecar")
-    if sc:
+    sidecars = [("Q4_0", results.get("sidecar"))] + [
+        (k.removeprefix("sidecar "), v) for k, v in results.items() if k.startswith("sidecar ")]
+    for label, sc in sidecars:
+        if not sc:
+            continue
         if sc.get("skipped"):
-            out += ["", f"No pack sidecar for the Q4_0 file ({sc['skipped']}): moestream read experts from the GGUF."]
+            out += ["", f"No pack sidecar for the {label} file ({sc['skipped']}): moestream read its experts from the "
+                    "GGUF, and an I/O thread packed each miss on the cores the matmuls use."]
         else:
             made = f", made by this run in {sc['made_s']} s" if sc.get("made_s") is not None else ""
-            out += ["", f"moestream read the Q4_0 file's experts from its pack sidecar `{os.path.basename(sc['path'])}` "
+            out += ["", f"moestream read the {label} file's experts from its pack sidecar `{os.path.basename(sc['path'])}` "
                     f"(`moestream pack --layout {sc.get('layout')}`{made}): each expert one 4 KiB-aligned slab, "
                     + ("stored in the 16-row form the int8 kernels read, so a miss is read by O_DIRECT straight into "
                        "its slot. " if sc.get("layout") == "packed" else
@@ -1059,12 +1072,15 @@ def make_file(a, f, files):
     return True
 
 
-def ensure_sidecar(a, base, results):
-    """moestream reads the base file's experts from a `moestream pack --layout auto` sidecar, as a user with a
-    model bigger than memory would (one write of ~the file's size; llama.cpp has no counterpart and reads the GGUF).
-    Made here when missing, stale or in another layout than `auto` picks on this machine (`packed` where the
-    kernels read the 16-row form, AVX-512 VNNI; `file` elsewhere, where a packed sidecar is unpacked on every read);
-    recorded in the results either way."""
+def ensure_sidecar(a, base, results, key="sidecar"):
+    """moestream reads a limited file's experts (the base file's, and the skew file's) from a `moestream pack
+    --layout auto` sidecar, as a user with a model bigger than memory would (one write of ~the file's size;
+    llama.cpp has no counterpart and reads the GGUF). Without one, every miss is read from the GGUF and packed by
+    an I/O thread on the cores the matmuls use: on an AVX-512 VNNI machine (2026-12-08) the skew file's ½
+    other-prompt decode ran 7.9 tok/s with 53-57 ms read stall per token without a sidecar, 11.4-13.5 with 8-11
+    ms with one. Made here when missing, stale or in another layout than `auto` picks on this machine (`packed`
+    where the kernels read the 16-row form, AVX-512 VNNI; `file` elsewhere, where a packed sidecar is unpacked on
+    every read); recorded in the results under `key` either way."""
     facts = inspect(a.moestream, base.path) or {}
     note = {"path": base.path + ".moestream-pack", "made_s": None}
     want = facts.get("pack_layout_auto", "packed")
@@ -1074,7 +1090,7 @@ def ensure_sidecar(a, base, results):
         if free < need:
             note["skipped"] = f"not enough disk: needs ~{need / 1e9:.1f} GB, {free / 1e9:.1f} GB free"
             print("harness: no pack sidecar: " + note["skipped"], flush=True)
-            results["sidecar"] = note
+            results[key] = note
             return
         cmd = [a.moestream, "pack", base.path, "--layout", want, "--quiet"]
         print(f"[{time.strftime('%H:%M:%S')}] packing experts: " + q(cmd), flush=True)
@@ -1083,13 +1099,14 @@ def ensure_sidecar(a, base, results):
         if p.returncode != 0:
             note["skipped"] = "moestream pack failed: " + " / ".join(p.stderr.strip().splitlines()[-3:])
             print("harness: " + note["skipped"], flush=True)
-            results["sidecar"] = note
+            results[key] = note
             return
         note["made_s"] = round(time.time() - t0)
+        note["generated"] = True
         facts = inspect(a.moestream, base.path) or {}
     note["layout"] = facts.get("pack_layout")
     base.facts = facts or base.facts
-    results["sidecar"] = note
+    results[key] = note
 
 
 def main(argv=None):
@@ -1186,11 +1203,17 @@ def run_steps(a, steps, files, results, record_file, t0):
                 record_file(f)
             elif f.skip_reason:
                 results["notes"].append(f"{f.label}: not made, {f.skip_reason}")
+        elif kind == "sidecar":
+            f = st[1]
+            if not f.skip_reason and f.exists():
+                ensure_sidecar(a, f, results, key=f"sidecar {f.label}")
         elif kind == "delete":
             f = st[1]
             if (f.generated or (a.delete_found and f is not base)) and not a.keep:
                 os.remove(f.path)
                 print(f"deleted {f.path} (made by this run; --keep keeps it)", flush=True)
+                if results.get(f"sidecar {f.label}", {}).get("generated"):
+                    os.remove(f.path + ".moestream-pack")
                 results["files"][f.label]["deleted"] = True
         else:
             r, rep = st[1], st[2]
