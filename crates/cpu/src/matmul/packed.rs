@@ -220,69 +220,52 @@ pub(crate) mod x86 {
     /// The CPU has AVX-512 F/BW/VL + VNNI; `g` holds `q8.len()` block columns.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
     pub(crate) unsafe fn dot16(g: &[u8], q8: &[Q8Block], out: &mut [f32; GROUP], next: *const u8) {
-        debug_assert!(g.len() >= q8.len() * GROUP_BLOCK);
-        let low = _mm512_set1_epi8(15);
-        let mut acc = _mm512_setzero_ps();
-        let p = g.as_ptr();
-        for (b, xb) in q8.iter().enumerate() {
-            // SAFETY: block column b of the group is in bounds (checked by the caller's contract).
-            let blk = unsafe { p.add(b * GROUP_BLOCK) };
-            // Decode streams each group from DRAM once: ask for the bytes PREFETCH columns ahead, running on into
-            // `next` near the group's end. A prefetch never faults.
-            let ahead = column_ahead(p, next, b, q8.len(), PREFETCH, GROUP_BLOCK);
-            for l in 0..5 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l).cast());
-            }
-            let far = column_ahead(p, next, b, q8.len(), FAR_PREFETCH, GROUP_BLOCK);
-            for l in 0..5 {
-                _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(64 * l).cast());
-            }
-            let x = xb.qs.as_ptr().cast::<i32>();
-            // Two chains (low and high nibbles): integers, so the split does not change the sum.
-            let mut lo_acc = _mm512_set1_epi32(-8 * xb.qsum);
-            let mut hi_acc = _mm512_setzero_si512();
-            for c in 0..4 {
-                // SAFETY: chunk c of the block column, and x words c and 4 + c of the 32-byte code array.
-                let (w, xl, xh) = unsafe {
-                    (
-                        _mm512_loadu_si512(blk.add(32 + 64 * c).cast()),
-                        x.add(c).read_unaligned(),
-                        x.add(4 + c).read_unaligned(),
-                    )
-                };
-                let lo = _mm512_and_si512(w, low);
-                let hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
-                lo_acc = _mm512_dpbusd_epi32(lo_acc, lo, _mm512_set1_epi32(xl));
-                hi_acc = _mm512_dpbusd_epi32(hi_acc, hi, _mm512_set1_epi32(xh));
-            }
-            let isum = _mm512_add_epi32(lo_acc, hi_acc);
-            // SAFETY: the block column starts with 16 f16 scales.
-            let dw = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.cast()) });
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(xb.d)), acc);
-        }
-        // SAFETY: `out` is 16 f32.
-        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
+        let mut res = [[0f32; GROUP]; 1];
+        // SAFETY: guaranteed by the caller.
+        unsafe { dot16_t::<1>(g, [q8], &mut res, next) };
+        *out = res[0];
     }
 
     /// [`dot16`] for 4 tokens at once (prefill without AMX): each 64-byte code chunk is loaded and split into
-    /// nibbles once for the 4 tokens. Two accumulator chains per token as in [`dot16`] (one per nibble): with one,
-    /// each token's 8 `vpdpbusd` per block ran back to back on one register and the kernel waited on their latency.
-    /// Integer sums, so per (row, token) the result equals [`dot16`]'s bit for bit.
+    /// nibbles once for the 4 tokens; per (row, token) the arithmetic is unchanged, so the results equal 4
+    /// [`dot16`] calls bit for bit.
     ///
     /// # Safety
     /// As [`dot16`], for each of the 4 tokens' blocks.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
     pub(crate) unsafe fn dot16x4(g: &[u8], q8: [&[Q8Block]; 4], out: &mut [[f32; GROUP]; 4]) {
+        // SAFETY: guaranteed by the caller; the null `next` is never prefetched for T > 1.
+        unsafe { dot16_t::<4>(g, q8, out, std::ptr::null()) };
+    }
+
+    /// The `Q4_0x16` VNNI kernel over T tokens. Two accumulator chains per token (low and high nibbles; integers,
+    /// so the split does not change the sum): with one, each token's 8 `vpdpbusd` per block ran back to back on one
+    /// register and the 4-token kernel waited on their latency (perf annotate, Zen 4).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    unsafe fn dot16_t<const T: usize>(g: &[u8], q8: [&[Q8Block]; T], out: &mut [[f32; GROUP]; T], next: *const u8) {
         let nb = q8[0].len();
         debug_assert!(g.len() >= nb * GROUP_BLOCK && q8.iter().all(|x| x.len() == nb));
         let low = _mm512_set1_epi8(15);
-        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut acc = [_mm512_setzero_ps(); T];
         let p = g.as_ptr();
         for b in 0..nb {
             // SAFETY: block column b of the group is in bounds (the caller's contract); block b of every token.
             let (blk, xb) = unsafe { (p.add(b * GROUP_BLOCK), q8.map(|x| x.get_unchecked(b))) };
+            if T == 1 {
+                // Decode streams each group from DRAM once: ask for the bytes PREFETCH columns ahead, running on
+                // into `next` near the group's end. A prefetch never faults.
+                let ahead = column_ahead(p, next, b, nb, PREFETCH, GROUP_BLOCK);
+                for l in 0..5 {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l).cast());
+                }
+                let far = column_ahead(p, next, b, nb, FAR_PREFETCH, GROUP_BLOCK);
+                for l in 0..5 {
+                    _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(64 * l).cast());
+                }
+            }
             let mut lo_acc = xb.map(|x| _mm512_set1_epi32(-8 * x.qsum));
-            let mut hi_acc = [_mm512_setzero_si512(); 4];
+            let mut hi_acc = [_mm512_setzero_si512(); T];
             for c in 0..4 {
                 // SAFETY: chunk c of the block column.
                 let w = unsafe { _mm512_loadu_si512(blk.add(32 + 64 * c).cast()) };
@@ -301,8 +284,8 @@ pub(crate) mod x86 {
             // SAFETY: the block column starts with 16 f16 scales.
             let dw = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.cast()) });
             for (((a, sl), sh), x) in acc.iter_mut().zip(lo_acc).zip(hi_acc).zip(&xb) {
-                let s = _mm512_add_epi32(sl, sh);
-                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(x.d)), *a);
+                let isum = _mm512_add_epi32(sl, sh);
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(x.d)), *a);
             }
         }
         for (o, a) in out.iter_mut().zip(acc) {
