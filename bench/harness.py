@@ -1102,7 +1102,6 @@ def ensure_sidecar(a, base, results, key="sidecar"):
             results[key] = note
             return
         note["made_s"] = round(time.time() - t0)
-        note["generated"] = True
         facts = inspect(a.moestream, base.path) or {}
     note["layout"] = facts.get("pack_layout")
     base.facts = facts or base.facts
@@ -1212,8 +1211,9 @@ def run_steps(a, steps, files, results, record_file, t0):
             if (f.generated or (a.delete_found and f is not base)) and not a.keep:
                 os.remove(f.path)
                 print(f"deleted {f.path} (made by this run; --keep keeps it)", flush=True)
-                if results.get(f"sidecar {f.label}", {}).get("generated"):
-                    os.remove(f.path + ".moestream-pack")
+                sc = results.get(f"sidecar {f.label}", {})
+                if sc.get("made_s") is not None:  # made by this run, like the file
+                    os.remove(sc["path"])
                 results["files"][f.label]["deleted"] = True
         else:
             r, rep = st[1], st[2]

@@ -266,13 +266,13 @@ def test_skew_file_gets_its_own_sidecar_and_loses_it_with_the_file(harness, monk
 
     def ensure(a, f, results, key="sidecar"):
         open(f.path + ".moestream-pack", "w").close()
-        results[key] = {"path": f.path + ".moestream-pack", "made_s": 1, "generated": True, "layout": "packed"}
+        results[key] = {"path": f.path + ".moestream-pack", "made_s": 1, "layout": "packed"}
 
     monkeypatch.setattr(harness, "ensure_sidecar", ensure)
     a = types.SimpleNamespace(keep=False, delete_found=False)
     results = {"notes": [], "runs": [], "files": {sk.label: {}}}
     harness.run_steps(a, [("sidecar", sk), ("delete", sk)], {"Q4_0": None}, results, lambda f: None, 0.0)
-    assert results["sidecar Q4_0 skew 1"]["generated"]
+    assert results["sidecar Q4_0 skew 1"]["made_s"] is not None
     assert not os.path.exists(sk.path) and not os.path.exists(sk.path + ".moestream-pack")
     body = harness.render(dict(CANNED, **{"sidecar Q4_0 skew 1": results["sidecar Q4_0 skew 1"]}))
     assert "moestream read the Q4_0 skew 1 file's experts from its pack sidecar `skew.gguf.moestream-pack`" in body
